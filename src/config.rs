@@ -1,0 +1,693 @@
+//! The TOML configuration: schema, loading and validation.
+//!
+//! Validation happens once, at start-up, and every message names the field and what to
+//! do about it. Relative paths are resolved against the configuration file's folder.
+//! Secrets (the PIN, SigV4 secrets) may come from a file or an environment variable;
+//! inline values are accepted for tests and draw a warning.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use crate::hsm::pkcs11::{IvSource, Pkcs11Settings, TokenSelector};
+use crate::hsm::KeyUsage;
+use crate::router::{is_valid_key_id, normalize_prefix};
+
+/// A configuration problem, with the field it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TOML syntax or schema error (unknown fields are errors, to catch typos).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The TOML parser's message (it names the line and the field).
+        message: String,
+    },
+    /// A field has a value we cannot use.
+    #[error("{field}: {problem}")]
+    Invalid {
+        /// Dotted path of the field, e.g. `key_store[0].region`.
+        field: String,
+        /// What is wrong and how to fix it.
+        problem: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Listener and TLS.
+    pub server: ServerSection,
+    /// What GetHealthStatus reports about the proxy.
+    #[serde(default)]
+    pub proxy: ProxySection,
+    /// The key manager.
+    pub hsm: HsmSection,
+    /// Key stores served by this proxy (one per URI path prefix).
+    #[serde(rename = "key_store")]
+    pub key_stores: Vec<KeyStoreSection>,
+}
+
+/// `[server]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Address to listen on, e.g. `0.0.0.0:443`.
+    pub listen: SocketAddr,
+    /// PEM certificate chain, leaf first.
+    pub tls_certificate: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub tls_private_key: PathBuf,
+    /// Largest request body accepted, in bytes. The spec's largest valid request is
+    /// about 17 KiB (5736 B of Base64 ciphertext, 10924 B of Base64 AAD, 2 KiB ARNs).
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Offer HTTP/2 through ALPN (HTTP/1.1 is always offered).
+    #[serde(default = "yes")]
+    pub http2: bool,
+}
+
+fn default_max_body() -> usize {
+    64 * 1024
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `[proxy]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySection {
+    /// spec: xksProxyFleetSize — how many proxy instances serve this endpoint.
+    #[serde(default = "one")]
+    pub fleet_size: u32,
+    /// spec: xksProxyVendor.
+    #[serde(default = "default_vendor")]
+    pub vendor: String,
+    /// spec: ekmVendor; defaults to the token's manufacturer.
+    pub ekm_vendor: Option<String>,
+}
+
+impl Default for ProxySection {
+    fn default() -> Self {
+        Self {
+            fleet_size: 1,
+            vendor: default_vendor(),
+            ekm_vendor: None,
+        }
+    }
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn default_vendor() -> String {
+    "xks-proxy".into()
+}
+
+/// Which backend serves the keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// A PKCS#11 module (the product).
+    #[default]
+    Pkcs11,
+    /// In-process AES-GCM with keys in memory: benchmarks only, never production.
+    Software,
+}
+
+/// `[hsm]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HsmSection {
+    /// `pkcs11` (default) or `software`.
+    #[serde(default)]
+    pub backend: BackendKind,
+    /// Path of the PKCS#11 module.
+    pub module: Option<PathBuf>,
+    /// Select the token by label ...
+    pub token_label: Option<String>,
+    /// ... or by serial number.
+    pub token_serial: Option<String>,
+    /// A file holding the user PIN (trailing newline ignored).
+    pub pin_file: Option<PathBuf>,
+    /// An environment variable holding the user PIN.
+    pub pin_env: Option<String>,
+    /// The PIN inline (discouraged: draws a warning).
+    pub pin: Option<String>,
+    /// Number of PKCS#11 sessions, each on its own thread. SoftHSM2 contends beyond one
+    /// or two; network HSMs want many (their latency is mostly waiting).
+    #[serde(default = "default_sessions")]
+    pub sessions: usize,
+    /// Requests allowed to wait for a session; more are answered 429 at once.
+    #[serde(default = "default_queue_depth")]
+    pub queue_depth: usize,
+    /// `hsm_random` (default: the HSM's RNG, C_GenerateRandom) or `hsm_generated`.
+    #[serde(default)]
+    pub iv_source: IvSource,
+    /// Seconds a key's cached attributes are trusted (how fast a key disabled in the
+    /// HSM is noticed).
+    #[serde(default = "default_key_refresh")]
+    pub key_refresh_seconds: u64,
+    /// Environment variables set before the module loads (e.g. SOFTHSM2_CONF).
+    #[serde(default)]
+    pub environment: BTreeMap<String, String>,
+    /// Keys of the software backend.
+    #[serde(default, rename = "software_key")]
+    pub software_keys: Vec<SoftwareKeySection>,
+}
+
+fn default_sessions() -> usize {
+    2
+}
+
+fn default_queue_depth() -> usize {
+    256
+}
+
+fn default_key_refresh() -> u64 {
+    10
+}
+
+/// `[[hsm.software_key]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SoftwareKeySection {
+    /// External key id.
+    pub id: String,
+    /// Usages, e.g. `["ENCRYPT", "DECRYPT"]`.
+    #[serde(default = "both_usages")]
+    pub usage: Vec<String>,
+    /// Whether the key is enabled.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+fn both_usages() -> Vec<String> {
+    vec!["ENCRYPT".into(), "DECRYPT".into()]
+}
+
+/// `[[key_store]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyStoreSection {
+    /// A name for logs.
+    pub name: String,
+    /// The `<optional-path-prefix>` before `/kms/xks/v1` (may be empty).
+    #[serde(default)]
+    pub uri_prefix: String,
+    /// The region KMS signs with (the SigV4 credential scope's region).
+    pub region: String,
+    /// External key ids this key store may use.
+    pub keys: Vec<String>,
+    /// SigV4 credentials; two at once during rotation.
+    #[serde(rename = "credential")]
+    pub credentials: Vec<CredentialSection>,
+}
+
+/// `[[key_store.credential]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialSection {
+    /// 20–30 characters of A–Z and 2–7.
+    pub access_key_id: String,
+    /// A file holding the secret access key.
+    pub secret_access_key_file: Option<PathBuf>,
+    /// An environment variable holding it.
+    pub secret_access_key_env: Option<String>,
+    /// The secret inline (discouraged: draws a warning).
+    pub secret_access_key: Option<String>,
+}
+
+/// A validated configuration, ready to run.
+#[derive(Debug)]
+pub struct Config {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// TLS certificate chain file.
+    pub tls_certificate: PathBuf,
+    /// TLS key file.
+    pub tls_private_key: PathBuf,
+    /// Body limit.
+    pub max_body_bytes: usize,
+    /// Offer h2.
+    pub http2: bool,
+    /// `[proxy]`.
+    pub proxy: ProxySection,
+    /// The backend.
+    pub backend: BackendConfig,
+    /// Environment for the module.
+    pub environment: BTreeMap<String, String>,
+    /// Key stores.
+    pub key_stores: Vec<KeyStoreConfig>,
+}
+
+/// The validated backend choice.
+#[derive(Debug)]
+pub enum BackendConfig {
+    /// PKCS#11.
+    Pkcs11(Pkcs11Settings),
+    /// Software keys.
+    Software(Vec<crate::hsm::software::SoftwareKeySpec>),
+}
+
+/// A validated key store.
+#[derive(Debug)]
+pub struct KeyStoreConfig {
+    /// Name for logs.
+    pub name: String,
+    /// Normalized prefix (`""` or `/a/b`).
+    pub uri_prefix: String,
+    /// Region.
+    pub region: String,
+    /// External key ids.
+    pub keys: Vec<String>,
+    /// Credentials.
+    pub credentials: Vec<crate::auth::Credential>,
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let file: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_file(file, base)
+    }
+
+    /// Validates a parsed file; relative paths are taken from `base`.
+    pub fn from_file(file: FileConfig, base: &Path) -> Result<Self, ConfigError> {
+        let resolve = |p: &Path| base.join(p);
+        if file.server.max_body_bytes < 32 * 1024 {
+            return Err(invalid(
+                "server.max_body_bytes",
+                "must be at least 32768: the spec's largest valid request is about 17 KiB",
+            ));
+        }
+        if file.proxy.fleet_size == 0 {
+            return Err(invalid("proxy.fleet_size", "must be greater than zero"));
+        }
+        let backend = match file.hsm.backend {
+            BackendKind::Pkcs11 => BackendConfig::Pkcs11(pkcs11_settings(&file.hsm, base)?),
+            BackendKind::Software => BackendConfig::Software(software_keys(&file.hsm)?),
+        };
+        if file.key_stores.is_empty() {
+            return Err(invalid(
+                "key_store",
+                "at least one [[key_store]] is required",
+            ));
+        }
+        let mut key_stores = Vec::with_capacity(file.key_stores.len());
+        for (i, store) in file.key_stores.into_iter().enumerate() {
+            key_stores.push(key_store(store, i, base)?);
+        }
+        Ok(Self {
+            listen: file.server.listen,
+            tls_certificate: resolve(&file.server.tls_certificate),
+            tls_private_key: resolve(&file.server.tls_private_key),
+            max_body_bytes: file.server.max_body_bytes,
+            http2: file.server.http2,
+            proxy: file.proxy,
+            backend,
+            environment: file.hsm.environment,
+            key_stores,
+        })
+    }
+}
+
+fn pkcs11_settings(hsm: &HsmSection, base: &Path) -> Result<Pkcs11Settings, ConfigError> {
+    let module = hsm.module.as_ref().ok_or_else(|| {
+        invalid(
+            "hsm.module",
+            "required: the path of the PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so",
+        )
+    })?;
+    let token = match (&hsm.token_label, &hsm.token_serial) {
+        (Some(label), None) => TokenSelector::Label(label.clone()),
+        (None, Some(serial)) => TokenSelector::Serial(serial.clone()),
+        _ => {
+            return Err(invalid(
+                "hsm.token_label",
+                "set exactly one of token_label and token_serial",
+            ))
+        }
+    };
+    let pin = secret(
+        "hsm.pin",
+        hsm.pin_file.as_deref().map(|p| base.join(p)),
+        hsm.pin_env.as_deref(),
+        hsm.pin.as_deref(),
+    )?;
+    if hsm.sessions == 0 || hsm.sessions > 1024 {
+        return Err(invalid("hsm.sessions", "must be between 1 and 1024"));
+    }
+    if hsm.queue_depth == 0 {
+        return Err(invalid("hsm.queue_depth", "must be at least 1"));
+    }
+    Ok(Pkcs11Settings {
+        module: base.join(module),
+        token,
+        pin,
+        sessions: hsm.sessions,
+        queue_depth: hsm.queue_depth,
+        iv_source: hsm.iv_source,
+        key_refresh: Duration::from_secs(hsm.key_refresh_seconds),
+    })
+}
+
+fn software_keys(
+    hsm: &HsmSection,
+) -> Result<Vec<crate::hsm::software::SoftwareKeySpec>, ConfigError> {
+    tracing::warn!("the software backend keeps keys in process memory: not for production");
+    hsm.software_keys
+        .iter()
+        .enumerate()
+        .map(|(i, key)| {
+            let field = format!("hsm.software_key[{i}]");
+            if !is_valid_key_id(&key.id) {
+                return Err(invalid(format!("{field}.id"), KEY_ID_RULE));
+            }
+            let usages = key
+                .usage
+                .iter()
+                .map(|u| {
+                    parse_usage(u).ok_or_else(|| {
+                        invalid(
+                            format!("{field}.usage"),
+                            "use ENCRYPT, DECRYPT, SIGN, VERIFY, WRAP, UNWRAP or DERIVE",
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+            Ok(crate::hsm::software::SoftwareKeySpec {
+                id: key.id.clone(),
+                material: None,
+                usages,
+                enabled: key.enabled,
+            })
+        })
+        .collect()
+}
+
+fn parse_usage(usage: &str) -> Option<KeyUsage> {
+    Some(match usage {
+        "ENCRYPT" => KeyUsage::Encrypt,
+        "DECRYPT" => KeyUsage::Decrypt,
+        "SIGN" => KeyUsage::Sign,
+        "VERIFY" => KeyUsage::Verify,
+        "WRAP" => KeyUsage::Wrap,
+        "UNWRAP" => KeyUsage::Unwrap,
+        "DERIVE" => KeyUsage::Derive,
+        _ => return None,
+    })
+}
+
+const KEY_ID_RULE: &str =
+    "an external key id is 1 to 128 characters of A-Z, a-z, 0-9, '-', '.' and '_'";
+
+fn key_store(store: KeyStoreSection, i: usize, base: &Path) -> Result<KeyStoreConfig, ConfigError> {
+    let field = format!("key_store[{i}]");
+    let uri_prefix = normalize_prefix(&store.uri_prefix)
+        .map_err(|e| invalid(format!("{field}.uri_prefix"), e.to_string()))?;
+    if store.region.is_empty()
+        || !store
+            .region
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(invalid(
+            format!("{field}.region"),
+            "an AWS region such as us-east-1 (lowercase letters, digits and '-')",
+        ));
+    }
+    if store.keys.is_empty() {
+        return Err(invalid(
+            format!("{field}.keys"),
+            "list the external key ids this key store may use",
+        ));
+    }
+    for key in &store.keys {
+        if !is_valid_key_id(key) {
+            return Err(invalid(
+                format!("{field}.keys"),
+                format!("{key:?}: {KEY_ID_RULE}"),
+            ));
+        }
+    }
+    if store.credentials.is_empty() {
+        return Err(invalid(
+            format!("{field}.credential"),
+            "at least one [[key_store.credential]] is required",
+        ));
+    }
+    let mut credentials = Vec::with_capacity(store.credentials.len());
+    for (j, credential) in store.credentials.into_iter().enumerate() {
+        let cfield = format!("{field}.credential[{j}]");
+        if !is_valid_access_key_id(&credential.access_key_id) {
+            return Err(invalid(
+                format!("{cfield}.access_key_id"),
+                "must be 20 to 30 characters of A-Z and 2-7 (spec: Appendix A); `xks-proxy quickstart` generates one",
+            ));
+        }
+        if credentials
+            .iter()
+            .any(|c: &crate::auth::Credential| c.access_key_id() == credential.access_key_id)
+        {
+            return Err(invalid(
+                format!("{cfield}.access_key_id"),
+                "the same access key id appears twice in this key store",
+            ));
+        }
+        let secret = secret(
+            &format!("{cfield}.secret_access_key"),
+            credential
+                .secret_access_key_file
+                .as_deref()
+                .map(|p| base.join(p)),
+            credential.secret_access_key_env.as_deref(),
+            credential.secret_access_key.as_deref(),
+        )?;
+        if !is_valid_secret(&secret) {
+            return Err(invalid(
+                format!("{cfield}.secret_access_key"),
+                "must be 43 to 64 characters of A-Z, a-z, 0-9, '+', '/' and '=' (spec: XKS proxy configuration file)",
+            ));
+        }
+        credentials.push(crate::auth::Credential::new(
+            credential.access_key_id,
+            secret,
+        ));
+    }
+    Ok(KeyStoreConfig {
+        name: store.name,
+        uri_prefix,
+        region: store.region,
+        keys: store.keys,
+        credentials,
+    })
+}
+
+/// spec Appendix A: 20–30 characters, `A`–`Z` and `2`–`7` only.
+pub fn is_valid_access_key_id(id: &str) -> bool {
+    (20..=30).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b))
+}
+
+/// spec (XKS proxy configuration file): 43–64 characters of `A-Za-z0-9+/=`.
+pub fn is_valid_secret(secret: &str) -> bool {
+    (43..=64).contains(&secret.len())
+        && secret
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))
+}
+
+/// Reads a secret from exactly one of a file, an environment variable or inline.
+fn secret(
+    field: &str,
+    file: Option<PathBuf>,
+    env: Option<&str>,
+    inline: Option<&str>,
+) -> Result<Zeroizing<String>, ConfigError> {
+    match (file, env, inline) {
+        (Some(path), None, None) => {
+            let text = Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| {
+                invalid(
+                    format!("{field}_file"),
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?);
+            Ok(Zeroizing::new(
+                text.trim_end_matches(['\r', '\n']).to_owned(),
+            ))
+        }
+        (None, Some(var), None) => std::env::var(var).map(Zeroizing::new).map_err(|_| {
+            invalid(
+                format!("{field}_env"),
+                format!("environment variable {var} is not set"),
+            )
+        }),
+        (None, None, Some(value)) => {
+            tracing::warn!(field, "secret given inline in the configuration; prefer a file or an environment variable");
+            Ok(Zeroizing::new(value.to_owned()))
+        }
+        _ => Err(invalid(
+            field,
+            format!("set exactly one of {field}_file, {field}_env and {field}"),
+        )),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+tls_certificate = "cert.pem"
+tls_private_key = "key.pem"
+
+[hsm]
+module = "/usr/lib/softhsm/libsofthsm2.so"
+token_label = "t"
+pin = "1234"
+
+[[key_store]]
+name = "a"
+uri_prefix = "x/y"
+region = "us-east-1"
+keys = ["foo"]
+[[key_store.credential]]
+access_key_id = "ABCDEFGHIJKLMNOPQRST"
+secret_access_key = "0123456789012345678901234567890123456789abc"
+"#;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "test.toml".into(),
+            message: e.to_string(),
+        })?;
+        Config::from_file(file, Path::new("/etc/xks"))
+    }
+
+    #[test]
+    fn good_config_loads_with_defaults_and_resolved_paths() {
+        let c = load(GOOD).unwrap();
+        assert_eq!(c.tls_certificate, Path::new("/etc/xks/cert.pem"));
+        assert_eq!(c.max_body_bytes, 65536);
+        assert_eq!(c.key_stores[0].uri_prefix, "/x/y");
+        assert!(c.http2);
+        let BackendConfig::Pkcs11(p) = &c.backend else {
+            panic!("pkcs11 expected")
+        };
+        assert_eq!(p.sessions, 2);
+        assert_eq!(p.token, TokenSelector::Label("t".into()));
+        assert_eq!(p.pin.as_str(), "1234");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (
+                GOOD.replace("ABCDEFGHIJKLMNOPQRST", "abc"),
+                "key_store[0].credential[0].access_key_id",
+            ),
+            (
+                GOOD.replace("0123456789012345678901234567890123456789abc", "short"),
+                "key_store[0].credential[0].secret_access_key",
+            ),
+            (GOOD.replace("us-east-1", "US EAST"), "key_store[0].region"),
+            (GOOD.replace("x/y", "x.y"), "key_store[0].uri_prefix"),
+            (GOOD.replace("[\"foo\"]", "[\"f/o\"]"), "key_store[0].keys"),
+            (GOOD.replace("token_label = \"t\"", ""), "hsm.token_label"),
+            (
+                GOOD.replace("pin = \"1234\"", "pin = \"1\"\npin_env = \"X\""),
+                "hsm.pin",
+            ),
+        ];
+        for (text, field) in cases {
+            let message = load(&text).unwrap_err().to_string();
+            assert!(message.starts_with(field), "{message} should name {field}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let text = GOOD.replace("[hsm]", "[hsm]\nsesions = 4");
+        let message = load(&text).unwrap_err().to_string();
+        assert!(message.contains("sesions"), "{message}");
+    }
+
+    #[test]
+    fn secrets_come_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pin"), "5678\n").unwrap();
+        let text = GOOD.replace("pin = \"1234\"", "pin_file = \"pin\"");
+        let file: FileConfig = toml::from_str(&text).unwrap();
+        let c = Config::from_file(file, dir.path()).unwrap();
+        let BackendConfig::Pkcs11(p) = &c.backend else {
+            panic!("pkcs11 expected")
+        };
+        assert_eq!(p.pin.as_str(), "5678");
+    }
+
+    /// The examples in config/ follow the schema (their secrets come from elsewhere,
+    /// so only the schema is checked here).
+    #[test]
+    fn example_configs_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                toml::from_str::<FileConfig>(&text)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 2);
+    }
+
+    #[test]
+    fn credential_rules() {
+        assert!(is_valid_access_key_id("ABCDEFGHIJKLMNOPQRST234567"));
+        assert!(!is_valid_access_key_id("ABCDEFGHIJKLMNOPQRS1"));
+        assert!(!is_valid_access_key_id(&"A".repeat(31)));
+        assert!(is_valid_secret(&"a+/=".repeat(11)));
+        assert!(!is_valid_secret(&"a".repeat(42)));
+        assert!(!is_valid_secret(&"a".repeat(65)));
+    }
+}

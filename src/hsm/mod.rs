@@ -1,0 +1,268 @@
+//! The external key manager side: AES-256-GCM and key metadata by external key id.
+//!
+//! [`Backend`] is what the XKS handlers call. It knows nothing of HTTP or JSON: it takes
+//! bytes and an external key id and returns bytes, [`KeyMetadata`] or an [`HsmError`].
+//!
+//! - [`pkcs11`]: the product. A bounded pool of logged-in PKCS#11 sessions, each owned by
+//!   a dedicated OS thread, fed through a bounded queue; key handles cached by id.
+//! - [`software`]: AES-GCM in process with aws-lc-rs and keys in memory, for benchmarks
+//!   that want to separate proxy overhead from HSM cost. Not for production.
+
+pub mod pkcs11;
+pub mod software;
+
+use std::fmt;
+
+/// The cryptographic operation a request asks of a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// AES-GCM encryption.
+    Encrypt,
+    /// AES-GCM decryption.
+    Decrypt,
+}
+
+/// A usage a key allows, as reported by GetKeyMetadata (spec: keyUsage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyUsage {
+    /// CKA_ENCRYPT.
+    Encrypt,
+    /// CKA_DECRYPT.
+    Decrypt,
+    /// CKA_SIGN.
+    Sign,
+    /// CKA_VERIFY.
+    Verify,
+    /// CKA_WRAP.
+    Wrap,
+    /// CKA_UNWRAP.
+    Unwrap,
+    /// CKA_DERIVE.
+    Derive,
+}
+
+impl KeyUsage {
+    /// The spec's uppercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Encrypt => "ENCRYPT",
+            Self::Decrypt => "DECRYPT",
+            Self::Sign => "SIGN",
+            Self::Verify => "VERIFY",
+            Self::Wrap => "WRAP",
+            Self::Unwrap => "UNWRAP",
+            Self::Derive => "DERIVE",
+        }
+    }
+}
+
+/// What GetKeyMetadata reports, read from the key's real attributes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyMetadata {
+    /// `AES_256` for a 256-bit AES key; otherwise a description such as `AES_128`.
+    pub key_spec: String,
+    /// The usages the key allows (at most seven, within the spec's limit of ten).
+    pub usages: Vec<KeyUsage>,
+    /// False when the key is disabled (for PKCS#11: CKA_END_DATE in the past or
+    /// CKA_START_DATE in the future).
+    pub enabled: bool,
+}
+
+impl KeyMetadata {
+    /// True for a 256-bit AES key, the only kind XKS v1 supports.
+    pub fn is_aes_256(&self) -> bool {
+        self.key_spec == "AES_256"
+    }
+
+    /// Whether the key may be used for `operation`, as the HSM will enforce it.
+    pub fn allows(&self, operation: Operation) -> bool {
+        let needed = match operation {
+            Operation::Encrypt => KeyUsage::Encrypt,
+            Operation::Decrypt => KeyUsage::Decrypt,
+        };
+        self.usages.contains(&needed)
+    }
+
+    /// The checks done before every encrypt or decrypt, in the order whose error the
+    /// client should see first: a disabled key is reported as such even if it also
+    /// lacks the usage.
+    pub fn check(&self, operation: Operation) -> Result<(), HsmError> {
+        if !self.enabled {
+            return Err(HsmError::KeyDisabled);
+        }
+        if !self.is_aes_256() {
+            return Err(HsmError::NotAes256);
+        }
+        if !self.allows(operation) {
+            return Err(HsmError::UsageNotPermitted(operation));
+        }
+        Ok(())
+    }
+}
+
+/// The result of an AES-GCM encryption, separated as the spec wants it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sealed {
+    /// The IV actually used (12 bytes from us, or 12/16 from an HSM that picks its own).
+    pub iv: Vec<u8>,
+    /// Same length as the plaintext.
+    pub ciphertext: Vec<u8>,
+    /// The 16-byte authentication tag.
+    pub tag: [u8; TAG_LEN],
+}
+
+/// AES-GCM tag length the spec requires.
+pub const TAG_LEN: usize = 16;
+/// The GCM IV length we generate.
+pub const IV_LEN: usize = 12;
+
+/// Plaintext held by the proxy: zeroized when dropped.
+pub type Plaintext = zeroize::Zeroizing<Vec<u8>>;
+
+/// Why an HSM operation failed. The conversion into the client's error lives in
+/// `xks::error`; the log gets the full cause.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum HsmError {
+    /// No key object carries this external key id.
+    #[error("key not found")]
+    KeyNotFound,
+    /// More than one key object carries this external key id.
+    #[error("several key objects carry this id")]
+    AmbiguousKey,
+    /// The key is disabled.
+    #[error("key is disabled")]
+    KeyDisabled,
+    /// The key lacks the usage the operation needs.
+    #[error("key does not allow {0:?}")]
+    UsageNotPermitted(Operation),
+    /// The key is not a 256-bit AES key.
+    #[error("key is not AES-256")]
+    NotAes256,
+    /// Authentication of the ciphertext failed (wrong tag, IV, AAD or ciphertext).
+    #[error("ciphertext failed authentication")]
+    InvalidCiphertext,
+    /// Every session is busy and the wait queue is full.
+    #[error("session pool saturated")]
+    Busy,
+    /// The HSM did not answer in time.
+    #[error("HSM call timed out")]
+    Timeout,
+    /// The backend cannot serve at all (module failed, pool stopped).
+    #[error("HSM unavailable: {0}")]
+    Unavailable(String),
+    /// A PKCS#11 function returned an error we do not map to a client error.
+    #[error("{function} failed: {rv}")]
+    Pkcs11 {
+        /// The PKCS#11 function.
+        function: String,
+        /// The CKR_ value's name.
+        rv: String,
+    },
+    /// The HSM answered something that cannot be right (e.g. a short ciphertext).
+    #[error("inconsistent HSM answer: {0}")]
+    Inconsistent(&'static str),
+}
+
+/// Facts about one external key manager, for GetHealthStatus (spec: ekmFleetDetails).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EkmInfo {
+    /// Unique id of the EKM: for PKCS#11, the token serial number.
+    pub id: String,
+    /// Model: manufacturer, model and firmware of the token.
+    pub model: String,
+    /// Vendor: the token's manufacturer.
+    pub vendor: String,
+}
+
+/// Health of one EKM (spec: ekmFleetDetails.healthStatus).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EkmHealth {
+    /// Healthy.
+    Active,
+    /// Unhealthy but serving.
+    Degraded,
+    /// Cannot serve.
+    Unavailable,
+}
+
+impl EkmHealth {
+    /// The spec's string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "ACTIVE",
+            Self::Degraded => "DEGRADED",
+            Self::Unavailable => "UNAVAILABLE",
+        }
+    }
+}
+
+/// The backend the handlers talk to. An enum rather than a trait object: the set is
+/// closed, and static dispatch keeps the hot path free of boxing.
+pub enum Backend {
+    /// A PKCS#11 module and token.
+    Pkcs11(pkcs11::Pkcs11Backend),
+    /// In-process AES-GCM (benchmarks only).
+    Software(software::SoftwareBackend),
+}
+
+impl fmt::Debug for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Pkcs11(b) => f.debug_tuple("Pkcs11").field(b).finish(),
+            Self::Software(b) => f.debug_tuple("Software").field(b).finish(),
+        }
+    }
+}
+
+impl Backend {
+    /// Encrypts `plaintext` under the key with the HSM's AES-GCM; `aad` is the HSM AAD
+    /// (already built by the spec formula).
+    pub async fn encrypt(
+        &self,
+        key_id: &str,
+        plaintext: Plaintext,
+        aad: Vec<u8>,
+    ) -> Result<Sealed, HsmError> {
+        match self {
+            Self::Pkcs11(b) => b.encrypt(key_id, plaintext, aad).await,
+            Self::Software(b) => b.encrypt(key_id, &plaintext, &aad),
+        }
+    }
+
+    /// Decrypts and authenticates.
+    pub async fn decrypt(
+        &self,
+        key_id: &str,
+        sealed: Sealed,
+        aad: Vec<u8>,
+    ) -> Result<Plaintext, HsmError> {
+        match self {
+            Self::Pkcs11(b) => b.decrypt(key_id, sealed, aad).await,
+            Self::Software(b) => b.decrypt(key_id, &sealed, &aad),
+        }
+    }
+
+    /// Reads the key's metadata.
+    pub async fn key_metadata(&self, key_id: &str) -> Result<KeyMetadata, HsmError> {
+        match self {
+            Self::Pkcs11(b) => b.key_metadata(key_id).await,
+            Self::Software(b) => b.key_metadata(key_id),
+        }
+    }
+
+    /// A quick liveness probe of the EKM (never slow: bounded by the pool's queue).
+    pub async fn probe(&self) -> EkmHealth {
+        match self {
+            Self::Pkcs11(b) => b.probe().await,
+            Self::Software(_) => EkmHealth::Active,
+        }
+    }
+
+    /// Facts about the EKM for GetHealthStatus.
+    pub fn ekm_info(&self) -> &EkmInfo {
+        match self {
+            Self::Pkcs11(b) => b.ekm_info(),
+            Self::Software(b) => b.ekm_info(),
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! The `xks-proxy` command: thin. Parses the command line, loads the configuration and
+//! calls into the library.
+
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use xks_proxy::config::{BackendConfig, Config};
+use xks_proxy::hsm::pkcs11::{self, NewKeyUsage};
+use xks_proxy::quickstart;
+use xks_proxy::server::{self, tls, Server};
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "AWS KMS External Key Store (XKS) proxy for PKCS#11 HSMs"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the XKS API.
+    Serve {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Manage keys on the configured PKCS#11 token.
+    Keys {
+        #[command(subcommand)]
+        action: KeysCommand,
+    },
+    /// Set up a local SoftHSM2 token, keys, credentials, certificates and config, then serve.
+    Quickstart {
+        /// Folder for everything the quickstart creates (reused when run again).
+        #[arg(long, default_value = "./xks-quickstart")]
+        dir: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+        /// PKCS#11 module (default: SoftHSM2 from the usual places).
+        #[arg(long)]
+        module: Option<PathBuf>,
+        /// Prepare the folder and exit without serving.
+        #[arg(long)]
+        setup_only: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Create an AES-256 key (sensitive, non-extractable) labelled with the external key id.
+    Create {
+        /// Configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// External key id (becomes CKA_LABEL).
+        id: String,
+        /// Allow ENCRYPT only.
+        #[arg(long, conflicts_with_all = ["decrypt_only", "no_usage"])]
+        encrypt_only: bool,
+        /// Allow DECRYPT only.
+        #[arg(long, conflicts_with = "no_usage")]
+        decrypt_only: bool,
+        /// Allow neither (for testing InvalidKeyUsageException).
+        #[arg(long)]
+        no_usage: bool,
+    },
+    /// List the token's secret keys with their metadata.
+    List {
+        /// Configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Disable a key (sets CKA_END_DATE in the past): GetKeyMetadata reports DISABLED.
+    Disable {
+        /// Configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// External key id.
+        id: String,
+    },
+    /// Enable a key (clears CKA_START_DATE and CKA_END_DATE).
+    Enable {
+        /// Configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// External key id.
+        id: String,
+    },
+}
+
+type Error = Box<dyn std::error::Error>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Serve { config } => serve(&config),
+        Command::Keys { action } => keys(action),
+        Command::Quickstart {
+            dir,
+            listen,
+            module,
+            setup_only,
+        } => run_quickstart(&dir, listen, module.as_deref(), setup_only),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Sets the module's environment (e.g. SOFTHSM2_CONF). Called before the runtime and
+/// the session threads start, while this process has a single thread.
+fn apply_environment(environment: &BTreeMap<String, String>) {
+    for (name, value) in environment {
+        std::env::set_var(name, value);
+    }
+}
+
+fn serve(config_path: &Path) -> Result<(), Error> {
+    let config = Config::load(config_path)?;
+    apply_environment(&config.environment);
+    let tls = tls::server_config(
+        &config.tls_certificate,
+        &config.tls_private_key,
+        config.http2,
+    )?;
+    let backend = server::backend(&config.backend)?;
+    tracing::info!(ekm = ?backend.ekm_info(), "connected to the key manager");
+    let listen = config.listen;
+    let app = server::app(config, backend)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("xks-worker")
+        .build()?;
+    runtime.block_on(async move {
+        let server = Server::bind(listen, tls, app).await?;
+        let addr = server.local_addr()?;
+        tracing::info!(%addr, "serving the XKS API");
+        // A stable line on stdout for scripts and tests that start us on port 0.
+        println!("xks-proxy listening on {addr}");
+        server.run(shutdown_signal()).await;
+        tracing::info!("stopped");
+        Ok::<(), Error>(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut terminate) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn keys(action: KeysCommand) -> Result<(), Error> {
+    let config_path = match &action {
+        KeysCommand::Create { config, .. }
+        | KeysCommand::List { config }
+        | KeysCommand::Disable { config, .. }
+        | KeysCommand::Enable { config, .. } => config,
+    };
+    let config = Config::load(config_path)?;
+    apply_environment(&config.environment);
+    let BackendConfig::Pkcs11(settings) = &config.backend else {
+        return Err(
+            "`keys` manages keys on a PKCS#11 token; this configuration uses the software backend"
+                .into(),
+        );
+    };
+    let (_pkcs11, _slot, session) =
+        pkcs11::open_token(&settings.module, &settings.token, &settings.pin)?;
+    match action {
+        KeysCommand::Create {
+            id,
+            encrypt_only,
+            decrypt_only,
+            no_usage,
+            ..
+        } => {
+            if !xks_proxy::router::is_valid_key_id(&id) {
+                return Err(
+                    "an external key id is 1 to 128 characters of A-Z, a-z, 0-9, '-', '.' and '_'"
+                        .into(),
+                );
+            }
+            let usage = NewKeyUsage {
+                encrypt: !no_usage && !decrypt_only,
+                decrypt: !no_usage && !encrypt_only,
+            };
+            match pkcs11::create_key(&session, &id, usage) {
+                Err(xks_proxy::hsm::HsmError::AmbiguousKey) => {
+                    return Err(format!("a key labelled {id:?} exists already").into())
+                }
+                other => other?,
+            }
+            println!(
+                "created {id} (AES-256, encrypt={}, decrypt={})",
+                usage.encrypt, usage.decrypt
+            );
+        }
+        KeysCommand::List { .. } => {
+            for (label, metadata) in pkcs11::list_keys(&session)? {
+                let usages: Vec<_> = metadata.usages.iter().map(|u| u.as_str()).collect();
+                println!(
+                    "{label}\t{}\t{}\t{}",
+                    metadata.key_spec,
+                    if metadata.enabled {
+                        "ENABLED"
+                    } else {
+                        "DISABLED"
+                    },
+                    usages.join(",")
+                );
+            }
+        }
+        KeysCommand::Disable { id, .. } => {
+            pkcs11::set_key_enabled(&session, &id, false)?;
+            println!("disabled {id}");
+        }
+        KeysCommand::Enable { id, .. } => {
+            pkcs11::set_key_enabled(&session, &id, true)?;
+            println!("enabled {id}");
+        }
+    }
+    Ok(())
+}
+
+fn run_quickstart(
+    dir: &Path,
+    listen: SocketAddr,
+    module: Option<&Path>,
+    setup_only: bool,
+) -> Result<(), Error> {
+    let prepared = quickstart::prepare(dir, listen, module)?;
+    println!("xks-proxy quickstart ready in {}", prepared.dir.display());
+    println!("  config:          {}", prepared.config.display());
+    println!("  CA certificate:  {}", prepared.ca_certificate.display());
+    println!(
+        "  KMS console:     {}",
+        prepared.dir.join("kms-console.json").display()
+    );
+    println!(
+        "  test client env: {}",
+        prepared.dir.join("test-client.env").display()
+    );
+    println!(
+        "  SoftHSM2:        SOFTHSM2_CONF={}",
+        prepared.softhsm2_conf.display()
+    );
+    if setup_only {
+        return Ok(());
+    }
+    println!(
+        "\nTry it:\n{}\n",
+        quickstart::curl_example(&prepared, listen.port())
+    );
+    serve(&prepared.config)
+}

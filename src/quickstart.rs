@@ -1,0 +1,478 @@
+//! `xks-proxy quickstart`: everything a local proxy needs, in one folder.
+//!
+//! Creates (or reuses, when run again) under DIR: a SoftHSM2 configuration and token
+//! with the keys the public XKS test client expects, a SigV4 credential, a local CA and
+//! a server certificate for `localhost` and `127.0.0.1`, `config.toml` (an ordinary
+//! configuration for `serve`), `kms-console.json` (the spec's XKS proxy configuration
+//! file for the KMS console) and `test-client.env` (the test client's variables).
+//!
+//! Secrets (PINs, the SigV4 secret, private keys) are written with mode 0600.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::session::UserType;
+use cryptoki::types::AuthPin;
+use zeroize::Zeroizing;
+
+use crate::hsm::pkcs11::{create_key, open_token, NewKeyUsage, TokenSelector};
+use crate::hsm::HsmError;
+
+/// The token label the quickstart uses.
+pub const TOKEN_LABEL: &str = "xks-quickstart";
+/// The URI path prefix of the quickstart key store (no leading slash, as the test
+/// client wants it).
+pub const URI_PREFIX: &str = "example/uri/path/prefix";
+/// The region of the quickstart key store.
+pub const REGION: &str = "us-east-1";
+
+/// The keys the quickstart creates: id, encrypt, decrypt (the test client's names).
+pub const KEYS: [(&str, bool, bool); 4] = [
+    ("foo", true, true),
+    ("encrypt_only_key", true, false),
+    ("decrypt_only_key", false, true),
+    ("impotent_key", false, false),
+];
+
+/// Where SoftHSM2's module usually lives.
+pub const SOFTHSM2_MODULE_PATHS: [&str; 4] = [
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+];
+
+/// Why the quickstart failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QuickstartError {
+    /// File system.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// SoftHSM2 is not installed.
+    #[error("SoftHSM2 not found (looked in {0}); install it: apt-get install softhsm2")]
+    NoSoftHsm(String),
+    /// A PKCS#11 step failed.
+    #[error("{step}: {detail}")]
+    Hsm {
+        /// What we were doing.
+        step: &'static str,
+        /// Why it failed.
+        detail: String,
+    },
+    /// Certificate generation failed.
+    #[error("certificate generation: {0}")]
+    Certificate(#[from] rcgen::Error),
+    /// Random generation failed.
+    #[error("random generator failed")]
+    Random,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> QuickstartError + '_ {
+    move |source| QuickstartError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn hsm(step: &'static str) -> impl Fn(HsmError) -> QuickstartError {
+    move |e| QuickstartError::Hsm {
+        step,
+        detail: e.to_string(),
+    }
+}
+
+fn ck(step: &'static str) -> impl Fn(CkError) -> QuickstartError {
+    move |e| QuickstartError::Hsm {
+        step,
+        detail: format!("{e:?}"),
+    }
+}
+
+/// What the quickstart produced.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The folder.
+    pub dir: PathBuf,
+    /// `DIR/config.toml`.
+    pub config: PathBuf,
+    /// `DIR/ca.pem`.
+    pub ca_certificate: PathBuf,
+    /// The SigV4 access key id.
+    pub access_key_id: String,
+    /// The listen address written to the config.
+    pub listen: SocketAddr,
+    /// The SoftHSM2 configuration file; must be in SOFTHSM2_CONF before the module loads.
+    pub softhsm2_conf: PathBuf,
+}
+
+/// Finds the SoftHSM2 module.
+pub fn find_softhsm2() -> Result<PathBuf, QuickstartError> {
+    SOFTHSM2_MODULE_PATHS
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .ok_or_else(|| QuickstartError::NoSoftHsm(SOFTHSM2_MODULE_PATHS.join(", ")))
+}
+
+/// Prepares DIR. Must run before any other thread uses the environment: it sets
+/// SOFTHSM2_CONF for this process so the module finds DIR's token store.
+pub fn prepare(
+    dir: &Path,
+    listen: SocketAddr,
+    module: Option<&Path>,
+) -> Result<Prepared, QuickstartError> {
+    std::fs::create_dir_all(dir.join("tokens")).map_err(io(dir))?;
+    let dir = dir.canonicalize().map_err(io(dir))?;
+    let module = match module {
+        Some(m) => m.to_owned(),
+        None => find_softhsm2()?,
+    };
+
+    let softhsm2_conf = dir.join("softhsm2.conf");
+    write_file(
+        &softhsm2_conf,
+        format!(
+            "# SoftHSM2 configuration written by xks-proxy quickstart\n\
+             directories.tokendir = {}\n\
+             objectstore.backend = file\n\
+             log.level = ERROR\n\
+             slots.removable = false\n",
+            dir.join("tokens").display()
+        )
+        .as_bytes(),
+        false,
+    )?;
+    // Edition 2021: set_var is safe to call; it is sound here because `prepare` runs
+    // before the runtime or any session thread exists (see the function's contract).
+    std::env::set_var("SOFTHSM2_CONF", &softhsm2_conf);
+
+    let pin = reuse_or_create_secret(&dir.join("hsm-pin"), || random_hex(16))?;
+    let so_pin = reuse_or_create_secret(&dir.join("hsm-so-pin"), || random_hex(16))?;
+    init_token(&module, &pin, &so_pin)?;
+    create_keys(&module, &pin)?;
+
+    let access_key_id =
+        reuse_or_create_secret(&dir.join("sigv4-access-key-id"), random_access_key_id)?;
+    let secret = reuse_or_create_secret(&dir.join("sigv4-secret"), || {
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        aws_lc_rs::rand::fill(bytes.as_mut()).map_err(|_| QuickstartError::Random)?;
+        Ok(Zeroizing::new(STANDARD.encode(bytes.as_ref())))
+    })?;
+
+    let ca_certificate = dir.join("ca.pem");
+    certificates(&dir)?;
+
+    let config = dir.join("config.toml");
+    write_file(
+        &config,
+        config_toml(&dir, &module, &softhsm2_conf, listen, &access_key_id).as_bytes(),
+        false,
+    )?;
+    let console = serde_json::json!({
+        "XksProxyUriPath": format!("/{URI_PREFIX}/kms/xks/v1"),
+        "XksProxyAuthenticationCredential": {
+            "AccessKeyId": access_key_id.as_str(),
+            "RawSecretAccessKey": secret.as_str(),
+        }
+    });
+    write_file(
+        &dir.join("kms-console.json"),
+        serde_json::to_string_pretty(&console)
+            .expect("a JSON value serializes")
+            .as_bytes(),
+        true,
+    )?;
+    write_file(
+        &dir.join("test-client.env"),
+        test_client_env(listen, &access_key_id, &secret, &ca_certificate).as_bytes(),
+        true,
+    )?;
+    Ok(Prepared {
+        dir: dir.clone(),
+        config,
+        ca_certificate,
+        access_key_id: access_key_id.to_string(),
+        listen,
+        softhsm2_conf,
+    })
+}
+
+/// Initializes the quickstart token on a free slot unless it exists.
+fn init_token(module: &Path, pin: &str, so_pin: &str) -> Result<(), QuickstartError> {
+    let pkcs11 = Pkcs11::new(module).map_err(ck("loading the PKCS#11 module"))?;
+    match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => return Err(ck("C_Initialize")(e)),
+    }
+    let slots = pkcs11.get_all_slots().map_err(ck("C_GetSlotList"))?;
+    let mut free = None;
+    for slot in slots {
+        let Ok(info) = pkcs11.get_token_info(slot) else {
+            continue;
+        };
+        if info.token_initialized() && info.label().trim_end() == TOKEN_LABEL {
+            return Ok(());
+        }
+        if !info.token_initialized() && free.is_none() {
+            free = Some(slot);
+        }
+    }
+    let slot = free.ok_or(QuickstartError::Hsm {
+        step: "initializing the token",
+        detail: "no free SoftHSM2 slot".into(),
+    })?;
+    let so_pin = AuthPin::new(so_pin.into());
+    pkcs11
+        .init_token(slot, &so_pin, TOKEN_LABEL)
+        .map_err(ck("C_InitToken"))?;
+    // The slot id changes once the token is initialized: look it up again by label.
+    let slot = pkcs11
+        .get_slots_with_token()
+        .map_err(ck("C_GetSlotList"))?
+        .into_iter()
+        .find(|s| {
+            pkcs11
+                .get_token_info(*s)
+                .is_ok_and(|i| i.label().trim_end() == TOKEN_LABEL)
+        })
+        .ok_or(QuickstartError::Hsm {
+            step: "initializing the token",
+            detail: "token vanished after C_InitToken".into(),
+        })?;
+    let session = pkcs11.open_rw_session(slot).map_err(ck("C_OpenSession"))?;
+    session
+        .login(UserType::So, Some(&so_pin))
+        .map_err(ck("C_Login as SO"))?;
+    session
+        .init_pin(&AuthPin::new(pin.into()))
+        .map_err(ck("C_InitPIN"))?;
+    session.logout().map_err(ck("C_Logout"))?;
+    Ok(())
+}
+
+fn create_keys(module: &Path, pin: &str) -> Result<(), QuickstartError> {
+    let (_pkcs11, _slot, session) =
+        open_token(module, &TokenSelector::Label(TOKEN_LABEL.into()), pin)
+            .map_err(hsm("opening the quickstart token"))?;
+    for (id, encrypt, decrypt) in KEYS {
+        match create_key(&session, id, NewKeyUsage { encrypt, decrypt }) {
+            Ok(()) | Err(HsmError::AmbiguousKey) => {} // exists already
+            Err(e) => return Err(hsm("creating a key")(e)),
+        }
+    }
+    Ok(())
+}
+
+fn certificates(dir: &Path) -> Result<(), QuickstartError> {
+    let files = ["ca.pem", "ca-key.pem", "server.pem", "server-key.pem"].map(|f| dir.join(f));
+    if files.iter().all(|f| f.exists()) {
+        return Ok(());
+    }
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "xks-proxy quickstart CA");
+    ca.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let server_key = rcgen::KeyPair::generate()?;
+    let mut server = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])?;
+    server
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "localhost");
+    server.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let server_cert = server.signed_by(&server_key, &ca_cert, &ca_key)?;
+    write_file(&files[0], ca_cert.pem().as_bytes(), false)?;
+    write_file(&files[1], ca_key.serialize_pem().as_bytes(), true)?;
+    write_file(&files[2], server_cert.pem().as_bytes(), false)?;
+    write_file(&files[3], server_key.serialize_pem().as_bytes(), true)?;
+    Ok(())
+}
+
+fn config_toml(
+    dir: &Path,
+    module: &Path,
+    softhsm2_conf: &Path,
+    listen: SocketAddr,
+    access_key_id: &str,
+) -> String {
+    let keys = KEYS
+        .iter()
+        .map(|(id, _, _)| format!("{id:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"# Written by `xks-proxy quickstart`: a local proxy on a SoftHSM2 token.
+# Serve it with: xks-proxy serve --config {config}
+
+[server]
+listen = "{listen}"
+tls_certificate = "server.pem"
+tls_private_key = "server-key.pem"
+
+[proxy]
+fleet_size = 1
+
+[hsm]
+backend = "pkcs11"
+module = "{module}"
+token_label = "{TOKEN_LABEL}"
+pin_file = "hsm-pin"
+# SoftHSM2 pins sessions to one lock; two sessions is its sweet spot.
+sessions = 2
+
+[hsm.environment]
+SOFTHSM2_CONF = "{softhsm2_conf}"
+
+[[key_store]]
+name = "quickstart"
+uri_prefix = "{URI_PREFIX}"
+region = "{REGION}"
+keys = [{keys}]
+
+[[key_store.credential]]
+access_key_id = "{access_key_id}"
+secret_access_key_file = "sigv4-secret"
+"#,
+        config = dir.join("config.toml").display(),
+        module = module.display(),
+        softhsm2_conf = softhsm2_conf.display(),
+    )
+}
+
+/// The variables aws-samples/aws-kms-xksproxy-test-client reads.
+fn test_client_env(listen: SocketAddr, access_key_id: &str, secret: &str, ca: &Path) -> String {
+    let host = if listen.ip().is_unspecified() || listen.ip().is_loopback() {
+        format!("localhost:{}", listen.port())
+    } else {
+        listen.to_string()
+    };
+    let mut env = String::from("# Source with: set -a; . ./test-client.env; set +a\n");
+    let [key, encrypt_only, decrypt_only, impotent] = KEYS.map(|k| k.0);
+    for (name, value) in [
+        ("XKS_PROXY_HOST", host.as_str()),
+        ("URI_PREFIX", URI_PREFIX),
+        ("SIGV4_ACCESS_KEY_ID", access_key_id),
+        ("SIGV4_SECRET_ACCESS_KEY", secret),
+        ("KEY_ID", key),
+        ("ENCRYPT_ONLY_KEY_ID", encrypt_only),
+        ("DECRYPT_ONLY_KEY_ID", decrypt_only),
+        ("IMPOTENT_KEY_ID", impotent),
+        ("CACERT", &ca.display().to_string()),
+        ("SECURE", &format!("--cacert {}", ca.display())),
+    ] {
+        let _ = writeln!(env, "{name}=\"{value}\"");
+    }
+    env
+}
+
+/// A ready-to-paste curl command for GetHealthStatus.
+pub fn curl_example(prepared: &Prepared, port: u16) -> String {
+    format!(
+        "curl --cacert {ca} --aws-sigv4 \"aws:amz:{REGION}:kms-xks-proxy\" \\\n  \
+         --user \"{akid}:$(cat {secret})\" -H 'Content-Type: application/json' \\\n  \
+         -d '{{\"requestMetadata\":{{\"kmsRequestId\":\"1\",\"kmsOperation\":\"KmsHealthCheck\"}}}}' \\\n  \
+         https://localhost:{port}/{URI_PREFIX}/kms/xks/v1/health",
+        ca = prepared.ca_certificate.display(),
+        akid = prepared.access_key_id,
+        secret = prepared.dir.join("sigv4-secret").display(),
+    )
+}
+
+fn reuse_or_create_secret(
+    path: &Path,
+    create: impl FnOnce() -> Result<Zeroizing<String>, QuickstartError>,
+) -> Result<Zeroizing<String>, QuickstartError> {
+    if path.exists() {
+        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(io(path))?);
+        return Ok(Zeroizing::new(text.trim_end().to_owned()));
+    }
+    let value = create()?;
+    write_file(path, value.as_bytes(), true)?;
+    Ok(value)
+}
+
+fn random_bytes<const N: usize>() -> Result<Zeroizing<[u8; N]>, QuickstartError> {
+    let mut bytes = Zeroizing::new([0u8; N]);
+    aws_lc_rs::rand::fill(bytes.as_mut()).map_err(|_| QuickstartError::Random)?;
+    Ok(bytes)
+}
+
+fn random_hex(len: usize) -> Result<Zeroizing<String>, QuickstartError> {
+    let bytes = random_bytes::<32>()?;
+    Ok(Zeroizing::new(hex::encode(&bytes[..len / 2])))
+}
+
+/// 26 characters of the spec's access key id alphabet (A–Z, 2–7): 130 random bits.
+pub fn random_access_key_id() -> Result<Zeroizing<String>, QuickstartError> {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let bytes = random_bytes::<26>()?;
+    Ok(Zeroizing::new(
+        bytes
+            .iter()
+            .map(|b| char::from(ALPHABET[usize::from(b % 32)]))
+            .collect(),
+    ))
+}
+
+fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), QuickstartError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    if secret {
+        options.mode(0o600);
+    }
+    let mut file = options.open(path).map_err(io(path))?;
+    file.write_all(contents).map_err(io(path))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_key_ids_follow_the_spec() {
+        for _ in 0..20 {
+            let id = random_access_key_id().unwrap();
+            assert!(
+                crate::config::is_valid_access_key_id(&id),
+                "{}",
+                id.as_str()
+            );
+        }
+    }
+
+    #[test]
+    fn test_client_env_has_the_clients_variables() {
+        let env = test_client_env(
+            "127.0.0.1:8443".parse().unwrap(),
+            "AKID",
+            "SECRET",
+            Path::new("/q/ca.pem"),
+        );
+        for line in [
+            "XKS_PROXY_HOST=\"localhost:8443\"",
+            "URI_PREFIX=\"example/uri/path/prefix\"",
+            "KEY_ID=\"foo\"",
+            "IMPOTENT_KEY_ID=\"impotent_key\"",
+            "SECURE=\"--cacert /q/ca.pem\"",
+        ] {
+            assert!(env.lines().any(|l| l == line), "{line} missing from\n{env}");
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! GetKeyMetadata (spec: GetKeyMetadata).
+
+use serde::Serialize;
+
+use super::error::XksError;
+use super::request::{parse_json, Audit, MetadataOnly, Required};
+use super::KeyRef;
+use crate::hsm::Backend;
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct KeyMetadataResponse<'a> {
+    key_spec: &'a str,
+    key_usage: Vec<&'static str>,
+    key_status: &'static str,
+}
+
+/// Handles a GetKeyMetadata request body for `key`.
+pub(crate) async fn get_key_metadata(
+    backend: &Backend,
+    key: KeyRef<'_>,
+    body: &[u8],
+    audit: &mut Audit,
+) -> Result<Vec<u8>, XksError> {
+    let request: MetadataOnly<'_> = parse_json(body)?;
+    let metadata = request
+        .request_metadata
+        .ok_or_else(|| XksError::validation("requestMetadata is required"))?;
+    *audit = metadata.audit();
+    metadata.require(Required {
+        principal: true,
+        key_arn: false,
+    })?;
+    let key_id = key.id()?;
+    let key = backend.key_metadata(key_id).await?;
+    let response = KeyMetadataResponse {
+        key_spec: &key.key_spec,
+        // spec: at most ten values; a PKCS#11 key has at most seven usages we report.
+        key_usage: key.usages.iter().map(|u| u.as_str()).take(10).collect(),
+        key_status: if key.enabled { "ENABLED" } else { "DISABLED" },
+    };
+    Ok(serde_json::to_vec(&response).expect("serializing strings cannot fail"))
+}

@@ -1,0 +1,160 @@
+//! The XKS API: request parsing and validation, the four operations, and the error
+//! model. Knows nothing of HTTP: it takes an operation, a key id and a body, and returns
+//! a JSON body or an [`XksError`].
+
+pub mod aad;
+mod decrypt;
+mod encrypt;
+pub mod error;
+mod health;
+mod metadata;
+pub mod request;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+pub use error::{ErrorName, XksError};
+pub use request::Audit;
+
+use crate::hsm::Backend;
+
+/// The four XKS APIs (spec: API operations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ApiOperation {
+    /// `POST .../health`
+    GetHealthStatus,
+    /// `POST .../keys/{id}/metadata`
+    GetKeyMetadata,
+    /// `POST .../keys/{id}/encrypt`
+    Encrypt,
+    /// `POST .../keys/{id}/decrypt`
+    Decrypt,
+}
+
+impl ApiOperation {
+    /// Every operation, for metrics.
+    pub const ALL: [Self; 4] = [
+        Self::GetHealthStatus,
+        Self::GetKeyMetadata,
+        Self::Encrypt,
+        Self::Decrypt,
+    ];
+
+    /// The spec's name of the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::GetHealthStatus => "GetHealthStatus",
+            Self::GetKeyMetadata => "GetKeyMetadata",
+            Self::Encrypt => "Encrypt",
+            Self::Decrypt => "Decrypt",
+        }
+    }
+}
+
+/// What GetHealthStatus reports about this proxy.
+#[derive(Debug, Clone)]
+pub struct HealthInfo {
+    /// spec: xksProxyFleetSize, an integer greater than zero.
+    pub fleet_size: u32,
+    /// spec: xksProxyVendor.
+    pub vendor: String,
+    /// spec: xksProxyModel (product and version).
+    pub model: String,
+    /// spec: ekmVendor; when `None`, the token's manufacturer.
+    pub ekm_vendor: Option<String>,
+}
+
+/// The external key ids a key store may use. Keys outside the set are "not found" for
+/// that key store even if the HSM holds them, so tenants on one token stay apart.
+#[derive(Debug, Clone, Default)]
+pub struct KeySet(HashSet<String>);
+
+impl KeySet {
+    /// A set of ids.
+    pub fn new(ids: impl IntoIterator<Item = String>) -> Self {
+        Self(ids.into_iter().collect())
+    }
+
+    /// Whether `id` belongs to the set.
+    pub fn contains(&self, id: &str) -> bool {
+        self.0.contains(id)
+    }
+}
+
+/// The answer to one request: the response body or error, and what to log about it.
+#[derive(Debug)]
+pub struct Outcome {
+    /// A JSON body for 200, or the error.
+    pub result: Result<Vec<u8>, XksError>,
+    /// Request facts for the log line.
+    pub audit: Audit,
+}
+
+/// Executes XKS operations against a backend.
+#[derive(Debug, Clone)]
+pub struct Handler {
+    backend: Arc<Backend>,
+    health: HealthInfo,
+}
+
+impl Handler {
+    /// A handler over `backend`.
+    pub fn new(backend: Arc<Backend>, health: HealthInfo) -> Self {
+        Self { backend, health }
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+
+    /// Handles one authenticated request. `key_id` is empty for GetHealthStatus.
+    pub async fn handle(
+        &self,
+        operation: ApiOperation,
+        keys: &KeySet,
+        key_id: &str,
+        body: &[u8],
+    ) -> Outcome {
+        let mut audit = Audit::default();
+        let backend = &*self.backend;
+        // The key store's membership is checked by each operation after the request
+        // is validated, so the log line of a KeyNotFound still names its kmsRequestId.
+        let key = KeyRef {
+            id: key_id,
+            known: keys.contains(key_id),
+        };
+        let result = match operation {
+            ApiOperation::GetHealthStatus => {
+                Ok(health::get_health_status(backend, &self.health, body, &mut audit).await)
+            }
+            ApiOperation::GetKeyMetadata => {
+                metadata::get_key_metadata(backend, key, body, &mut audit).await
+            }
+            ApiOperation::Encrypt => encrypt::encrypt(backend, key, body, &mut audit).await,
+            ApiOperation::Decrypt => decrypt::decrypt(backend, key, body, &mut audit).await,
+        };
+        Outcome { result, audit }
+    }
+}
+
+/// The external key a request names, and whether its key store may use it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KeyRef<'a> {
+    id: &'a str,
+    known: bool,
+}
+
+impl<'a> KeyRef<'a> {
+    /// The id, if the key store may use it.
+    pub(crate) fn id(self) -> Result<&'a str, XksError> {
+        if self.known {
+            Ok(self.id)
+        } else {
+            Err(XksError::new(
+                ErrorName::KeyNotFound,
+                "external key is not in this key store",
+            ))
+        }
+    }
+}

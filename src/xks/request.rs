@@ -1,0 +1,164 @@
+//! What every XKS request shares: `requestMetadata`, Base64 fields, and the audit facts
+//! we log for each request.
+
+use std::borrow::Cow;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde::Deserialize;
+
+use super::error::XksError;
+
+/// `requestMetadata` (spec: each API's request payload; Appendix B).
+///
+/// Fields are optional at the type level so a missing one is reported by name instead
+/// of as a generic JSON error. Unknown fields are accepted and ignored (spec: KMS may add
+/// fields); unknown `kmsOperation` values are accepted (spec: MUST NOT reject).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestMetadata<'a> {
+    /// The AWS principal that called KMS.
+    #[serde(borrow)]
+    pub aws_principal_arn: Option<Cow<'a, str>>,
+    /// The KMS key.
+    #[serde(borrow)]
+    pub kms_key_arn: Option<Cow<'a, str>>,
+    /// The KMS API that caused this call.
+    #[serde(borrow)]
+    pub kms_operation: Option<Cow<'a, str>>,
+    /// CloudTrail request id; opaque (spec: MUST NOT validate its structure).
+    #[serde(borrow)]
+    pub kms_request_id: Option<Cow<'a, str>>,
+    /// The AWS service that called KMS on the customer's behalf.
+    #[serde(borrow)]
+    pub kms_via_service: Option<Cow<'a, str>>,
+    /// The VPC of a VPC-endpoint request.
+    #[serde(borrow)]
+    pub aws_source_vpc: Option<Cow<'a, str>>,
+    /// The VPC endpoint of a VPC-endpoint request.
+    #[serde(borrow)]
+    pub aws_source_vpce: Option<Cow<'a, str>>,
+}
+
+/// Which metadata fields an operation requires.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Required {
+    pub(crate) principal: bool,
+    pub(crate) key_arn: bool,
+}
+
+impl RequestMetadata<'_> {
+    /// Checks the fields the operation requires are present (spec: "This field is
+    /// REQUIRED"); their content is not validated.
+    pub(crate) fn require(&self, required: Required) -> Result<(), XksError> {
+        let missing = |name: &'static str| {
+            XksError::validation(match name {
+                "awsPrincipalArn" => "requestMetadata.awsPrincipalArn is required",
+                "kmsKeyArn" => "requestMetadata.kmsKeyArn is required",
+                "kmsOperation" => "requestMetadata.kmsOperation is required",
+                _ => "requestMetadata.kmsRequestId is required",
+            })
+        };
+        if self.kms_request_id.is_none() {
+            return Err(missing("kmsRequestId"));
+        }
+        if self.kms_operation.is_none() {
+            return Err(missing("kmsOperation"));
+        }
+        if required.principal && self.aws_principal_arn.is_none() {
+            return Err(missing("awsPrincipalArn"));
+        }
+        if required.key_arn && self.kms_key_arn.is_none() {
+            return Err(missing("kmsKeyArn"));
+        }
+        Ok(())
+    }
+
+    /// The facts about this request that go into the log line.
+    pub fn audit(&self) -> Audit {
+        let own = |v: &Option<Cow<'_, str>>| v.as_deref().map(str::to_owned);
+        Audit {
+            kms_request_id: own(&self.kms_request_id),
+            kms_operation: own(&self.kms_operation),
+            aws_principal_arn: own(&self.aws_principal_arn),
+            kms_key_arn: own(&self.kms_key_arn),
+            kms_via_service: own(&self.kms_via_service),
+        }
+    }
+}
+
+/// Request facts for the per-request log line (spec: Logging — request metadata SHOULD
+/// be logged, kmsRequestId in particular). Never plaintext, AAD or ciphertext.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Audit {
+    /// requestMetadata.kmsRequestId.
+    pub kms_request_id: Option<String>,
+    /// requestMetadata.kmsOperation.
+    pub kms_operation: Option<String>,
+    /// requestMetadata.awsPrincipalArn.
+    pub aws_principal_arn: Option<String>,
+    /// requestMetadata.kmsKeyArn.
+    pub kms_key_arn: Option<String>,
+    /// requestMetadata.kmsViaService.
+    pub kms_via_service: Option<String>,
+}
+
+/// Parses a JSON body without echoing any of its content in the error (a serde message
+/// can quote values, and values may be secret).
+pub(crate) fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, XksError> {
+    serde_json::from_slice(body).map_err(|e| {
+        use serde_json::error::Category;
+        let what = match e.classify() {
+            Category::Syntax | Category::Eof | Category::Io => "request body is not valid JSON",
+            Category::Data => "request body has a field of the wrong type",
+        };
+        XksError::validation(format!("{what} (line {}, column {})", e.line(), e.column()))
+    })
+}
+
+/// Decodes a required standard-Base64 field.
+pub(crate) fn required_base64(
+    value: Option<&Cow<'_, str>>,
+    field: &'static str,
+) -> Result<Vec<u8>, XksError> {
+    match value {
+        Some(v) => decode_base64(v, field),
+        None => Err(XksError::validation(format!("{field} is required"))),
+    }
+}
+
+/// Decodes an optional standard-Base64 field; absent means empty.
+pub(crate) fn optional_base64(
+    value: Option<&Cow<'_, str>>,
+    field: &'static str,
+) -> Result<Vec<u8>, XksError> {
+    value.map_or(Ok(Vec::new()), |v| decode_base64(v, field))
+}
+
+fn decode_base64(value: &str, field: &'static str) -> Result<Vec<u8>, XksError> {
+    STANDARD
+        .decode(value)
+        .map_err(|_| XksError::validation(format!("{field} is not valid Base64")))
+}
+
+/// Checks `encryptionAlgorithm` (spec: v1 supports exactly `AES_GCM`).
+pub(crate) fn check_algorithm(value: Option<&Cow<'_, str>>) -> Result<(), XksError> {
+    match value.map(|v| v.as_ref()) {
+        Some("AES_GCM") => Ok(()),
+        Some(_) => Err(XksError::validation("encryptionAlgorithm must be AES_GCM")),
+        None => Err(XksError::validation("encryptionAlgorithm is required")),
+    }
+}
+
+/// Standard Base64 encoding for responses.
+pub(crate) fn base64(bytes: &[u8]) -> String {
+    STANDARD.encode(bytes)
+}
+
+/// A request body that carries only `requestMetadata` (GetKeyMetadata, GetHealthStatus).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct MetadataOnly<'a> {
+    #[serde(borrow)]
+    pub(crate) request_metadata: Option<RequestMetadata<'a>>,
+}

@@ -1,0 +1,485 @@
+//! Every error row that applies, bad input of every kind, authentication, body limits
+//! and log hygiene — against the real binary and SoftHSM2.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::Full;
+use serde_json::{json, Value};
+
+fn assert_error(reply: &Reply, status: u16, name: &str) {
+    assert_eq!(reply.status, status, "{:?}", reply.body);
+    assert_eq!(reply.error_name(), name, "{:?}", reply.body);
+    let message = reply.body["errorMessage"].as_str().unwrap_or("");
+    assert!(message.len() < 512 && message.bytes().all(|b| (0x20..=0x7e).contains(&b)));
+    assert_eq!(reply.content_type.as_deref(), Some("application/json"));
+}
+
+#[tokio::test]
+async fn routing_errors() {
+    let proxy = Setup::new().start();
+    let client = proxy.client();
+    let body = encrypt_body(b"x", None, false);
+    for path in [
+        "/kms/xks/v1/health".to_owned(),
+        "/wrong/prefix/kms/xks/v1/keys/foo/encrypt".to_owned(),
+        format!("{PREFIX}/keys/foo/sign"),
+        format!("{PREFIX}/keys/bad%20id/encrypt"),
+        format!("{PREFIX}/keys/{}/encrypt", "k".repeat(129)),
+        format!("{PREFIX}/keys/foo/encrypt/extra"),
+        "/".to_owned(),
+    ] {
+        let reply = client.post(Version::Http1, &path, &body).await;
+        assert_error(&reply, 404, "InvalidUriPathException");
+    }
+    for method in ["GET", "PUT", "DELETE"] {
+        for path in [key_path("foo", "encrypt"), health_path()] {
+            let request = client.signed(method, &path, b"", &client.signing);
+            let reply = client.send(Version::Http1, request).await;
+            assert_eq!(reply.status, 405, "{method} {path}");
+            assert!(reply.body["errorName"].is_string());
+        }
+    }
+}
+
+#[tokio::test]
+async fn load_balancer_probes_answer_without_authentication() {
+    let proxy = Setup::new().start();
+    let client = proxy.client();
+    for path in ["/livez", "/readyz"] {
+        let request = http::Request::get(format!("https://localhost{path}"))
+            .header("host", "localhost")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let reply = client.send(Version::Http1, request).await;
+        assert_eq!(reply.status, 200, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn authentication_failures_are_401() {
+    let proxy = Setup::new().start();
+    let client = proxy.client();
+    let path = key_path("foo", "encrypt");
+    let body = serde_json::to_vec(&encrypt_body(b"x", None, false)).unwrap();
+    let base = Signing {
+        time: SystemTime::now(),
+        ..client.signing.clone()
+    };
+    let cases = [
+        (
+            "wrong secret",
+            Signing {
+                secret: "A".repeat(44),
+                ..base.clone()
+            },
+        ),
+        (
+            "unknown access key",
+            Signing {
+                access_key_id: "ABCDEFGHIJKLMNOPQRSTUVWXYZ".into(),
+                ..base.clone()
+            },
+        ),
+        (
+            "wrong region",
+            Signing {
+                region: "eu-west-1".into(),
+                ..base.clone()
+            },
+        ),
+        (
+            "wrong service",
+            Signing {
+                service: "kms".into(),
+                ..base.clone()
+            },
+        ),
+        (
+            "six minutes old",
+            Signing {
+                time: SystemTime::now() - Duration::from_secs(360),
+                ..base.clone()
+            },
+        ),
+        (
+            "six minutes ahead",
+            Signing {
+                time: SystemTime::now() + Duration::from_secs(360),
+                ..base.clone()
+            },
+        ),
+    ];
+    for (name, signing) in cases {
+        let reply = client
+            .send(
+                Version::Http1,
+                client.signed("POST", &path, &body, &signing),
+            )
+            .await;
+        assert_error(&reply, 401, "AuthenticationFailedException");
+        let _ = name;
+    }
+    // Inside the window both ways.
+    for offset in [-240i64, 240] {
+        let time = if offset < 0 {
+            SystemTime::now() - Duration::from_secs(240)
+        } else {
+            SystemTime::now() + Duration::from_secs(240)
+        };
+        let signing = Signing {
+            time,
+            ..base.clone()
+        };
+        let reply = client
+            .send(
+                Version::Http1,
+                client.signed("POST", &path, &body, &signing),
+            )
+            .await;
+        assert_eq!(reply.status, 200, "offset {offset}: {:?}", reply.body);
+    }
+    // Signed, then the body changed in flight.
+    let mut request = client.signed("POST", &path, &body, &base);
+    let mut tampered = body.clone();
+    tampered[10] ^= 1;
+    *request.body_mut() = Full::new(Bytes::from(tampered));
+    let reply = client.send(Version::Http1, request).await;
+    assert_error(&reply, 401, "AuthenticationFailedException");
+    // No signature at all.
+    let request = http::Request::post(format!("https://localhost{path}"))
+        .header("host", "localhost")
+        .body(Full::new(Bytes::from(body.clone())))
+        .unwrap();
+    assert_error(
+        &client.send(Version::Http1, request).await,
+        401,
+        "AuthenticationFailedException",
+    );
+}
+
+#[tokio::test]
+async fn two_credentials_work_at_once_for_rotation() {
+    let setup = Setup::new();
+    let second_id = "SECONDCREDENTIAL234567ABCD";
+    let second_secret = "c2Vjb25kIHNlY3JldCB0aGF0IGlzIGxvbmcgZW5vdWdoIQ==";
+    let text = std::fs::read_to_string(setup.config()).unwrap();
+    std::fs::write(
+        setup.config(),
+        format!(
+            "{text}\n[[key_store.credential]]\naccess_key_id = \"{second_id}\"\nsecret_access_key_env = \"SECOND_SECRET\"\n"
+        ),
+    )
+    .unwrap();
+    let proxy = Proxy::start(setup, &[("SECOND_SECRET", second_secret)]);
+    let mut client = proxy.client();
+    let body = encrypt_body(b"x", None, false);
+    assert_eq!(
+        client
+            .post(Version::Http1, &key_path("foo", "encrypt"), &body)
+            .await
+            .status,
+        200
+    );
+    client.signing.access_key_id = second_id.into();
+    client.signing.secret = second_secret.into();
+    assert_eq!(
+        client
+            .post(Version::Http2, &key_path("foo", "encrypt"), &body)
+            .await
+            .status,
+        200
+    );
+    client.signing.secret = proxy.setup.secret.clone();
+    assert_eq!(
+        client
+            .post(Version::Http1, &key_path("foo", "encrypt"), &body)
+            .await
+            .status,
+        401,
+        "ids pick their own secret"
+    );
+}
+
+async fn raw(client: &Client, path: &str, body: &[u8]) -> Reply {
+    let request = client.signed(
+        "POST",
+        path,
+        body,
+        &Signing {
+            time: SystemTime::now(),
+            ..client.signing.clone()
+        },
+    );
+    client.send(Version::Http1, request).await
+}
+
+#[tokio::test]
+async fn malformed_requests_are_validation_errors() {
+    let proxy = Setup::new().start();
+    let client = proxy.client();
+    let encrypt = key_path("foo", "encrypt");
+    let decrypt = key_path("foo", "decrypt");
+    let with = |base: Value, field: &str, value: Value| {
+        let mut body = base;
+        if value.is_null() {
+            body.as_object_mut().unwrap().remove(field);
+        } else {
+            body[field] = value;
+        }
+        body
+    };
+    let enc = encrypt_body(b"payload", Some(b"aad"), false);
+    let sealed = client.post(Version::Http1, &encrypt, &enc).await.body;
+    let dec = decrypt_body(&sealed, Some(b"aad"));
+    let mut no_request_id = enc.clone();
+    no_request_id["requestMetadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("kmsRequestId");
+    let mut no_principal = enc.clone();
+    no_principal["requestMetadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("awsPrincipalArn");
+    let mut no_key_arn = dec.clone();
+    no_key_arn["requestMetadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("kmsKeyArn");
+    let cases: Vec<(&str, &str, Value)> = vec![
+        (
+            "no plaintext",
+            &encrypt,
+            with(enc.clone(), "plaintext", Value::Null),
+        ),
+        (
+            "bad base64 plaintext",
+            &encrypt,
+            with(enc.clone(), "plaintext", json!("not*base64")),
+        ),
+        (
+            "plaintext not a string",
+            &encrypt,
+            with(enc.clone(), "plaintext", json!(5)),
+        ),
+        (
+            "bad base64 aad",
+            &encrypt,
+            with(enc.clone(), "additionalAuthenticatedData", json!("@@")),
+        ),
+        (
+            "wrong algorithm",
+            &encrypt,
+            with(enc.clone(), "encryptionAlgorithm", json!("AES_CBC")),
+        ),
+        (
+            "no algorithm",
+            &encrypt,
+            with(enc.clone(), "encryptionAlgorithm", Value::Null),
+        ),
+        (
+            "wrong cdiv algorithm",
+            &encrypt,
+            with(
+                enc.clone(),
+                "ciphertextDataIntegrityValueAlgorithm",
+                json!("MD5"),
+            ),
+        ),
+        (
+            "no metadata",
+            &encrypt,
+            with(enc.clone(), "requestMetadata", Value::Null),
+        ),
+        ("no kmsRequestId", &encrypt, no_request_id),
+        ("no awsPrincipalArn", &encrypt, no_principal),
+        ("no kmsKeyArn", &decrypt, no_key_arn),
+        (
+            "no ciphertext",
+            &decrypt,
+            with(dec.clone(), "ciphertext", Value::Null),
+        ),
+        (
+            "no iv",
+            &decrypt,
+            with(dec.clone(), "initializationVector", Value::Null),
+        ),
+        (
+            "no tag",
+            &decrypt,
+            with(dec.clone(), "authenticationTag", Value::Null),
+        ),
+        (
+            "bad base64 tag",
+            &decrypt,
+            with(dec.clone(), "authenticationTag", json!("%%%%")),
+        ),
+        (
+            "metadata not a string",
+            &decrypt,
+            with(dec.clone(), "ciphertextMetadata", json!([1])),
+        ),
+    ];
+    for (name, path, body) in cases {
+        let reply = client.post(Version::Http1, path, &body).await;
+        assert_eq!(reply.status, 400, "{name}: {:?}", reply.body);
+        assert_eq!(reply.error_name(), "ValidationException", "{name}");
+    }
+    for (name, body) in [
+        ("empty", &b""[..]),
+        ("not json", b"hello"),
+        ("truncated", b"{\"requestMetadata\":"),
+        ("array", b"[]"),
+        ("invalid utf-8", b"{\"plaintext\":\"\xff\xfe\"}"),
+    ] {
+        let reply = raw(&client, &encrypt, body).await;
+        assert_error(&reply, 400, "ValidationException");
+        let _ = name;
+    }
+    // Lengths the spec fixes are reported as invalid ciphertext.
+    for (name, field, value) in [
+        ("short tag", "authenticationTag", b64(&[0; 15])),
+        ("long tag", "authenticationTag", b64(&[0; 17])),
+        ("8-byte iv", "initializationVector", b64(&[0; 8])),
+        ("21-byte metadata", "ciphertextMetadata", b64(&[0; 21])),
+    ] {
+        let reply = client
+            .post(
+                Version::Http1,
+                &decrypt,
+                &with(dec.clone(), field, json!(value)),
+            )
+            .await;
+        assert_error(&reply, 400, "InvalidCiphertextException");
+        let _ = name;
+    }
+}
+
+#[tokio::test]
+async fn health_check_never_fails_validation() {
+    let proxy = Setup::new().start();
+    let client = proxy.client();
+    for body in [&b"{}"[..], b"not json", b""] {
+        let reply = raw(&client, &health_path(), body).await;
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        assert_eq!(reply.body["ekmFleetDetails"][0]["healthStatus"], "ACTIVE");
+    }
+}
+
+#[tokio::test]
+async fn oversized_bodies_get_a_json_error_and_the_proxy_keeps_serving() {
+    let proxy = Setup::new().start();
+    let client = proxy.client();
+    // 70 KB of AAD: over the 64 KiB body limit.
+    let big = encrypt_body(b"x", Some(&vec![1u8; 70_000]), false);
+    for version in [Version::Http1, Version::Http2] {
+        let reply = client
+            .post(version, &key_path("foo", "encrypt"), &big)
+            .await;
+        assert_error(&reply, 501, "UnsupportedOperationException");
+    }
+    // Chunked (no Content-Length): cut off at the limit while streaming.
+    let body = serde_json::to_string(&big).unwrap();
+    let (status, reply) = curl(
+        &proxy,
+        &key_path("foo", "encrypt"),
+        &body,
+        &["-H", "Transfer-Encoding: chunked"],
+    );
+    assert_eq!(
+        (status, reply["errorName"].as_str()),
+        (501, Some("UnsupportedOperationException"))
+    );
+    // Within the limit but longer than the AAD length prefix can say is not possible
+    // with the default limit; a 40 KB AAD is simply served.
+    let reply = client
+        .post(
+            Version::Http1,
+            &key_path("foo", "encrypt"),
+            &encrypt_body(b"x", Some(&vec![2u8; 40_000]), false),
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    let reply = client
+        .post(
+            Version::Http1,
+            &key_path("foo", "encrypt"),
+            &encrypt_body(b"ok", None, false),
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+}
+
+#[tokio::test]
+async fn logs_name_requests_but_never_plaintext_aad_or_secrets() {
+    let proxy = Setup::new().start();
+    let client = proxy.client();
+    let plaintext = b"PLAINTEXT-MARKER-7f3a";
+    let aad = b"AAD-MARKER-19cd";
+    let sealed = client
+        .post(
+            Version::Http1,
+            &key_path("foo", "encrypt"),
+            &encrypt_body(plaintext, Some(aad), true),
+        )
+        .await;
+    assert_eq!(sealed.status, 200);
+    let decrypted = client
+        .post(
+            Version::Http1,
+            &key_path("foo", "decrypt"),
+            &decrypt_body(&sealed.body, Some(aad)),
+        )
+        .await;
+    assert_eq!(decrypted.status, 200);
+    // Failures too: a corrupted decrypt and a body the parser rejects.
+    let mut bad = decrypt_body(&sealed.body, Some(aad));
+    bad["authenticationTag"] = json!(b64(&[0; 16]));
+    client
+        .post(Version::Http1, &key_path("foo", "decrypt"), &bad)
+        .await;
+    let mut wrong_type = encrypt_body(plaintext, Some(aad), false);
+    wrong_type["plaintext"] = json!([b64(plaintext)]);
+    client
+        .post(Version::Http1, &key_path("foo", "encrypt"), &wrong_type)
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let logs = proxy.logs();
+    assert!(
+        logs.contains("4112f4d6-db54-4af4-ae30-c55a22a8dfae"),
+        "kmsRequestId is logged"
+    );
+    let pin = std::fs::read_to_string(proxy.setup.path("hsm-pin")).unwrap();
+    for secret in [
+        String::from_utf8_lossy(plaintext).into_owned(),
+        b64(plaintext),
+        String::from_utf8_lossy(aad).into_owned(),
+        b64(aad),
+        sealed.body["ciphertext"].as_str().unwrap().to_owned(),
+        proxy.setup.secret.clone(),
+        pin.trim().to_owned(),
+    ] {
+        assert!(!logs.contains(&secret), "log contains {secret:?}");
+    }
+}
+
+#[tokio::test]
+async fn sigterm_stops_with_exit_code_zero() {
+    let proxy = Setup::new().start();
+    let reply = proxy
+        .client()
+        .post(
+            Version::Http1,
+            &health_path(),
+            &json!({"requestMetadata": {"kmsRequestId": "x", "kmsOperation": "KmsHealthCheck"}}),
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    assert!(proxy.terminate().success());
+}
