@@ -362,14 +362,22 @@ async fn malformed_requests_are_validation_errors() {
 }
 
 #[tokio::test]
-async fn health_check_never_fails_validation() {
+async fn health_check_requires_its_metadata() {
     let proxy = Setup::new().start();
     let client = proxy.client();
-    for body in [&b"{}"[..], b"not json", b""] {
+    for body in [
+        &b"{}"[..],
+        br#"{"requestMetadata":{}}"#,
+        br#"{"requestMetadata":{"kmsOperation":"KmsHealthCheck"}}"#,
+        b"not json",
+        b"",
+    ] {
         let reply = raw(&client, &health_path(), body).await;
-        assert_eq!(reply.status, 200, "{:?}", reply.body);
-        assert_eq!(reply.body["ekmFleetDetails"][0]["healthStatus"], "ACTIVE");
+        assert_error(&reply, 400, "ValidationException");
     }
+    let body = br#"{"requestMetadata":{"kmsRequestId":"x","kmsOperation":"SomeFutureOperation"}}"#;
+    let reply = raw(&client, &health_path(), body).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
 }
 
 #[tokio::test]
@@ -482,4 +490,24 @@ async fn sigterm_stops_with_exit_code_zero() {
         .await;
     assert_eq!(reply.status, 200);
     assert!(proxy.terminate().success());
+}
+
+/// Routing errors are answered after the body is read: a 404 that overtakes the upload
+/// makes HTTP/2 reset the stream and curl then loses the response.
+#[tokio::test]
+async fn early_errors_reach_curl_over_http2_with_a_body() {
+    let proxy = Setup::new().start();
+    let body =
+        serde_json::to_string(&encrypt_body(&[7u8; 4000], Some(&[9u8; 8000]), false)).unwrap();
+    for _ in 0..10 {
+        for version in ["--http2", "--http1.1"] {
+            let path = "/example/uri/path/prefix/invalid/kms/xks/v1/keys/foo/encrypt";
+            let (status, reply) = curl(&proxy, path, &body, &[version]);
+            assert_eq!(
+                (status, reply["errorName"].as_str()),
+                (404, Some("InvalidUriPathException")),
+                "{version}"
+            );
+        }
+    }
 }

@@ -59,6 +59,11 @@ pub async fn serve_request(app: Arc<App>, request: Request<Incoming>) -> Respons
         Ok(route) => route,
         Err(error) => {
             tracing::info!(method = %request.method(), path = %sanitize(&path), error = %error.name(), "request rejected by routing");
+            // Read (at most the limit of) the body before answering: a response that
+            // overtakes the upload makes HTTP/2 reset the stream, and clients such as
+            // curl then drop the response.
+            let (parts, body) = request.into_parts();
+            let _ = read_body(body, &parts.headers, app.max_body_bytes).await;
             return error_response(&error);
         }
     };

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::aad::{cdiv, hsm_aad};
-use super::error::XksError;
+use super::error::{ErrorName, XksError};
 use super::request::{
     base64, check_algorithm, optional_base64, parse_json, required_base64, Audit, RequestMetadata,
     Required,
@@ -80,31 +80,36 @@ pub(crate) async fn encrypt(
     let expected = want_cdiv.then(|| plaintext.clone());
     let sealed = backend.encrypt(key_id, plaintext, hsm_aad.clone()).await?;
 
-    let integrity_value = if let Some(expected) = expected {
-        // spec Appendix C: compute the CDIV first, then prove the output decrypts, so a
-        // corruption after this point cannot be covered by a matching CDIV.
-        let value = cdiv(
-            &aad,
-            metadata_bytes,
-            &sealed.iv,
-            &sealed.ciphertext,
-            &sealed.tag,
-        );
-        match backend.decrypt(key_id, sealed.clone(), hsm_aad).await {
-            Ok(decrypted) if decrypted.as_slice() == expected.as_slice() => {}
-            Ok(_) => return Err(XksError::internal("encrypt self-check failed")),
-            // An encrypt-only key cannot take part in the check; the HSM's own answer
-            // is all there is to vouch for.
-            Err(HsmError::UsageNotPermitted(_)) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "decrypt of fresh ciphertext failed");
-                return Err(XksError::internal("encrypt self-check failed"));
+    let integrity_value =
+        if let Some(expected) = expected {
+            // spec Appendix C: compute the CDIV first, then prove the output decrypts, so a
+            // corruption after this point cannot be covered by a matching CDIV.
+            let value = cdiv(
+                &aad,
+                metadata_bytes,
+                &sealed.iv,
+                &sealed.ciphertext,
+                &sealed.tag,
+            );
+            match backend.decrypt(key_id, sealed.clone(), hsm_aad).await {
+                Ok(decrypted) if decrypted.as_slice() == expected.as_slice() => {}
+                Ok(_) => return Err(XksError::internal("encrypt self-check failed")),
+                // A CDIV promises that the ciphertext decrypts; an encrypt-only key cannot
+                // prove that, so it cannot give one (the public XKS test client expects
+                // InvalidKeyUsageException here).
+                Err(HsmError::UsageNotPermitted(_)) => return Err(XksError::new(
+                    ErrorName::InvalidKeyUsage,
+                    "ciphertextDataIntegrityValueAlgorithm needs a key that also allows DECRYPT",
+                )),
+                Err(e) => {
+                    tracing::error!(error = %e, "decrypt of fresh ciphertext failed");
+                    return Err(XksError::internal("encrypt self-check failed"));
+                }
             }
-        }
-        Some(base64(&value))
-    } else {
-        None
-    };
+            Some(base64(&value))
+        } else {
+            None
+        };
 
     let response = EncryptResponse {
         ciphertext: base64(&sealed.ciphertext),

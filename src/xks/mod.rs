@@ -126,7 +126,7 @@ impl Handler {
         };
         let result = match operation {
             ApiOperation::GetHealthStatus => {
-                Ok(health::get_health_status(backend, &self.health, body, &mut audit).await)
+                health::get_health_status(backend, &self.health, body, &mut audit).await
             }
             ApiOperation::GetKeyMetadata => {
                 metadata::get_key_metadata(backend, key, body, &mut audit).await
