@@ -88,7 +88,8 @@ enum KeysCommand {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Disable a key (sets CKA_END_DATE in the past): GetKeyMetadata reports DISABLED.
+    /// Disable a key (creates its disabled marker): GetKeyMetadata reports DISABLED and
+    /// Encrypt/Decrypt answer InvalidStateException.
     Disable {
         /// Configuration file.
         #[arg(long, short)]
@@ -96,13 +97,25 @@ enum KeysCommand {
         /// External key id.
         id: String,
     },
-    /// Enable a key (clears CKA_START_DATE and CKA_END_DATE).
+    /// Enable a key (removes its disabled marker).
     Enable {
         /// Configuration file.
         #[arg(long, short)]
         config: PathBuf,
         /// External key id.
         id: String,
+    },
+    /// Destroy a key's material on the token. Irreversible: every ciphertext made under
+    /// it becomes undecryptable.
+    Destroy {
+        /// Configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// External key id.
+        id: String,
+        /// Required: confirms that the key material is to be destroyed.
+        #[arg(long, required = true)]
+        confirm_destroy: bool,
     },
 }
 
@@ -195,7 +208,8 @@ fn keys(action: KeysCommand) -> Result<(), Error> {
         KeysCommand::Create { config, .. }
         | KeysCommand::List { config }
         | KeysCommand::Disable { config, .. }
-        | KeysCommand::Enable { config, .. } => config,
+        | KeysCommand::Enable { config, .. }
+        | KeysCommand::Destroy { config, .. } => config,
     };
     let config = Config::load(config_path)?;
     apply_environment(&config.environment);
@@ -258,6 +272,10 @@ fn keys(action: KeysCommand) -> Result<(), Error> {
         KeysCommand::Enable { id, .. } => {
             pkcs11::set_key_enabled(&session, &id, true)?;
             println!("enabled {id}");
+        }
+        KeysCommand::Destroy { id, .. } => {
+            pkcs11::destroy_key(&session, &id)?;
+            println!("destroyed {id}");
         }
     }
     Ok(())

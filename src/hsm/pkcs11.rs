@@ -731,6 +731,32 @@ pub fn create_key(session: &Session, key_id: &str, usage: NewKeyUsage) -> Result
     Ok(())
 }
 
+/// Destroys the key labelled `key_id` and its disabled marker.
+pub fn destroy_key(session: &Session, key_id: &str) -> Result<(), HsmError> {
+    let keys = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Label(key_id.as_bytes().to_vec()),
+        ])
+        .map_err(ck("C_FindObjects"))?;
+    match keys.as_slice() {
+        [key] => session
+            .destroy_object(*key)
+            .map_err(ck("C_DestroyObject"))?,
+        [] => return Err(HsmError::KeyNotFound),
+        _ => return Err(HsmError::AmbiguousKey),
+    }
+    for marker in session
+        .find_objects(&marker_template(key_id))
+        .map_err(ck("C_FindObjects"))?
+    {
+        session
+            .destroy_object(marker)
+            .map_err(ck("C_DestroyObject"))?;
+    }
+    Ok(())
+}
+
 /// Lists secret keys on the token by label with their metadata.
 pub fn list_keys(session: &Session) -> Result<Vec<(String, KeyMetadata)>, HsmError> {
     let handles = session

@@ -1,0 +1,266 @@
+//! Operator tooling end to end: `keys`, `quickstart` serving with its test-client.env,
+//! token selection and PIN sources, and key changes under a running proxy.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use common::*;
+use serde_json::json;
+
+fn stdout(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "command failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+#[test]
+fn keys_create_list_disable_enable_destroy() {
+    let setup = Setup::new();
+    stdout(&setup.keys(&["create", "both.key-1"]));
+    stdout(&setup.keys(&["create", "enc", "--encrypt-only"]));
+    stdout(&setup.keys(&["create", "dec", "--decrypt-only"]));
+    stdout(&setup.keys(&["create", "none", "--no-usage"]));
+    let listing = stdout(&setup.keys(&["list"]));
+    for line in [
+        "both.key-1\tAES_256\tENABLED\tENCRYPT,DECRYPT",
+        "enc\tAES_256\tENABLED\tENCRYPT",
+        "dec\tAES_256\tENABLED\tDECRYPT",
+        "none\tAES_256\tENABLED\t",
+        "foo\tAES_256\tENABLED\tENCRYPT,DECRYPT",
+    ] {
+        assert!(
+            listing.lines().any(|l| l == line),
+            "{line:?} not in\n{listing}"
+        );
+    }
+    // Labels are unique: a second key with the same id would make the id ambiguous.
+    let again = setup.keys(&["create", "enc"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists already"));
+    let invalid = setup.keys(&["create", "bad/id"]);
+    assert!(!invalid.status.success());
+
+    stdout(&setup.keys(&["disable", "enc"]));
+    stdout(&setup.keys(&["disable", "enc"])); // idempotent
+    assert!(stdout(&setup.keys(&["list"])).contains("enc\tAES_256\tDISABLED\tENCRYPT"));
+    stdout(&setup.keys(&["enable", "enc"]));
+    assert!(stdout(&setup.keys(&["list"])).contains("enc\tAES_256\tENABLED\tENCRYPT"));
+
+    let unconfirmed = setup.keys(&["destroy", "none"]);
+    assert!(
+        !unconfirmed.status.success(),
+        "destroy needs --confirm-destroy"
+    );
+    stdout(&setup.keys(&["destroy", "none", "--confirm-destroy"]));
+    assert!(!stdout(&setup.keys(&["list"])).contains("none\t"));
+    assert!(!setup.keys(&["disable", "none"]).status.success(), "gone");
+}
+
+#[tokio::test]
+async fn a_key_replaced_in_the_hsm_is_looked_up_again() {
+    let proxy = Setup::new().start();
+    let client = proxy.client();
+    let body = encrypt_body(b"before", None, false);
+    let old = client
+        .post(Version::Http1, &key_path("foo", "encrypt"), &body)
+        .await;
+    assert_eq!(old.status, 200);
+    // Replace the key behind the proxy's cached handle.
+    stdout(&proxy.setup.keys(&["destroy", "foo", "--confirm-destroy"]));
+    stdout(&proxy.setup.keys(&["create", "foo"]));
+    let new = client
+        .post(Version::Http1, &key_path("foo", "encrypt"), &body)
+        .await;
+    assert_eq!(new.status, 200, "stale handle re-resolved: {:?}", new.body);
+    let round_trip = client
+        .post(
+            Version::Http1,
+            &key_path("foo", "decrypt"),
+            &decrypt_body(&new.body, None),
+        )
+        .await;
+    assert_eq!(unb64(&round_trip.body["plaintext"]), b"before");
+    // The old ciphertext was made under destroyed material.
+    let lost = client
+        .post(
+            Version::Http1,
+            &key_path("foo", "decrypt"),
+            &decrypt_body(&old.body, None),
+        )
+        .await;
+    assert_eq!(lost.error_name(), "InvalidCiphertextException");
+}
+
+/// The token's serial number, as SoftHSM2's own tool reports it.
+fn token_serial(setup: &Setup) -> String {
+    let out = Command::new("softhsm2-util")
+        .arg("--show-slots")
+        .env("SOFTHSM2_CONF", setup.path("softhsm2.conf"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut serial = None;
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(value) = line.strip_prefix("Serial number:") {
+            serial = Some(value.trim().to_owned());
+        }
+        if line.starts_with("Label:") && line.contains("xks-quickstart") {
+            return serial.unwrap();
+        }
+    }
+    panic!("no xks-quickstart token in\n{text}");
+}
+
+#[tokio::test]
+async fn token_by_serial_and_pin_from_the_environment() {
+    let setup = Setup::new();
+    let pin = std::fs::read_to_string(setup.path("hsm-pin")).unwrap();
+    let serial = token_serial(&setup);
+    setup.edit_config(
+        "token_label = \"xks-quickstart\"",
+        &format!("token_serial = \"{serial}\""),
+    );
+    setup.edit_config("pin_file = \"hsm-pin\"", "pin_env = \"XKS_TEST_PIN\"");
+    std::fs::remove_file(setup.path("hsm-pin")).unwrap();
+    let proxy = Proxy::start(setup, &[("XKS_TEST_PIN", pin.trim())]);
+    let health = proxy
+        .client()
+        .post(
+            Version::Http1,
+            &health_path(),
+            &json!({"requestMetadata": {"kmsRequestId": "s", "kmsOperation": "KmsHealthCheck"}}),
+        )
+        .await;
+    assert_eq!(health.body["ekmFleetDetails"][0]["id"], serial.as_str());
+    let reply = proxy
+        .client()
+        .post(
+            Version::Http1,
+            &key_path("foo", "encrypt"),
+            &encrypt_body(b"x", None, false),
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+}
+
+#[test]
+fn startup_failures_are_explained() {
+    let setup = Setup::new();
+    let serve = |env: &[(&str, &str)]| {
+        let mut command = Command::new(BIN);
+        command.arg("serve").arg("--config").arg(setup.config());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let out = command.output().unwrap();
+        assert!(!out.status.success());
+        String::from_utf8(out.stderr).unwrap()
+    };
+    setup.edit_config("pin_file = \"hsm-pin\"", "pin_env = \"XKS_TEST_PIN\"");
+    assert!(serve(&[]).contains("hsm.pin_env: environment variable XKS_TEST_PIN is not set"));
+    let stderr = serve(&[("XKS_TEST_PIN", "wrong-pin")]);
+    assert!(stderr.contains("token PIN is incorrect"), "{stderr}");
+    assert!(
+        !stderr.contains("wrong-pin"),
+        "the PIN must not be echoed: {stderr}"
+    );
+    setup.edit_config(
+        "token_label = \"xks-quickstart\"",
+        "token_label = \"no-such-token\"",
+    );
+    let stderr = serve(&[("XKS_TEST_PIN", "x")]);
+    assert!(
+        stderr.contains("no initialized token with label \"no-such-token\""),
+        "{stderr}"
+    );
+}
+
+/// The README's quickstart: serves at once, and its test-client.env drives curl the
+/// way the public XKS test client does.
+#[test]
+fn quickstart_serves_and_its_test_client_env_works() {
+    let dir = tempfile::tempdir().unwrap();
+    // A free port (the quickstart writes it into test-client.env).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(BIN)
+        .args([
+            "quickstart",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--dir",
+        ])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let printed: Vec<String> = lines
+        .by_ref()
+        .map(|l| l.unwrap())
+        .take_while(|l| !l.starts_with("xks-proxy listening on"))
+        .collect();
+    let printed = printed.join("\n");
+    assert!(printed.contains("curl --cacert"), "{printed}");
+
+    let script = r#"set -a; . "$1/test-client.env"; set +a
+        curl -sS $SECURE --aws-sigv4 "aws:amz:us-east-1:kms-xks-proxy" \
+          --user "$SIGV4_ACCESS_KEY_ID:$SIGV4_SECRET_ACCESS_KEY" -H "Content-Type:application/json" \
+          --data-binary '{"requestMetadata":{"kmsRequestId":"q","kmsOperation":"KmsHealthCheck"}}' \
+          "https://$XKS_PROXY_HOST/$URI_PREFIX/kms/xks/v1/health""#;
+    let out = Command::new("bash")
+        .args(["-c", script, "bash"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(body["ekmFleetDetails"][0]["healthStatus"], "ACTIVE");
+
+    let console: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("kms-console.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        console["XksProxyUriPath"],
+        "/example/uri/path/prefix/kms/xks/v1"
+    );
+    let akid = console["XksProxyAuthenticationCredential"]["AccessKeyId"]
+        .as_str()
+        .unwrap();
+    let secret = console["XksProxyAuthenticationCredential"]["RawSecretAccessKey"]
+        .as_str()
+        .unwrap();
+    assert!(xks_proxy::config::is_valid_access_key_id(akid));
+    assert!(xks_proxy::config::is_valid_secret(secret));
+    use std::os::unix::fs::PermissionsExt;
+    for secret_file in [
+        "hsm-pin",
+        "hsm-so-pin",
+        "sigv4-secret",
+        "server-key.pem",
+        "ca-key.pem",
+        "kms-console.json",
+        "test-client.env",
+    ] {
+        let mode = std::fs::metadata(dir.path().join(secret_file))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{secret_file} is readable by others");
+    }
+}
