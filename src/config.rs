@@ -67,6 +67,17 @@ pub struct FileConfig {
     /// Key stores served by this proxy (one per URI path prefix).
     #[serde(rename = "key_store")]
     pub key_stores: Vec<KeyStoreSection>,
+    /// The plain-HTTP admin listener (metrics, probes).
+    pub admin: Option<AdminSection>,
+}
+
+/// `[admin]`: a second listener, plain HTTP, for Prometheus and load balancer probes.
+/// Bind it to a management interface: it is not authenticated.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Address, e.g. `127.0.0.1:9090`.
+    pub listen: SocketAddr,
 }
 
 /// `[server]`
@@ -86,10 +97,63 @@ pub struct ServerSection {
     /// Offer HTTP/2 through ALPN (HTTP/1.1 is always offered).
     #[serde(default = "yes")]
     pub http2: bool,
+    /// Server-side deadline of every request, from the request's arrival, in ms. KMS
+    /// gives a call 250 ms in all, and a new connection spends about three round trips
+    /// (TCP, TLS, request) of up to 35 ms each before the proxy sees the request and
+    /// one more for the answer: 250 − 4 × 35 = 110 ms are left, so 100 ms.
+    #[serde(default = "default_deadline_ms")]
+    pub request_deadline_ms: u64,
+    /// Open client connections at most; beyond that, new ones wait in the kernel's
+    /// backlog until one closes.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Seconds a client has to complete the TLS handshake.
+    #[serde(default = "ten")]
+    pub handshake_timeout_seconds: u64,
+    /// Seconds an HTTP/1.1 client has to send a request's headers (slowloris).
+    #[serde(default = "ten")]
+    pub header_read_timeout_seconds: u64,
+    /// A connection with no request in flight for this long is closed. KMS keeps
+    /// connections to reuse them, so this is long.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_seconds: u64,
+    /// HTTP/2 streams one connection may have open at once.
+    #[serde(default = "default_h2_streams")]
+    pub http2_max_concurrent_streams: u32,
+    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
+    #[serde(default = "ten")]
+    pub shutdown_grace_seconds: u64,
+    /// Seconds between INFO summary lines (p50/p99/p99.9 per operation); 0 turns them off.
+    #[serde(default = "default_summary_interval")]
+    pub summary_interval_seconds: u64,
 }
 
 fn default_max_body() -> usize {
     64 * 1024
+}
+
+fn default_deadline_ms() -> u64 {
+    100
+}
+
+fn default_max_connections() -> usize {
+    4096
+}
+
+fn ten() -> u64 {
+    10
+}
+
+fn default_idle_timeout() -> u64 {
+    300
+}
+
+fn default_h2_streams() -> u32 {
+    256
+}
+
+fn default_summary_interval() -> u64 {
+    60
 }
 
 fn yes() -> bool {
@@ -137,13 +201,16 @@ pub enum BackendKind {
     Pkcs11,
     /// In-process AES-GCM with keys in memory: benchmarks only, never production.
     Software,
+    /// The software keys behind the session pool with a modelled HSM service time:
+    /// backpressure tests and capacity planning, never production.
+    Simulated,
 }
 
 /// `[hsm]`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HsmSection {
-    /// `pkcs11` (default) or `software`.
+    /// `pkcs11` (default), `software` or `simulated`.
     #[serde(default)]
     pub backend: BackendKind,
     /// Path of the PKCS#11 module.
@@ -172,12 +239,74 @@ pub struct HsmSection {
     /// HSM is noticed).
     #[serde(default = "default_key_refresh")]
     pub key_refresh_seconds: u64,
+    /// Milliseconds one HSM call may take before its request answers 503
+    /// DependencyTimeoutException (never later than the request's deadline). The
+    /// session stays out of the pool until the call returns.
+    #[serde(default = "default_call_timeout_ms")]
+    pub call_timeout_ms: u64,
+    /// A key used only by the health monitor's encrypt+decrypt (never a KMS key: it
+    /// must not be in any key store). Without one, the monitor only checks that a
+    /// session answers.
+    pub health_check_key: Option<String>,
+    /// Seconds between health checks (GetHealthStatus answers the last result; a result
+    /// older than 60 s is reported UNAVAILABLE).
+    #[serde(default = "default_health_interval")]
+    pub health_check_interval_seconds: u64,
     /// Environment variables set before the module loads (e.g. SOFTHSM2_CONF).
     #[serde(default)]
     pub environment: BTreeMap<String, String>,
-    /// Keys of the software backend.
+    /// Keys of the software and simulated backends.
     #[serde(default, rename = "software_key")]
     pub software_keys: Vec<SoftwareKeySection>,
+    /// The simulated HSM's service time.
+    pub simulated: Option<SimulatedSection>,
+}
+
+fn default_call_timeout_ms() -> u64 {
+    100
+}
+
+fn default_health_interval() -> u64 {
+    10
+}
+
+/// `[hsm.simulated]`: the service time of the simulated HSM (its parallelism is
+/// `hsm.sessions`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulatedSection {
+    /// `fixed`, `normal` or `lognormal`.
+    pub distribution: Distribution,
+    /// Mean service time in milliseconds.
+    pub mean_ms: f64,
+    /// Standard deviation in milliseconds (normal and lognormal).
+    #[serde(default)]
+    pub stddev_ms: f64,
+    /// Keys with a service time of their own (a slow or hung key).
+    #[serde(default)]
+    pub key_latency: Vec<KeyLatencySection>,
+}
+
+/// A service-time distribution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Distribution {
+    /// Always the mean.
+    Fixed,
+    /// Normal.
+    Normal,
+    /// Lognormal.
+    Lognormal,
+}
+
+/// `[[hsm.simulated.key_latency]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyLatencySection {
+    /// External key id.
+    pub id: String,
+    /// Its fixed service time in milliseconds.
+    pub latency_ms: u64,
 }
 
 fn default_sessions() -> usize {
@@ -226,6 +355,11 @@ pub struct KeyStoreSection {
     /// SigV4 credentials; two at once during rotation.
     #[serde(rename = "credential")]
     pub credentials: Vec<CredentialSection>,
+    /// Authenticated requests per second this key store may make (spec: independent
+    /// request quotas on each path prefix); beyond it, 429 ThrottlingException.
+    pub max_requests_per_second: Option<f64>,
+    /// Requests allowed in a burst above the rate (default: one second's worth).
+    pub burst: Option<f64>,
 }
 
 /// `[[key_store.credential]]`
@@ -263,6 +397,42 @@ pub struct Config {
     pub environment: BTreeMap<String, String>,
     /// Key stores.
     pub key_stores: Vec<KeyStoreConfig>,
+    /// Deadlines, timeouts and connection limits.
+    pub limits: Limits,
+    /// The health monitor.
+    pub health: HealthSettings,
+    /// The admin listener, if any.
+    pub admin_listen: Option<SocketAddr>,
+}
+
+/// Deadlines, timeouts and connection limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Server-side deadline of every request.
+    pub request_deadline: Duration,
+    /// Open connections at most.
+    pub max_connections: usize,
+    /// TLS handshake timeout.
+    pub handshake_timeout: Duration,
+    /// HTTP/1.1 header read timeout.
+    pub header_read_timeout: Duration,
+    /// Idle connection timeout.
+    pub idle_timeout: Duration,
+    /// HTTP/2 concurrent streams per connection.
+    pub http2_max_concurrent_streams: u32,
+    /// Drain time at shutdown.
+    pub shutdown_grace: Duration,
+    /// Summary log interval (`None`: off).
+    pub summary_interval: Option<Duration>,
+}
+
+/// The health monitor's settings.
+#[derive(Debug, Clone)]
+pub struct HealthSettings {
+    /// The health-check key.
+    pub key: Option<String>,
+    /// Time between checks.
+    pub interval: Duration,
 }
 
 /// The validated backend choice.
@@ -272,6 +442,8 @@ pub enum BackendConfig {
     Pkcs11(Pkcs11Settings),
     /// Software keys.
     Software(Vec<crate::hsm::software::SoftwareKeySpec>),
+    /// The simulated HSM.
+    Simulated(crate::hsm::simulated::SimulatedSettings),
 }
 
 /// A validated key store.
@@ -287,6 +459,8 @@ pub struct KeyStoreConfig {
     pub keys: Vec<String>,
     /// Credentials.
     pub credentials: Vec<crate::auth::Credential>,
+    /// Request quota: (requests per second, burst).
+    pub quota: Option<(f64, f64)>,
 }
 
 impl Config {
@@ -316,10 +490,36 @@ impl Config {
         if file.proxy.fleet_size == 0 {
             return Err(invalid("proxy.fleet_size", "must be greater than zero"));
         }
+        let limits = limits(&file.server)?;
+        if file.hsm.call_timeout_ms == 0 {
+            return Err(invalid("hsm.call_timeout_ms", "must be greater than zero"));
+        }
         let backend = match file.hsm.backend {
             BackendKind::Pkcs11 => BackendConfig::Pkcs11(pkcs11_settings(&file.hsm, base)?),
             BackendKind::Software => BackendConfig::Software(software_keys(&file.hsm)?),
+            BackendKind::Simulated => BackendConfig::Simulated(simulated(&file.hsm)?),
         };
+        let health = HealthSettings {
+            key: file.hsm.health_check_key.clone(),
+            interval: Duration::from_secs(file.hsm.health_check_interval_seconds),
+        };
+        if !(1..=30).contains(&file.hsm.health_check_interval_seconds) {
+            return Err(invalid(
+                "hsm.health_check_interval_seconds",
+                "must be between 1 and 30 (a cached health result may not be older than a minute)",
+            ));
+        }
+        if let Some(key) = &health.key {
+            if !is_valid_key_id(key) {
+                return Err(invalid("hsm.health_check_key", KEY_ID_RULE));
+            }
+            if file.key_stores.iter().any(|s| s.keys.contains(key)) {
+                return Err(invalid(
+                    "hsm.health_check_key",
+                    "must not be a key of any key store: the spec forbids health checks on keys KMS uses",
+                ));
+            }
+        }
         if file.key_stores.is_empty() {
             return Err(invalid(
                 "key_store",
@@ -340,8 +540,112 @@ impl Config {
             backend,
             environment: file.hsm.environment,
             key_stores,
+            limits,
+            health,
+            admin_listen: file.admin.map(|a| a.listen),
         })
     }
+}
+
+fn limits(server: &ServerSection) -> Result<Limits, ConfigError> {
+    if !(1..=60_000).contains(&server.request_deadline_ms) {
+        return Err(invalid(
+            "server.request_deadline_ms",
+            "must be between 1 and 60000 (KMS itself waits 250 ms)",
+        ));
+    }
+    if server.request_deadline_ms > 250 {
+        tracing::warn!(
+            deadline_ms = server.request_deadline_ms,
+            "server.request_deadline_ms exceeds KMS's 250 ms timeout: KMS gives up before the proxy does"
+        );
+    }
+    if server.max_connections == 0 {
+        return Err(invalid("server.max_connections", "must be at least 1"));
+    }
+    if server.http2_max_concurrent_streams == 0 {
+        return Err(invalid(
+            "server.http2_max_concurrent_streams",
+            "must be at least 1",
+        ));
+    }
+    for (field, value) in [
+        (
+            "server.handshake_timeout_seconds",
+            server.handshake_timeout_seconds,
+        ),
+        (
+            "server.header_read_timeout_seconds",
+            server.header_read_timeout_seconds,
+        ),
+        ("server.idle_timeout_seconds", server.idle_timeout_seconds),
+    ] {
+        if value == 0 {
+            return Err(invalid(field, "must be at least 1"));
+        }
+    }
+    Ok(Limits {
+        request_deadline: Duration::from_millis(server.request_deadline_ms),
+        max_connections: server.max_connections,
+        handshake_timeout: Duration::from_secs(server.handshake_timeout_seconds),
+        header_read_timeout: Duration::from_secs(server.header_read_timeout_seconds),
+        idle_timeout: Duration::from_secs(server.idle_timeout_seconds),
+        http2_max_concurrent_streams: server.http2_max_concurrent_streams,
+        shutdown_grace: Duration::from_secs(server.shutdown_grace_seconds),
+        summary_interval: (server.summary_interval_seconds > 0)
+            .then(|| Duration::from_secs(server.summary_interval_seconds)),
+    })
+}
+
+fn simulated(hsm: &HsmSection) -> Result<crate::hsm::simulated::SimulatedSettings, ConfigError> {
+    use crate::hsm::simulated::{Latency, SimulatedSettings};
+    let section = hsm.simulated.as_ref().ok_or_else(|| {
+        invalid(
+            "hsm.simulated",
+            "the simulated backend needs [hsm.simulated] with distribution and mean_ms",
+        )
+    })?;
+    let ms = |v: f64, field: &str| {
+        if v.is_finite() && (0.0..=3_600_000.0).contains(&v) {
+            Ok(Duration::from_secs_f64(v / 1000.0))
+        } else {
+            Err(invalid(
+                format!("hsm.simulated.{field}"),
+                "milliseconds between 0 and 3600000",
+            ))
+        }
+    };
+    let mean = ms(section.mean_ms, "mean_ms")?;
+    let stddev = ms(section.stddev_ms, "stddev_ms")?;
+    let latency = match section.distribution {
+        Distribution::Fixed => Latency::Fixed(mean),
+        Distribution::Normal => Latency::Normal { mean, stddev },
+        Distribution::Lognormal if mean.is_zero() => {
+            return Err(invalid(
+                "hsm.simulated.mean_ms",
+                "a lognormal distribution needs a mean above zero",
+            ))
+        }
+        Distribution::Lognormal => Latency::LogNormal { mean, stddev },
+    };
+    if hsm.sessions == 0 || hsm.sessions > 4096 {
+        return Err(invalid("hsm.sessions", "must be between 1 and 4096"));
+    }
+    if hsm.queue_depth == 0 {
+        return Err(invalid("hsm.queue_depth", "must be at least 1"));
+    }
+    Ok(SimulatedSettings {
+        parallelism: hsm.sessions,
+        queue_depth: hsm.queue_depth,
+        call_timeout: Duration::from_millis(hsm.call_timeout_ms),
+        latency,
+        key_latency: section
+            .key_latency
+            .iter()
+            .map(|k| (k.id.clone(), Duration::from_millis(k.latency_ms)))
+            .collect(),
+        keys: software_keys(hsm)?,
+    })
 }
 
 fn pkcs11_settings(hsm: &HsmSection, base: &Path) -> Result<Pkcs11Settings, ConfigError> {
@@ -381,13 +685,16 @@ fn pkcs11_settings(hsm: &HsmSection, base: &Path) -> Result<Pkcs11Settings, Conf
         queue_depth: hsm.queue_depth,
         iv_source: hsm.iv_source,
         key_refresh: Duration::from_secs(hsm.key_refresh_seconds),
+        call_timeout: Duration::from_millis(hsm.call_timeout_ms),
     })
 }
 
 fn software_keys(
     hsm: &HsmSection,
 ) -> Result<Vec<crate::hsm::software::SoftwareKeySpec>, ConfigError> {
-    tracing::warn!("the software backend keeps keys in process memory: not for production");
+    tracing::warn!(
+        "the software and simulated backends keep keys in process memory: not for production"
+    );
     hsm.software_keys
         .iter()
         .enumerate()
@@ -507,12 +814,35 @@ fn key_store(store: KeyStoreSection, i: usize, base: &Path) -> Result<KeyStoreCo
             secret,
         ));
     }
+    let quota = match (store.max_requests_per_second, store.burst) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(invalid(
+                format!("{field}.burst"),
+                "only meaningful with max_requests_per_second",
+            ))
+        }
+        (Some(rate), burst) => {
+            let burst = burst.unwrap_or(rate);
+            if !(rate.is_finite() && rate > 0.0) {
+                return Err(invalid(
+                    format!("{field}.max_requests_per_second"),
+                    "must be a number above zero",
+                ));
+            }
+            if !(burst.is_finite() && burst >= 1.0) {
+                return Err(invalid(format!("{field}.burst"), "must be at least 1"));
+            }
+            Some((rate, burst))
+        }
+    };
     Ok(KeyStoreConfig {
         name: store.name,
         uri_prefix,
         region: store.region,
         keys: store.keys,
         credentials,
+        quota,
     })
 }
 
@@ -636,6 +966,61 @@ secret_access_key = "0123456789012345678901234567890123456789abc"
                 GOOD.replace("pin = \"1234\"", "pin = \"1\"\npin_env = \"X\""),
                 "hsm.pin",
             ),
+        ];
+        for (text, field) in cases {
+            let message = load(&text).unwrap_err().to_string();
+            assert!(message.starts_with(field), "{message} should name {field}");
+        }
+    }
+
+    #[test]
+    fn budget_health_and_quota_settings_are_validated() {
+        let c = load(GOOD).unwrap();
+        assert_eq!(c.limits.request_deadline, Duration::from_millis(100));
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.key_stores[0].quota, None);
+        let with = |server: &str, hsm: &str, store: &str| {
+            GOOD.replace("[server]\n", &format!("[server]\n{server}\n"))
+                .replace("[hsm]\n", &format!("[hsm]\n{hsm}\n"))
+                .replace(
+                    "keys = [\"foo\"]\n",
+                    &format!("keys = [\"foo\"]\n{store}\n"),
+                )
+        };
+        let c = load(&with("", "", "max_requests_per_second = 50.0")).unwrap();
+        assert_eq!(c.key_stores[0].quota, Some((50.0, 50.0)));
+        let cases = [
+            (
+                with("request_deadline_ms = 0", "", ""),
+                "server.request_deadline_ms",
+            ),
+            (
+                with("max_connections = 0", "", ""),
+                "server.max_connections",
+            ),
+            (
+                with("idle_timeout_seconds = 0", "", ""),
+                "server.idle_timeout_seconds",
+            ),
+            (with("", "call_timeout_ms = 0", ""), "hsm.call_timeout_ms"),
+            (
+                with("", "health_check_key = \"foo\"", ""),
+                "hsm.health_check_key",
+            ),
+            (
+                with("", "health_check_interval_seconds = 90", ""),
+                "hsm.health_check_interval_seconds",
+            ),
+            (with("", "", "burst = 5.0"), "key_store[0].burst"),
+            (
+                with("", "", "max_requests_per_second = -1.0"),
+                "key_store[0].max_requests_per_second",
+            ),
+            (
+                with("", "", "max_requests_per_second = 10.0\nburst = 0.5"),
+                "key_store[0].burst",
+            ),
+            (with("", "backend = \"simulated\"", ""), "hsm.simulated"),
         ];
         for (text, field) in cases {
             let message = load(&text).unwrap_err().to_string();

@@ -12,6 +12,9 @@
 //!   and the error model ([`xks::XksError`], one variant per spec error name).
 //! - [`hsm`]: the backend. [`hsm::pkcs11`] runs a bounded pool of logged-in sessions
 //!   on dedicated threads; [`hsm::software`] is an in-process stand-in for benchmarks.
+//! - [`health`]: the background deep health check that GetHealthStatus and the
+//!   readiness probe read.
+//! - [`metrics`]: latency histograms (sharded hdrhistograms), counters, Prometheus text.
 //! - [`config`]: the TOML configuration and its validation.
 //! - [`quickstart`]: a local SoftHSM2 token, keys, credentials, certificates and config
 //!   in one command.
@@ -24,7 +27,9 @@
 
 pub mod auth;
 pub mod config;
+pub mod health;
 pub mod hsm;
+pub mod metrics;
 pub mod quickstart;
 pub mod router;
 pub mod server;

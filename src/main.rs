@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -11,6 +12,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use xks_proxy::config::{BackendConfig, Config};
 use xks_proxy::hsm::pkcs11::{self, NewKeyUsage};
+use xks_proxy::metrics::Metrics;
 use xks_proxy::quickstart;
 use xks_proxy::server::{self, tls, Server};
 
@@ -171,20 +173,33 @@ fn serve(config_path: &Path) -> Result<(), Error> {
         &config.tls_private_key,
         config.http2,
     )?;
-    let backend = server::backend(&config.backend)?;
+    let metrics = Metrics::new(config.limits.request_deadline);
+    let backend = server::backend(&config.backend, &metrics)?;
     tracing::info!(ekm = ?backend.ekm_info(), "connected to the key manager");
     let listen = config.listen;
-    let app = server::app(config, backend)?;
+    let admin = config.admin_listen;
+    let app = server::app(config, backend, metrics)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("xks-worker")
         .build()?;
     runtime.block_on(async move {
-        let server = Server::bind(listen, tls, app).await?;
+        let server = Server::bind(listen, admin, tls, app).await?;
+        // Know the EKM's health before the first request and the first probe.
+        let health = server.app().handler.monitor().check().await;
+        tracing::info!(status = health.as_str(), "first health check done");
         let addr = server.local_addr()?;
         tracing::info!(%addr, "serving the XKS API");
-        // A stable line on stdout for scripts and tests that start us on port 0.
-        println!("xks-proxy listening on {addr}");
+        // Stable lines on stdout for scripts and tests that start us on port 0.
+        // Written with `writeln!` and errors ignored: a closed stdout must not stop us.
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "xks-proxy listening on {addr}");
+        if let Some(admin) = server.admin_addr() {
+            let admin = admin?;
+            tracing::info!(%admin, "serving metrics and probes over plain HTTP");
+            let _ = writeln!(out, "xks-proxy admin listening on {admin}");
+        }
+        let _ = out.flush();
         server.run(shutdown_signal()).await;
         tracing::info!("stopped");
         Ok::<(), Error>(())

@@ -40,6 +40,19 @@ pub const KEYS: [(&str, bool, bool); 4] = [
     ("impotent_key", false, false),
 ];
 
+/// The key only the health monitor uses (the spec forbids deep health checks on keys
+/// KMS uses, so it is in no key store).
+pub const HEALTH_CHECK_KEY: &str = "xks-health-check";
+
+/// The admin listener next to `listen`: port 0 stays 0 (tests), otherwise the next port.
+pub fn admin_listen(listen: SocketAddr) -> SocketAddr {
+    let port = match listen.port() {
+        0 => 0,
+        p => p.wrapping_add(1),
+    };
+    SocketAddr::new(listen.ip(), port)
+}
+
 /// Where SoftHSM2's module usually lives.
 pub const SOFTHSM2_MODULE_PATHS: [&str; 4] = [
     "/usr/lib/softhsm/libsofthsm2.so",
@@ -265,7 +278,8 @@ fn create_keys(module: &Path, pin: &str) -> Result<(), QuickstartError> {
     let (_pkcs11, _slot, session) =
         open_token(module, &TokenSelector::Label(TOKEN_LABEL.into()), pin)
             .map_err(hsm("opening the quickstart token"))?;
-    for (id, encrypt, decrypt) in KEYS {
+    let health = (HEALTH_CHECK_KEY, true, true);
+    for (id, encrypt, decrypt) in KEYS.into_iter().chain([health]) {
         match create_key(&session, id, NewKeyUsage { encrypt, decrypt }) {
             Ok(()) | Err(HsmError::AmbiguousKey) => {} // exists already
             Err(e) => return Err(hsm("creating a key")(e)),
@@ -323,6 +337,12 @@ fn config_toml(
 listen = "{listen}"
 tls_certificate = "server.pem"
 tls_private_key = "server-key.pem"
+# Every request is answered within this (KMS waits 250 ms; see the README's budget).
+request_deadline_ms = 100
+
+# Prometheus metrics (/metrics) and probes (/livez, /readyz), plain HTTP, local only.
+[admin]
+listen = "{admin}"
 
 [proxy]
 fleet_size = 1
@@ -334,6 +354,8 @@ token_label = "{TOKEN_LABEL}"
 pin_file = "hsm-pin"
 # SoftHSM2 pins sessions to one lock; two sessions is its sweet spot.
 sessions = 2
+# The health monitor's encrypt+decrypt key (in no key store).
+health_check_key = "{HEALTH_CHECK_KEY}"
 
 [hsm.environment]
 SOFTHSM2_CONF = "{softhsm2_conf}"
@@ -349,6 +371,7 @@ access_key_id = "{access_key_id}"
 secret_access_key_file = "sigv4-secret"
 "#,
         config = dir.join("config.toml").display(),
+        admin = admin_listen(listen),
         module = module.display(),
         softhsm2_conf = softhsm2_conf.display(),
     )

@@ -7,11 +7,19 @@
 //!   a dedicated OS thread, fed through a bounded queue; key handles cached by id.
 //! - [`software`]: AES-GCM in process with aws-lc-rs and keys in memory, for benchmarks
 //!   that want to separate proxy overhead from HSM cost. Not for production.
+//! - [`simulated`]: the software backend's AES-GCM behind the real session pool, with a
+//!   modelled service time and parallelism: backpressure tests and capacity planning.
+//!
+//! Every operation takes the request's deadline; the pool ([`pool`]) refuses work that
+//! cannot finish before it.
 
 pub mod pkcs11;
+mod pool;
+pub mod simulated;
 pub mod software;
 
 use std::fmt;
+use std::time::Instant;
 
 /// The cryptographic operation a request asks of a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,6 +211,8 @@ pub enum Backend {
     Pkcs11(pkcs11::Pkcs11Backend),
     /// In-process AES-GCM (benchmarks only).
     Software(software::SoftwareBackend),
+    /// A modelled HSM (backpressure tests, capacity planning).
+    Simulated(simulated::SimulatedBackend),
 }
 
 impl fmt::Debug for Backend {
@@ -210,7 +220,28 @@ impl fmt::Debug for Backend {
         match self {
             Self::Pkcs11(b) => f.debug_tuple("Pkcs11").field(b).finish(),
             Self::Software(b) => f.debug_tuple("Software").field(b).finish(),
+            Self::Simulated(b) => f.debug_tuple("Simulated").field(b).finish(),
         }
+    }
+}
+
+/// The bytes a deep health check encrypts and expects back.
+pub(crate) const HEALTH_PROBE: &[u8] = b"xks-proxy health check";
+
+/// A deep health check's round trip: encrypt [`HEALTH_PROBE`], decrypt it, compare.
+/// `session` is whatever both steps need mutably.
+pub(crate) fn health_round_trip<S>(
+    session: &mut S,
+    encrypt: impl FnOnce(&mut S, &[u8]) -> Result<Sealed, HsmError>,
+    decrypt: impl FnOnce(&mut S, &Sealed) -> Result<Plaintext, HsmError>,
+) -> Result<(), HsmError> {
+    let sealed = encrypt(session, HEALTH_PROBE)?;
+    if decrypt(session, &sealed)?.as_slice() == HEALTH_PROBE {
+        Ok(())
+    } else {
+        Err(HsmError::Inconsistent(
+            "health check decrypted to other bytes",
+        ))
     }
 }
 
@@ -222,10 +253,12 @@ impl Backend {
         key_id: &str,
         plaintext: Plaintext,
         aad: Vec<u8>,
+        deadline: Instant,
     ) -> Result<Sealed, HsmError> {
         match self {
-            Self::Pkcs11(b) => b.encrypt(key_id, plaintext, aad).await,
+            Self::Pkcs11(b) => b.encrypt(key_id, plaintext, aad, deadline).await,
             Self::Software(b) => b.encrypt(key_id, &plaintext, &aad),
+            Self::Simulated(b) => b.encrypt(key_id, plaintext, aad, deadline).await,
         }
     }
 
@@ -235,26 +268,45 @@ impl Backend {
         key_id: &str,
         sealed: Sealed,
         aad: Vec<u8>,
+        deadline: Instant,
     ) -> Result<Plaintext, HsmError> {
         match self {
-            Self::Pkcs11(b) => b.decrypt(key_id, sealed, aad).await,
+            Self::Pkcs11(b) => b.decrypt(key_id, sealed, aad, deadline).await,
             Self::Software(b) => b.decrypt(key_id, &sealed, &aad),
+            Self::Simulated(b) => b.decrypt(key_id, sealed, aad, deadline).await,
         }
     }
 
     /// Reads the key's metadata.
-    pub async fn key_metadata(&self, key_id: &str) -> Result<KeyMetadata, HsmError> {
+    pub async fn key_metadata(
+        &self,
+        key_id: &str,
+        deadline: Instant,
+    ) -> Result<KeyMetadata, HsmError> {
         match self {
-            Self::Pkcs11(b) => b.key_metadata(key_id).await,
+            Self::Pkcs11(b) => b.key_metadata(key_id, deadline).await,
             Self::Software(b) => b.key_metadata(key_id),
+            Self::Simulated(b) => b.key_metadata(key_id, deadline).await,
         }
     }
 
-    /// A quick liveness probe of the EKM (never slow: bounded by the pool's queue).
-    pub async fn probe(&self) -> EkmHealth {
-        match self {
-            Self::Pkcs11(b) => b.probe().await,
-            Self::Software(_) => EkmHealth::Active,
+    /// A deep check: a real encrypt and decrypt with `key_id` (a health-check key, never
+    /// a KMS key). Without a key, the PKCS#11 backend checks that a session answers.
+    pub async fn health_check(
+        &self,
+        key_id: Option<&str>,
+        deadline: Instant,
+    ) -> Result<(), HsmError> {
+        match (self, key_id) {
+            (Self::Pkcs11(b), Some(key)) => b.health_check(key, deadline).await,
+            (Self::Pkcs11(b), None) => b.probe(deadline).await,
+            (Self::Software(b), Some(key)) => health_round_trip(
+                &mut (),
+                |(), p| b.encrypt(key, p, b""),
+                |(), s| b.decrypt(key, s, b""),
+            ),
+            (Self::Software(_), None) => Ok(()),
+            (Self::Simulated(b), key) => b.health_check(key, deadline).await,
         }
     }
 
@@ -263,6 +315,7 @@ impl Backend {
         match self {
             Self::Pkcs11(b) => b.ekm_info(),
             Self::Software(b) => b.ekm_info(),
+            Self::Simulated(b) => b.ekm_info(),
         }
     }
 }

@@ -1,11 +1,10 @@
 //! PKCS#11 backend: a bounded pool of logged-in sessions on dedicated threads.
 //!
-//! Each session is owned by one OS thread ("pkcs11-session-N") for its whole life, so
-//! PKCS#11 calls never run on tokio worker threads and a session is never used by two
-//! threads at once (PKCS#11 forbids that, and some modules bind sessions to threads).
-//! Requests reach the threads through one bounded MPMC queue: the queue's bound is the
-//! backpressure. When it is full, [`Pkcs11Backend`] answers [`HsmError::Busy`] at once
-//! instead of queueing without bound.
+//! Each session is owned by one OS thread ("pkcs11-session-N") for its whole life (see
+//! [`super::pool`]), so PKCS#11 calls never run on tokio worker threads and a session is
+//! never used by two threads at once (PKCS#11 forbids that, and some modules bind
+//! sessions to threads). Admission (queue bound, deadlines, call timeouts) is the
+//! pool's.
 //!
 //! Key object handles are cached by external key id together with the key's attributes;
 //! an entry is re-read after `key_refresh` (so a key disabled in the HSM is noticed) and
@@ -17,13 +16,10 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::aead::GcmParams;
@@ -35,10 +31,12 @@ use cryptoki::types::AuthPin;
 use parking_lot::RwLock;
 use zeroize::Zeroizing;
 
+use super::pool::{Pool, PoolSettings};
 use super::{
-    EkmHealth, EkmInfo, HsmError, KeyMetadata, KeyUsage, Operation, Plaintext, Sealed, IV_LEN,
-    TAG_LEN,
+    health_round_trip, EkmInfo, HsmError, KeyMetadata, KeyUsage, Operation, Plaintext, Sealed,
+    IV_LEN, TAG_LEN,
 };
+use crate::metrics::Metrics;
 
 /// Which token of the module to use. Never "the first slot": on a real HSM the slot
 /// order is not stable.
@@ -88,6 +86,8 @@ pub struct Pkcs11Settings {
     pub iv_source: IvSource,
     /// How long cached key attributes are trusted before being re-read.
     pub key_refresh: Duration,
+    /// Longest one PKCS#11 call may take before the request answers 503.
+    pub call_timeout: Duration,
 }
 
 impl fmt::Debug for Pkcs11Settings {
@@ -100,6 +100,7 @@ impl fmt::Debug for Pkcs11Settings {
             .field("queue_depth", &self.queue_depth)
             .field("iv_source", &self.iv_source)
             .field("key_refresh", &self.key_refresh)
+            .field("call_timeout", &self.call_timeout)
             .finish()
     }
 }
@@ -123,23 +124,17 @@ struct Shared {
     key_refresh: Duration,
 }
 
-/// A unit of work for a session thread.
-type Job = Box<dyn FnOnce(&mut Worker) + Send>;
-
 /// The PKCS#11 backend; cheap to share behind an `Arc`.
 pub struct Pkcs11Backend {
-    /// Bounded: its capacity is the number of requests allowed to wait for a session.
-    jobs: Sender<Job>,
+    pool: Pool<Worker>,
     info: EkmInfo,
-    sessions: usize,
 }
 
 impl fmt::Debug for Pkcs11Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Pkcs11Backend")
             .field("ekm", &self.info)
-            .field("sessions", &self.sessions)
-            .field("queued", &self.jobs.len())
+            .field("pool", &self.pool)
             .finish()
     }
 }
@@ -224,7 +219,7 @@ fn ck(function: &'static str) -> impl Fn(CkError) -> HsmError {
 
 impl Pkcs11Backend {
     /// Connects to the token, logs in and starts the session threads.
-    pub fn connect(settings: &Pkcs11Settings) -> Result<Self, HsmError> {
+    pub fn connect(settings: &Pkcs11Settings, metrics: Arc<Metrics>) -> Result<Self, HsmError> {
         let (pkcs11, slot, first_session) =
             open_token(&settings.module, &settings.token, &settings.pin)?;
         let token = pkcs11.get_token_info(slot).map_err(ck("C_GetTokenInfo"))?;
@@ -251,55 +246,31 @@ impl Pkcs11Backend {
             iv_source: settings.iv_source,
             key_refresh: settings.key_refresh,
         });
-        let sessions = settings.sessions.max(1);
-        let (jobs, queue) = crossbeam_channel::bounded::<Job>(settings.queue_depth.max(1));
         let mut first_session = Some(first_session);
-        for index in 0..sessions {
-            let mut worker = Worker {
-                shared: Arc::clone(&shared),
-                session: first_session.take(),
-            };
-            let queue: Receiver<Job> = queue.clone();
-            thread::Builder::new()
-                .name(format!("pkcs11-session-{index}"))
-                .spawn(move || {
-                    if worker.session.is_none() {
-                        // Open eagerly so the first request doesn't pay for it; a failure
-                        // here is retried on the first job.
-                        let _ = worker.session();
-                    }
-                    worker_loop(worker, queue)
-                })
-                .map_err(|e| HsmError::Unavailable(format!("cannot start session thread: {e}")))?;
-        }
-        Ok(Self {
-            jobs,
-            info,
-            sessions,
-        })
-    }
-
-    /// Runs `f` on a session thread and waits for its answer. Never blocks the caller's
-    /// thread: a full queue answers [`HsmError::Busy`] immediately.
-    async fn submit<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Worker) -> Result<T, HsmError> + Send + 'static,
-    ) -> Result<T, HsmError> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move |worker| {
-            // The requester may have gone away; then nobody wants the answer.
-            let _ = reply.send(f(worker));
-        });
-        match self.jobs.try_send(job) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => return Err(HsmError::Busy),
-            Err(TrySendError::Disconnected(_)) => {
-                return Err(HsmError::Unavailable("session pool stopped".into()))
-            }
-        }
-        answer
-            .await
-            .map_err(|_| HsmError::Unavailable("session thread failed".into()))?
+        let workers = (0..settings.sessions.max(1))
+            .map(|_| {
+                let mut worker = Worker {
+                    shared: Arc::clone(&shared),
+                    session: first_session.take(),
+                };
+                // Open every session now so the first requests don't pay for it; a
+                // failure here is retried on the session's first job.
+                if let Err(e) = worker.session() {
+                    tracing::warn!(error = %e, "could not open a PKCS#11 session yet");
+                }
+                worker
+            })
+            .collect();
+        let pool = Pool::start(
+            &PoolSettings {
+                name: "pkcs11-session",
+                queue_depth: settings.queue_depth,
+                call_timeout: settings.call_timeout,
+            },
+            workers,
+            metrics,
+        )?;
+        Ok(Self { pool, info })
     }
 
     /// AES-256-GCM encryption in the HSM.
@@ -308,9 +279,13 @@ impl Pkcs11Backend {
         key_id: &str,
         plaintext: Plaintext,
         aad: Vec<u8>,
+        deadline: Instant,
     ) -> Result<Sealed, HsmError> {
         let key_id = key_id.to_owned();
-        self.submit(move |w| w.encrypt(&key_id, &plaintext, &aad))
+        self.pool
+            .run("Encrypt", deadline, move |w| {
+                w.encrypt(&key_id, &plaintext, &aad)
+            })
             .await
     }
 
@@ -320,38 +295,60 @@ impl Pkcs11Backend {
         key_id: &str,
         sealed: Sealed,
         aad: Vec<u8>,
+        deadline: Instant,
     ) -> Result<Plaintext, HsmError> {
         let key_id = key_id.to_owned();
-        self.submit(move |w| w.decrypt(&key_id, &sealed, &aad))
+        self.pool
+            .run("Decrypt", deadline, move |w| {
+                w.decrypt(&key_id, &sealed, &aad)
+            })
             .await
     }
 
     /// The key's attributes, read fresh from the HSM (GetKeyMetadata is rare and must
     /// reflect the key as it is now).
-    pub async fn key_metadata(&self, key_id: &str) -> Result<KeyMetadata, HsmError> {
+    pub async fn key_metadata(
+        &self,
+        key_id: &str,
+        deadline: Instant,
+    ) -> Result<KeyMetadata, HsmError> {
         let key_id = key_id.to_owned();
-        self.submit(move |w| {
-            w.forget(&key_id);
-            w.key(&key_id).map(|k| k.metadata)
-        })
-        .await
+        self.pool
+            .run("GetKeyMetadata", deadline, move |w| {
+                w.forget(&key_id);
+                w.key(&key_id).map(|k| k.metadata)
+            })
+            .await
     }
 
-    /// A cheap round trip through a session thread and the token (C_GetSessionInfo).
-    pub async fn probe(&self) -> EkmHealth {
-        let probe = self.submit(|w| {
-            let session = w.session()?;
-            session
-                .get_session_info()
-                .map(|_| ())
-                .map_err(ck("C_GetSessionInfo"))
-        });
-        match tokio::time::timeout(Duration::from_millis(100), probe).await {
-            Ok(Ok(())) => EkmHealth::Active,
-            // Saturated or slow, but answering.
-            Ok(Err(HsmError::Busy)) | Err(_) => EkmHealth::Degraded,
-            Ok(Err(_)) => EkmHealth::Unavailable,
-        }
+    /// A deep check: encrypt and decrypt with `key_id` in one trip to a session.
+    pub async fn health_check(&self, key_id: &str, deadline: Instant) -> Result<(), HsmError> {
+        let key_id = key_id.to_owned();
+        self.pool
+            .run("HealthCheck", deadline, move |w| {
+                health_round_trip(
+                    w,
+                    |w, p| w.encrypt(&key_id, p, b""),
+                    |w, s| w.decrypt(&key_id, s, b""),
+                )
+            })
+            .await
+    }
+
+    /// A cheap round trip through a session thread and the token (C_GetSessionInfo),
+    /// for configurations without a health-check key.
+    pub async fn probe(&self, deadline: Instant) -> Result<(), HsmError> {
+        self.pool
+            .run("HealthCheck", deadline, |w| {
+                w.call(|s| s.get_session_info(), "C_GetSessionInfo")
+                    .map(|_| ())
+            })
+            .await
+    }
+
+    /// Requests waiting for a session.
+    pub fn queued(&self) -> usize {
+        self.pool.queued()
     }
 
     /// Facts about the token.
@@ -362,18 +359,6 @@ impl Pkcs11Backend {
 
 fn non_empty(s: &str, fallback: &str) -> String {
     if s.is_empty() { fallback } else { s }.to_owned()
-}
-
-fn worker_loop(mut worker: Worker, queue: Receiver<Job>) {
-    // Ends when the backend (every Sender) is dropped.
-    while let Ok(job) = queue.recv() {
-        // A panic inside a job must not take the session thread with it: the job's
-        // requester sees its reply channel dropped and answers 500.
-        if catch_unwind(AssertUnwindSafe(|| job(&mut worker))).is_err() {
-            tracing::error!("PKCS#11 job panicked; reopening the session");
-            worker.session = None;
-        }
-    }
 }
 
 /// A session thread's state.

@@ -1,44 +1,50 @@
 //! The HTTPS server: accepts TCP connections, completes TLS, speaks HTTP/1.1 or HTTP/2
 //! as ALPN chose, and hands each request to [`service::serve_request`].
 //!
-//! Connections: TCP_NODELAY (responses are small and latency-bound), keep-alive (KMS
-//! reuses connections), a TLS handshake timeout, and an HTTP/1.1 header-read timeout so
-//! a slow client cannot hold a connection open by dribbling headers.
+//! Connections: at most `server.max_connections` at once (beyond that, new ones wait in
+//! the kernel's backlog), TCP_NODELAY (responses are small and latency-bound),
+//! keep-alive (KMS reuses connections), a TLS handshake timeout, an HTTP/1.1
+//! header-read timeout so a slow client cannot hold a connection by dribbling headers,
+//! and an idle timeout for connections with no request in flight.
 //!
-//! Shutdown: on the signal, stop accepting, ask every connection to finish its
-//! in-flight requests and close, and wait for them up to a grace period.
+//! Around the listener run the health monitor, the periodic latency summary and, if
+//! configured, the plain-HTTP admin listener ([`admin`]).
+//!
+//! Shutdown: on the signal, turn readiness off, stop accepting (new connections are
+//! refused), ask every connection to finish its in-flight requests and close, and wait
+//! for them up to the grace period.
 
+pub mod admin;
+mod quota;
 pub mod service;
 pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
+pub use quota::Quota;
 pub use service::{App, KeyStore};
 
 use crate::auth::Verifier;
 use crate::config::{BackendConfig, Config};
+use crate::health::HealthMonitor;
 use crate::hsm::pkcs11::Pkcs11Backend;
+use crate::hsm::simulated::SimulatedBackend;
 use crate::hsm::software::SoftwareBackend;
 use crate::hsm::{Backend, HsmError};
+use crate::metrics::{HandshakeLabels, Metrics};
 use crate::router::Router;
 use crate::xks::{Handler, HealthInfo, KeySet};
-
-/// How long a client has to complete the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long an HTTP/1.1 client has to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long in-flight requests get to finish at shutdown.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -63,15 +69,21 @@ pub enum StartError {
 }
 
 /// Builds the backend a configuration asks for.
-pub fn backend(config: &BackendConfig) -> Result<Backend, HsmError> {
+pub fn backend(config: &BackendConfig, metrics: &Arc<Metrics>) -> Result<Backend, HsmError> {
+    let metrics = Arc::clone(metrics);
     Ok(match config {
-        BackendConfig::Pkcs11(settings) => Backend::Pkcs11(Pkcs11Backend::connect(settings)?),
+        BackendConfig::Pkcs11(settings) => {
+            Backend::Pkcs11(Pkcs11Backend::connect(settings, metrics)?)
+        }
         BackendConfig::Software(keys) => Backend::Software(SoftwareBackend::new(keys.clone())?),
+        BackendConfig::Simulated(settings) => {
+            Backend::Simulated(SimulatedBackend::start(settings.clone(), metrics)?)
+        }
     })
 }
 
 /// Assembles the application from a validated configuration and a backend.
-pub fn app(config: Config, backend: Backend) -> Result<App, StartError> {
+pub fn app(config: Config, backend: Backend, metrics: Arc<Metrics>) -> Result<App, StartError> {
     let router = Router::new(config.key_stores.iter().map(|s| s.uri_prefix.as_str()))?;
     let key_stores = config
         .key_stores
@@ -79,6 +91,7 @@ pub fn app(config: Config, backend: Backend) -> Result<App, StartError> {
         .map(|store| KeyStore {
             verifier: Verifier::new(store.region, store.credentials),
             keys: KeySet::new(store.keys),
+            quota: store.quota.map(|(rate, burst)| Quota::new(rate, burst)),
             name: store.name,
         })
         .collect();
@@ -88,17 +101,28 @@ pub fn app(config: Config, backend: Backend) -> Result<App, StartError> {
         model: format!("xks-proxy {}", env!("CARGO_PKG_VERSION")),
         ekm_vendor: config.proxy.ekm_vendor,
     };
+    let backend = Arc::new(backend);
+    let monitor = Arc::new(HealthMonitor::new(
+        Arc::clone(&backend),
+        config.health.key,
+        config.health.interval,
+        config.limits.request_deadline,
+        Arc::clone(&metrics),
+    ));
     Ok(App {
         router,
         key_stores,
-        handler: Handler::new(Arc::new(backend), health),
+        handler: Handler::new(backend, health, monitor),
         max_body_bytes: config.max_body_bytes,
+        limits: config.limits,
+        metrics,
     })
 }
 
 /// A bound, ready-to-run server.
 pub struct Server {
     listener: TcpListener,
+    admin: Option<TcpListener>,
     acceptor: TlsAcceptor,
     app: Arc<App>,
 }
@@ -107,23 +131,34 @@ impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
             .field("listener", &self.listener)
+            .field("admin", &self.admin)
             .field("app", &self.app)
             .finish_non_exhaustive()
     }
 }
 
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
 impl Server {
-    /// Binds the listener.
+    /// Binds the listener and, if `admin` is given, the admin listener.
     pub async fn bind(
         addr: SocketAddr,
+        admin: Option<SocketAddr>,
         tls: Arc<rustls::ServerConfig>,
         app: App,
     ) -> Result<Self, StartError> {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { addr, source })?;
+        let listener = bind(addr).await?;
+        let admin = match admin {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
         Ok(Self {
             listener,
+            admin,
             acceptor: TlsAcceptor::from(tls),
             app: Arc::new(app),
         })
@@ -134,46 +169,146 @@ impl Server {
         self.listener.local_addr()
     }
 
+    /// The admin listener's bound address.
+    pub fn admin_addr(&self) -> Option<std::io::Result<SocketAddr>> {
+        self.admin.as_ref().map(TcpListener::local_addr)
+    }
+
+    /// The application (for its health monitor and metrics).
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
     /// Serves until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let Self {
+            listener,
+            admin,
+            acceptor,
+            app,
+        } = self;
+        let mut background = tokio::task::JoinSet::new();
+        background.spawn(Arc::clone(app.handler.monitor()).run());
+        if let Some(interval) = app.limits.summary_interval {
+            background.spawn(summaries(
+                Arc::clone(&app.metrics),
+                interval,
+                app.limits.request_deadline,
+            ));
+        }
+        if let Some(admin) = admin {
+            background.spawn(admin::serve(admin, Arc::clone(&app)));
+        }
+
         let (stop_tx, stop_rx) = watch::channel(false);
         // Every connection task holds a clone; when all are dropped, draining is done.
         let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
+        let slots = Arc::new(Semaphore::new(app.limits.max_connections));
         tokio::pin!(shutdown);
         loop {
-            tokio::select! {
+            // Take a connection slot first: at the limit, connections wait in the
+            // kernel's backlog rather than in our memory.
+            let slot = tokio::select! {
                 () = &mut shutdown => break,
-                accepted = self.listener.accept() => {
-                    let (stream, peer) = match accepted {
-                        Ok(x) => x,
-                        Err(e) => {
-                            // EMFILE and friends: back off briefly instead of spinning.
-                            tracing::warn!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    };
-                    let _ = stream.set_nodelay(true);
-                    let acceptor = self.acceptor.clone();
-                    let app = Arc::clone(&self.app);
-                    let stop = stop_rx.clone();
-                    let done = done_tx.clone();
-                    tokio::spawn(async move {
-                        connection(stream, peer, acceptor, app, stop).await;
-                        drop(done);
-                    });
-                }
-            }
+                slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
+            };
+            let (stream, peer) = tokio::select! {
+                () = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let app = Arc::clone(&app);
+            let stop = stop_rx.clone();
+            let done = done_tx.clone();
+            tokio::spawn(async move {
+                app.metrics.connections_open.inc();
+                connection(stream, peer, acceptor, &app, stop).await;
+                app.metrics.connections_open.dec();
+                drop(slot);
+                drop(done);
+            });
         }
-        tracing::info!("shutting down: no new connections; draining in-flight requests");
-        drop(self.listener);
+        tracing::info!(
+            "shutting down: readiness off, no new connections, draining in-flight requests"
+        );
+        app.handler.monitor().begin_shutdown();
+        drop(listener);
         let _ = stop_tx.send(true);
         drop(done_tx);
-        if tokio::time::timeout(SHUTDOWN_GRACE, done_rx.recv())
+        if tokio::time::timeout(app.limits.shutdown_grace, done_rx.recv())
             .await
             .is_err()
         {
             tracing::warn!("shutdown grace period over; closing remaining connections");
+        }
+        background.abort_all();
+    }
+}
+
+/// Logs one INFO line per operation every `interval`: p50/p99/p99.9 and the budget share.
+async fn summaries(metrics: Arc<Metrics>, interval: Duration, deadline: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.tick().await;
+    let mut earlier = metrics.latencies.snapshot();
+    loop {
+        ticker.tick().await;
+        let now = metrics.latencies.snapshot();
+        for line in crate::metrics::summary_lines(&now, &earlier, deadline) {
+            tracing::info!(target: "xks_proxy::summary", "{line}");
+        }
+        earlier = now;
+    }
+}
+
+/// When a connection last finished a request, and how many it has in flight.
+#[derive(Debug)]
+struct Activity {
+    epoch: Instant,
+    in_flight: AtomicUsize,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn begin(&self) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn end(&self) {
+        self.last_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Release);
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Completes once the connection has had nothing in flight for `timeout`.
+    async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let idle = if self.in_flight.load(Ordering::Acquire) > 0 {
+                Duration::ZERO
+            } else {
+                let last = Duration::from_millis(self.last_ms.load(Ordering::Acquire));
+                self.epoch.elapsed().saturating_sub(last)
+            };
+            if idle >= timeout {
+                return;
+            }
+            tokio::time::sleep(timeout - idle).await;
         }
     }
 }
@@ -182,45 +317,72 @@ async fn connection(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     acceptor: TlsAcceptor,
-    app: Arc<App>,
+    app: &Arc<App>,
     stop: watch::Receiver<bool>,
 ) {
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => tls,
+    let limits = &app.limits;
+    let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream)).await;
+    let (tls, result) = match handshake {
+        Ok(Ok(tls)) => (Some(tls), "ok"),
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
-            return;
+            (None, "error")
         }
         Err(_) => {
             tracing::debug!(%peer, "TLS handshake timed out");
-            return;
+            (None, "timeout")
         }
     };
+    app.metrics
+        .tls_handshakes
+        .get_or_create(&HandshakeLabels { result })
+        .inc();
+    let Some(tls) = tls else { return };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let io = TokioIo::new(tls);
-    let service = service_fn(move |request| {
-        let app = Arc::clone(&app);
-        async move { Ok::<_, std::convert::Infallible>(service::serve_request(app, request).await) }
-    });
+    let activity = Arc::new(Activity::new());
+    let service = {
+        let app = Arc::clone(app);
+        let activity = Arc::clone(&activity);
+        service_fn(move |request| {
+            let app = Arc::clone(&app);
+            let activity = Arc::clone(&activity);
+            async move {
+                activity.begin();
+                let response = service::serve_request(app, request).await;
+                activity.end();
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        })
+    };
+    let idle = async { activity.idle_for(limits.idle_timeout).await };
     if h2 {
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            .max_concurrent_streams(limits.http2_max_concurrent_streams)
+            // Find dead peers on long-lived connections.
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(10))
             .serve_connection(io, service);
-        drive(conn, peer, stop).await;
+        drive(conn, peer, stop, idle).await;
     } else {
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .header_read_timeout(limits.header_read_timeout)
             .keep_alive(true)
             .serve_connection(io, service);
-        drive(conn, peer, stop).await;
+        drive(conn, peer, stop, idle).await;
     }
 }
 
-/// Runs a connection to its end, or, once shutdown starts, lets it finish the requests
-/// in flight and close.
-async fn drive<C>(conn: C, peer: SocketAddr, mut stop: watch::Receiver<bool>)
-where
+/// Runs a connection to its end, or, once shutdown starts or the connection has idled
+/// too long, lets it finish the requests in flight and close.
+async fn drive<C>(
+    conn: C,
+    peer: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+    idle: impl Future<Output = ()>,
+) where
     C: GracefulConnection<Error = hyper::Error>,
 {
     tokio::pin!(conn);
@@ -231,6 +393,11 @@ where
     tokio::select! {
         result = conn.as_mut() => log_connection_end(peer, result),
         () = stopping => {
+            conn.as_mut().graceful_shutdown();
+            log_connection_end(peer, conn.await);
+        }
+        () = idle => {
+            tracing::debug!(%peer, "closing idle connection");
             conn.as_mut().graceful_shutdown();
             log_connection_end(peer, conn.await);
         }

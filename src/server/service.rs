@@ -1,16 +1,23 @@
 //! The per-request pipeline, in order: load balancer probes, routing, bounded body,
-//! SigV4, the XKS handler, the log line. Each stage is a function of its own.
+//! SigV4, the key store's quota, the XKS handler, metrics and the log line. Each stage
+//! is a function of its own.
+//!
+//! Every request gets a deadline when it arrives (`server.request_deadline_ms`); the
+//! HSM pool refuses work that cannot finish by then (429) and gives up on calls that
+//! run past it (503).
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
+use super::quota::Quota;
 use crate::auth::{RequestParts, Verifier};
-use crate::hsm::EkmHealth;
+use crate::config::Limits;
+use crate::metrics::{Metrics, RequestLabels, Stage};
 use crate::router::{RouteMatch, Router};
 use crate::xks::{Audit, ErrorName, Handler, KeySet, XksError};
 
@@ -23,6 +30,8 @@ pub struct KeyStore {
     pub verifier: Verifier,
     /// External key ids this key store may use.
     pub keys: KeySet,
+    /// Request quota, if any.
+    pub quota: Option<Quota>,
 }
 
 /// Everything the service needs, shared by all connections.
@@ -36,24 +45,44 @@ pub struct App {
     pub handler: Handler,
     /// Largest body buffered.
     pub max_body_bytes: usize,
+    /// Deadlines, timeouts and connection limits.
+    pub limits: Limits,
+    /// What we measure.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Unauthenticated load balancer liveness probe (spec: Other considerations): 200 while
 /// the process serves.
 pub const LIVENESS_PATH: &str = "/livez";
-/// Readiness: 200 while the HSM answers, 503 otherwise.
+/// Readiness: 200 while the EKM can serve and we are not shutting down, 503 otherwise.
 pub const READINESS_PATH: &str = "/readyz";
+
+/// Counts a request in flight for as long as it lives.
+struct InFlight<'a>(&'a Metrics);
+
+impl<'a> InFlight<'a> {
+    fn new(metrics: &'a Metrics) -> Self {
+        metrics.in_flight.inc();
+        Self(metrics)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
+    }
+}
 
 /// Serves one request. Infallible: every failure becomes a JSON error response.
 pub async fn serve_request(app: Arc<App>, request: Request<Incoming>) -> Response<Full<Bytes>> {
     let started = Instant::now();
+    let deadline = started + app.limits.request_deadline;
     if request.method() == Method::GET {
-        match request.uri().path() {
-            LIVENESS_PATH => return json(StatusCode::OK, br#"{"status":"live"}"#.to_vec()),
-            READINESS_PATH => return readiness(&app).await,
-            _ => {}
+        if let Some(response) = probe(&app, request.uri().path()) {
+            return response;
         }
     }
+    let _in_flight = InFlight::new(&app.metrics);
     let path = request.uri().path().to_owned();
     let route = match app.router.route(request.method(), &path) {
         Ok(route) => route,
@@ -64,17 +93,46 @@ pub async fn serve_request(app: Arc<App>, request: Request<Incoming>) -> Respons
             // curl then drop the response.
             let (parts, body) = request.into_parts();
             let _ = read_body(body, &parts.headers, app.max_body_bytes).await;
+            count(
+                &app.metrics,
+                "none",
+                error.name().as_str(),
+                started.elapsed(),
+            );
             return error_response(&error);
         }
     };
     let store = &app.key_stores[route.key_store];
-    let (result, audit) = authenticated(&app, store, &route, request).await;
+    let (result, audit) = authenticated(&app, store, &route, request, deadline).await;
     let response = match &result {
         Ok(body) => json(StatusCode::OK, body.clone()),
         Err(error) => error_response(error),
     };
-    log_request(store, &route, &audit, &result, started);
+    let latency = started.elapsed();
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.name().as_str(),
+    };
+    count(&app.metrics, route.operation.as_str(), outcome, latency);
+    log_request(store, &route, &audit, &result, latency);
     response
+}
+
+/// The load balancer probes, answered the same on the main and the admin listener.
+pub fn probe(app: &App, path: &str) -> Option<Response<Full<Bytes>>> {
+    match path {
+        LIVENESS_PATH => Some(json(StatusCode::OK, br#"{"status":"live"}"#.to_vec())),
+        READINESS_PATH => Some(readiness(app)),
+        _ => None,
+    }
+}
+
+fn count(metrics: &Metrics, operation: &'static str, outcome: &'static str, latency: Duration) {
+    metrics
+        .requests
+        .get_or_create(&RequestLabels { operation, outcome })
+        .inc();
+    metrics.latencies.record_total(operation, outcome, latency);
 }
 
 async fn authenticated(
@@ -82,6 +140,7 @@ async fn authenticated(
     store: &KeyStore,
     route: &RouteMatch<'_>,
     request: Request<Incoming>,
+    deadline: Instant,
 ) -> (Result<Vec<u8>, XksError>, Audit) {
     let (parts, body) = request.into_parts();
     let body = match read_body(body, &parts.headers, app.max_body_bytes).await {
@@ -96,19 +155,40 @@ async fn authenticated(
         headers: &parts.headers,
         body: &body,
     };
-    if let Err(error) = store.verifier.verify(&request_parts, SystemTime::now()) {
+    let auth_started = Instant::now();
+    let verified = store.verifier.verify(&request_parts, SystemTime::now());
+    app.metrics.latencies.record_stage(
+        Stage::Auth,
+        route.operation.as_str(),
+        auth_started.elapsed(),
+    );
+    if let Err(error) = verified {
         tracing::warn!(key_store = %store.name, reason = %error, "SigV4 authentication failed");
         return (Err(error.into()), Audit::default());
     }
+    if store.quota.as_ref().is_some_and(|q| !q.try_acquire()) {
+        app.metrics.shed("quota");
+        let error = XksError::new(
+            ErrorName::Throttling,
+            "request rate exceeds this key store's quota",
+        );
+        return (Err(error), Audit::default());
+    }
     let outcome = app
         .handler
-        .handle(route.operation, &store.keys, route.key_id, &body)
+        .handle(route.operation, &store.keys, route.key_id, &body, deadline)
         .await;
     (outcome.result, outcome.audit)
 }
 
+/// Bytes of an over-limit body read and thrown away before answering, so the answer
+/// does not overtake the upload (an HTTP/1.1 server that closes with unread data in
+/// its socket sends a TCP reset, and the client loses the answer). Bigger bodies are
+/// answered at once and the connection closes.
+const DISCARD_LIMIT: u64 = 1024 * 1024;
+
 /// Reads the body, never buffering more than `limit` bytes: a declared length over the
-/// limit is refused before reading, and a chunked body is cut off at the limit.
+/// limit is refused without buffering, and a chunked body is cut off at the limit.
 async fn read_body(
     body: Incoming,
     headers: &http::HeaderMap,
@@ -127,33 +207,53 @@ async fn read_body(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit as u64) {
+        discard(body, DISCARD_LIMIT).await;
         return Err(too_large());
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(too_large())
+    let mut body = body;
+    let mut buffer = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return Err(XksError::validation("request body could not be read"));
+        };
+        if let Ok(data) = frame.into_data() {
+            if buffer.len() + data.len() > limit {
+                discard(body, DISCARD_LIMIT).await;
+                return Err(too_large());
+            }
+            buffer.extend_from_slice(&data);
         }
-        Err(_) => Err(XksError::validation("request body could not be read")),
+    }
+    Ok(buffer.freeze())
+}
+
+/// Reads and drops up to `cap` bytes of the rest of a body.
+async fn discard(mut body: Incoming, cap: u64) {
+    let mut seen = 0u64;
+    while seen <= cap {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    seen += data.len() as u64;
+                }
+            }
+            _ => return,
+        }
     }
 }
 
-async fn readiness(app: &App) -> Response<Full<Bytes>> {
-    match app.handler.backend().probe().await {
-        EkmHealth::Active | EkmHealth::Degraded => {
-            json(StatusCode::OK, br#"{"status":"ready"}"#.to_vec())
-        }
-        EkmHealth::Unavailable => json(
+fn readiness(app: &App) -> Response<Full<Bytes>> {
+    if app.handler.monitor().ready() {
+        json(StatusCode::OK, br#"{"status":"ready"}"#.to_vec())
+    } else {
+        json(
             StatusCode::SERVICE_UNAVAILABLE,
             br#"{"status":"unavailable"}"#.to_vec(),
-        ),
+        )
     }
 }
 
-fn json(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+pub(crate) fn json(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     response.headers_mut().insert(
@@ -177,9 +277,9 @@ fn log_request(
     route: &RouteMatch<'_>,
     audit: &Audit,
     result: &Result<Vec<u8>, XksError>,
-    started: Instant,
+    latency: Duration,
 ) {
-    let latency_us = started.elapsed().as_micros() as u64;
+    let latency_us = latency.as_micros() as u64;
     let none = "-";
     let (outcome, message) = match result {
         Ok(_) => ("ok", ""),

@@ -1,6 +1,7 @@
 //! Decrypt (spec: Decrypt).
 
 use std::borrow::Cow;
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +44,7 @@ pub(crate) async fn decrypt(
     key: KeyRef<'_>,
     body: &[u8],
     audit: &mut Audit,
+    deadline: Instant,
 ) -> Result<Vec<u8>, XksError> {
     let request: DecryptRequest<'_> = parse_json(body)?;
     let metadata = request
@@ -89,7 +91,7 @@ pub(crate) async fn decrypt(
         ciphertext,
         tag,
     };
-    let plaintext = backend.decrypt(key_id, sealed, hsm_aad).await?;
+    let plaintext = backend.decrypt(key_id, sealed, hsm_aad, deadline).await?;
     let response = DecryptResponse {
         plaintext: base64(&plaintext),
     };

@@ -1,6 +1,7 @@
 //! Encrypt (spec: Encrypt; Appendix C for the CDIV).
 
 use std::borrow::Cow;
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -45,6 +46,7 @@ pub(crate) async fn encrypt(
     key: KeyRef<'_>,
     body: &[u8],
     audit: &mut Audit,
+    deadline: Instant,
 ) -> Result<Vec<u8>, XksError> {
     let request: EncryptRequest<'_> = parse_json(body)?;
     let metadata = request
@@ -78,7 +80,9 @@ pub(crate) async fn encrypt(
 
     // Keep a copy of the plaintext only when the CDIV self-check will need it.
     let expected = want_cdiv.then(|| plaintext.clone());
-    let sealed = backend.encrypt(key_id, plaintext, hsm_aad.clone()).await?;
+    let sealed = backend
+        .encrypt(key_id, plaintext, hsm_aad.clone(), deadline)
+        .await?;
 
     let integrity_value =
         if let Some(expected) = expected {
@@ -91,7 +95,10 @@ pub(crate) async fn encrypt(
                 &sealed.ciphertext,
                 &sealed.tag,
             );
-            match backend.decrypt(key_id, sealed.clone(), hsm_aad).await {
+            match backend
+                .decrypt(key_id, sealed.clone(), hsm_aad, deadline)
+                .await
+            {
                 Ok(decrypted) if decrypted.as_slice() == expected.as_slice() => {}
                 Ok(_) => return Err(XksError::internal("encrypt self-check failed")),
                 // A CDIV promises that the ciphertext decrypts; an encrypt-only key cannot

@@ -5,13 +5,16 @@
 //! expects ValidationException for a health request without `requestMetadata` or with
 //! an empty one. We follow the test client: `kmsRequestId` and `kmsOperation` are
 //! required, as the API's own description says ("This field is REQUIRED").
+//!
+//! The EKM's status is the health monitor's cached deep check ([`crate::health`]), so
+//! this API never waits for the HSM.
 
 use serde::Serialize;
 
 use super::error::XksError;
 use super::request::{parse_json, Audit, MetadataOnly, Required};
 use super::HealthInfo;
-use crate::hsm::Backend;
+use crate::health::HealthMonitor;
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -32,8 +35,8 @@ struct EkmDetails<'a> {
 }
 
 /// Handles a GetHealthStatus request body.
-pub(crate) async fn get_health_status(
-    backend: &Backend,
+pub(crate) fn get_health_status(
+    monitor: &HealthMonitor,
     info: &HealthInfo,
     body: &[u8],
     audit: &mut Audit,
@@ -47,8 +50,8 @@ pub(crate) async fn get_health_status(
         principal: false,
         key_arn: false,
     })?;
-    let health = backend.probe().await;
-    let ekm = backend.ekm_info();
+    let health = monitor.current();
+    let ekm = monitor.backend().ekm_info();
     let response = HealthResponse {
         xks_proxy_fleet_size: info.fleet_size,
         xks_proxy_vendor: &info.vendor,

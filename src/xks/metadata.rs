@@ -1,5 +1,7 @@
 //! GetKeyMetadata (spec: GetKeyMetadata).
 
+use std::time::Instant;
+
 use serde::Serialize;
 
 use super::error::XksError;
@@ -21,6 +23,7 @@ pub(crate) async fn get_key_metadata(
     key: KeyRef<'_>,
     body: &[u8],
     audit: &mut Audit,
+    deadline: Instant,
 ) -> Result<Vec<u8>, XksError> {
     let request: MetadataOnly<'_> = parse_json(body)?;
     let metadata = request
@@ -32,7 +35,7 @@ pub(crate) async fn get_key_metadata(
         key_arn: false,
     })?;
     let key_id = key.id()?;
-    let key = backend.key_metadata(key_id).await?;
+    let key = backend.key_metadata(key_id, deadline).await?;
     let response = KeyMetadataResponse {
         key_spec: &key.key_spec,
         // spec: at most ten values; a PKCS#11 key has at most seven usages we report.

@@ -12,10 +12,12 @@ pub mod request;
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Instant;
 
 pub use error::{ErrorName, XksError};
 pub use request::Audit;
 
+use crate::health::HealthMonitor;
 use crate::hsm::Backend;
 
 /// The four XKS APIs (spec: API operations).
@@ -95,12 +97,17 @@ pub struct Outcome {
 pub struct Handler {
     backend: Arc<Backend>,
     health: HealthInfo,
+    monitor: Arc<HealthMonitor>,
 }
 
 impl Handler {
-    /// A handler over `backend`.
-    pub fn new(backend: Arc<Backend>, health: HealthInfo) -> Self {
-        Self { backend, health }
+    /// A handler over `backend`; GetHealthStatus answers what `monitor` last saw.
+    pub fn new(backend: Arc<Backend>, health: HealthInfo, monitor: Arc<HealthMonitor>) -> Self {
+        Self {
+            backend,
+            health,
+            monitor,
+        }
     }
 
     /// The backend.
@@ -108,13 +115,20 @@ impl Handler {
         &self.backend
     }
 
-    /// Handles one authenticated request. `key_id` is empty for GetHealthStatus.
+    /// The health monitor.
+    pub fn monitor(&self) -> &Arc<HealthMonitor> {
+        &self.monitor
+    }
+
+    /// Handles one authenticated request, which must be answered by `deadline`.
+    /// `key_id` is empty for GetHealthStatus.
     pub async fn handle(
         &self,
         operation: ApiOperation,
         keys: &KeySet,
         key_id: &str,
         body: &[u8],
+        deadline: Instant,
     ) -> Outcome {
         let mut audit = Audit::default();
         let backend = &*self.backend;
@@ -126,13 +140,17 @@ impl Handler {
         };
         let result = match operation {
             ApiOperation::GetHealthStatus => {
-                health::get_health_status(backend, &self.health, body, &mut audit).await
+                health::get_health_status(&self.monitor, &self.health, body, &mut audit)
             }
             ApiOperation::GetKeyMetadata => {
-                metadata::get_key_metadata(backend, key, body, &mut audit).await
+                metadata::get_key_metadata(backend, key, body, &mut audit, deadline).await
             }
-            ApiOperation::Encrypt => encrypt::encrypt(backend, key, body, &mut audit).await,
-            ApiOperation::Decrypt => decrypt::decrypt(backend, key, body, &mut audit).await,
+            ApiOperation::Encrypt => {
+                encrypt::encrypt(backend, key, body, &mut audit, deadline).await
+            }
+            ApiOperation::Decrypt => {
+                decrypt::decrypt(backend, key, body, &mut audit, deadline).await
+            }
         };
         Outcome { result, audit }
     }

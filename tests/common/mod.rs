@@ -92,12 +92,56 @@ impl Setup {
     pub fn start(self) -> Proxy {
         Proxy::start(self, &[])
     }
+
+    /// Replaces config.toml with one for the simulated HSM (keys `foo`, `hang` in the
+    /// key store; `health` for the health monitor), keeping this folder's certificates
+    /// and credential. The extras are TOML lines added to `[server]`, `[hsm]` (which
+    /// must include `[hsm.simulated]`) and `[[key_store]]`.
+    pub fn simulated(&self, server: &str, hsm: &str, store: &str) {
+        let config = format!(
+            r#"[server]
+listen = "127.0.0.1:0"
+tls_certificate = "server.pem"
+tls_private_key = "server-key.pem"
+{server}
+
+[admin]
+listen = "127.0.0.1:0"
+
+[hsm]
+backend = "simulated"
+{hsm}
+
+[[hsm.software_key]]
+id = "foo"
+[[hsm.software_key]]
+id = "hang"
+[[hsm.software_key]]
+id = "health"
+
+[[key_store]]
+name = "simulated"
+uri_prefix = "example/uri/path/prefix"
+region = "{REGION}"
+keys = ["foo", "hang"]
+{store}
+
+[[key_store.credential]]
+access_key_id = "{}"
+secret_access_key_file = "sigv4-secret"
+"#,
+            self.access_key_id
+        );
+        std::fs::write(self.config(), config).unwrap();
+    }
 }
 
 /// A running proxy; killed when dropped.
 pub struct Proxy {
     pub setup: Setup,
     pub addr: SocketAddr,
+    /// The plain-HTTP admin listener, when the config has one.
+    pub admin: Option<SocketAddr>,
     child: Child,
     /// Everything the process wrote to stderr (its logs).
     pub logs: Arc<Mutex<String>>,
@@ -143,9 +187,22 @@ impl Proxy {
             })
             .parse()
             .unwrap();
+        let text = std::fs::read_to_string(setup.config()).unwrap();
+        let admin = text.contains("\n[admin]").then(|| {
+            line.clear();
+            stdout.read_line(&mut line).unwrap();
+            line.trim()
+                .strip_prefix("xks-proxy admin listening on ")
+                .unwrap_or_else(|| panic!("no admin address: {line:?}"))
+                .parse()
+                .unwrap()
+        });
+        // Keep reading stdout so the process never writes into a closed pipe.
+        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
         Self {
             setup,
             addr,
+            admin,
             child,
             logs,
         }
@@ -161,6 +218,49 @@ impl Proxy {
 
     pub fn client(&self) -> Client {
         Client::new(self)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the process in KiB (Linux).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn signal_term(&self) {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait(mut self) -> std::process::ExitStatus {
+        self.child.wait().unwrap()
+    }
+
+    /// A plain-HTTP GET on the admin listener: (status, body).
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        admin_request(self.admin.expect("config has [admin]"), "GET", path).await
+    }
+
+    /// Scrapes and parses `/metrics`.
+    pub async fn scrape(&self) -> Metrics {
+        let (status, text) = self.admin_get("/metrics").await;
+        assert_eq!(status, 200, "{text}");
+        let scrape =
+            prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+        Metrics { scrape, text }
     }
 
     /// Sends SIGTERM and waits for the exit status.
@@ -466,4 +566,110 @@ pub fn curl(proxy: &Proxy, path: &str, body: &str, extra: &[&str]) -> (u16, Valu
         status.parse().unwrap(),
         serde_json::from_str(body).unwrap_or(Value::Null),
     )
+}
+
+/// A plain-HTTP request: (status, body).
+pub async fn admin_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string())
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(body.to_vec()).unwrap())
+}
+
+/// A parsed scrape.
+pub struct Metrics {
+    pub scrape: prometheus_parse::Scrape,
+    pub text: String,
+}
+
+impl Metrics {
+    /// The value of the sample `name` whose labels include `labels` (0 when absent:
+    /// counters of things that never happened are not exposed).
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match &s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => *v,
+                other => panic!("{name}: not a single value: {other:?}"),
+            })
+            .sum()
+    }
+
+    /// A histogram's count and its cumulative count at bucket `le`.
+    pub fn histogram(&self, name: &str, labels: &[(&str, &str)], le: f64) -> (u64, u64) {
+        let mut total = 0;
+        let mut below = 0;
+        for sample in self.scrape.samples.iter().filter(|s| s.metric == name) {
+            if !labels.iter().all(|(k, v)| sample.labels.get(k) == Some(*v)) {
+                continue;
+            }
+            if let prometheus_parse::Value::Histogram(buckets) = &sample.value {
+                for bucket in buckets {
+                    if bucket.less_than.is_infinite() {
+                        total += bucket.count as u64;
+                    }
+                    if (bucket.less_than - le).abs() < 1e-9 {
+                        below += bucket.count as u64;
+                    }
+                }
+            }
+        }
+        (total, below)
+    }
+}
+
+impl Client {
+    /// Opens one HTTP/2 connection for many concurrent requests.
+    pub async fn h2_connection(&self) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = self.http2.connect(name, tcp).await.unwrap();
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        sender
+    }
+
+    /// Signs (now) and sends a POST on an open HTTP/2 connection.
+    pub async fn post_on(
+        &self,
+        sender: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+        path: &str,
+        body: &Value,
+    ) -> Reply {
+        let body = serde_json::to_vec(body).unwrap();
+        let mut signing = self.signing.clone();
+        signing.time = SystemTime::now();
+        let mut request = self.signed("POST", path, &body, &signing);
+        request.headers_mut().remove("host");
+        sender.ready().await.unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        Reply {
+            status,
+            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            content_type: None,
+        }
+    }
 }

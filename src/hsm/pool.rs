@@ -1,0 +1,477 @@
+//! A bounded pool of HSM sessions on dedicated threads, with admission control.
+//!
+//! Each session is state `S` owned by one OS thread for its whole life, so HSM calls
+//! never run on tokio worker threads and a session is never shared. Requests reach the
+//! threads through one bounded MPMC queue. Admission is explicit:
+//!
+//! - every admitted request holds a place counted in `outstanding` (queued or running);
+//!   a request whose expected completion (the waves of service ahead of it × the mean
+//!   service time, plus its own call) would overrun its deadline less a safety margin
+//!   is refused at once ([`HsmError::Busy`] → 429), and so is one that finds the queue
+//!   full: nothing queues to time out. The place is taken with one atomic add, so
+//!   concurrent admissions cannot all see the same short queue;
+//! - a request whose deadline passes while it waits is never sent to the HSM;
+//! - a call that runs past its call timeout (or the request's deadline) answers
+//!   [`HsmError::Timeout`] (→ 503) at once, while its thread finishes the call: the
+//!   session only returns to the pool when the HSM lets go of it.
+//!
+//! The PKCS#11 backend and the simulated HSM both run on this pool, so backpressure
+//! tests with the simulated HSM exercise the product's admission code.
+
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+use super::HsmError;
+use crate::metrics::{Metrics, Stage};
+
+type Job<S> = Box<dyn FnOnce(&mut S) + Send>;
+
+const QUEUED: u8 = 0;
+const RUNNING: u8 = 1;
+const CANCELLED: u8 = 2;
+
+/// Where a request is: queued, running on a session thread, or given up by its caller.
+struct JobState {
+    state: AtomicU8,
+    /// When the call started, in nanoseconds after the pool's epoch.
+    started_ns: AtomicU64,
+}
+
+/// What the pool's threads and callers share.
+struct Shared {
+    epoch: Instant,
+    sessions: usize,
+    queue_depth: usize,
+    /// Admitted requests not yet finished or skipped: queued plus running.
+    outstanding: AtomicUsize,
+    busy: AtomicUsize,
+    /// Exponentially weighted mean service time in nanoseconds (0 until measured).
+    service_ewma_ns: AtomicU64,
+    call_timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    fn observe_service(&self, service: Duration) {
+        let sample = service.as_nanos().min(u128::from(u64::MAX)) as u64;
+        // A weight of 1/8 follows a changing HSM within tens of calls and smooths noise.
+        let _ = self
+            .service_ewma_ns
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                Some(if old == 0 {
+                    sample
+                } else {
+                    old - old / 8 + sample / 8
+                })
+            });
+    }
+
+    fn mean_service(&self) -> Duration {
+        Duration::from_nanos(self.service_ewma_ns.load(Ordering::Relaxed))
+    }
+}
+
+/// A bounded pool of sessions `S`.
+pub(crate) struct Pool<S> {
+    jobs: Sender<Job<S>>,
+    shared: Arc<Shared>,
+}
+
+impl<S> fmt::Debug for Pool<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("sessions", &self.shared.sessions)
+            .field("busy", &self.shared.busy.load(Ordering::Relaxed))
+            .field("queued", &self.jobs.len())
+            .finish()
+    }
+}
+
+/// Settings of a pool.
+#[derive(Debug, Clone)]
+pub(crate) struct PoolSettings {
+    /// Thread name prefix.
+    pub(crate) name: &'static str,
+    /// Requests allowed to wait for a session.
+    pub(crate) queue_depth: usize,
+    /// Longest a single HSM call may take before the caller gets 503.
+    pub(crate) call_timeout: Duration,
+}
+
+/// Gives the caller's place up if the caller goes away (client disconnected) before
+/// its request started: the session thread then skips it.
+struct CancelOnDrop(Arc<JobState>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        let _ =
+            self.0
+                .state
+                .compare_exchange(QUEUED, CANCELLED, Ordering::AcqRel, Ordering::Acquire);
+    }
+}
+
+impl<S: Send + 'static> Pool<S> {
+    /// Starts one thread per session state.
+    pub(crate) fn start(
+        settings: &PoolSettings,
+        sessions: Vec<S>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, HsmError> {
+        let (jobs, queue) = crossbeam_channel::bounded::<Job<S>>(settings.queue_depth.max(1));
+        metrics.pool_sessions.set(sessions.len() as i64);
+        let shared = Arc::new(Shared {
+            epoch: Instant::now(),
+            sessions: sessions.len().max(1),
+            queue_depth: settings.queue_depth.max(1),
+            outstanding: AtomicUsize::new(0),
+            busy: AtomicUsize::new(0),
+            service_ewma_ns: AtomicU64::new(0),
+            call_timeout: settings.call_timeout,
+            metrics,
+        });
+        for (index, mut session) in sessions.into_iter().enumerate() {
+            let queue: Receiver<Job<S>> = queue.clone();
+            thread::Builder::new()
+                .name(format!("{}-{index}", settings.name))
+                .spawn(move || {
+                    // Ends when the pool (every Sender) is dropped.
+                    while let Ok(job) = queue.recv() {
+                        // A panic inside a job must not take the session thread with it;
+                        // the job's caller sees its reply dropped and answers 500.
+                        if catch_unwind(AssertUnwindSafe(|| job(&mut session))).is_err() {
+                            tracing::error!("HSM job panicked");
+                        }
+                    }
+                })
+                .map_err(|e| HsmError::Unavailable(format!("cannot start session thread: {e}")))?;
+        }
+        Ok(Self { jobs, shared })
+    }
+
+    /// Requests waiting for a session.
+    pub(crate) fn queued(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// Takes a place for a request, or says why there is none.
+    fn admit(&self, remaining: Duration) -> Result<Place<'_>, &'static str> {
+        let shared = &*self.shared;
+        let ahead = shared.outstanding.fetch_add(1, Ordering::AcqRel);
+        let place = Place(shared);
+        if ahead >= shared.sessions + shared.queue_depth {
+            return Err("queue_full");
+        }
+        // Whole waves of service before a session frees up for us, plus our own call.
+        let waves = (ahead / shared.sessions) as u32 + 1;
+        let expected = shared.mean_service() * waves;
+        // Keep a tenth of the budget for the response path and scheduling noise.
+        if expected > remaining - remaining / 10 {
+            return Err("expected_wait");
+        }
+        Ok(place)
+    }
+
+    /// Runs `f` on a session before `deadline`. `operation` labels the stage timings.
+    pub(crate) async fn run<T: Send + 'static>(
+        &self,
+        operation: &'static str,
+        deadline: Instant,
+        f: impl FnOnce(&mut S) -> Result<T, HsmError> + Send + 'static,
+    ) -> Result<T, HsmError> {
+        let shared = &self.shared;
+        let now = Instant::now();
+        let Some(remaining) = deadline
+            .checked_duration_since(now)
+            .filter(|d| !d.is_zero())
+        else {
+            shared.metrics.shed("deadline");
+            return Err(HsmError::Busy);
+        };
+        let place = match self.admit(remaining) {
+            Ok(place) => place,
+            Err(reason) => {
+                shared.metrics.shed(reason);
+                return Err(HsmError::Busy);
+            }
+        };
+
+        let state = Arc::new(JobState {
+            state: AtomicU8::new(QUEUED),
+            started_ns: AtomicU64::new(0),
+        });
+        let (reply, mut answer) = tokio::sync::oneshot::channel();
+        let job_state = Arc::clone(&state);
+        let job_shared = Arc::clone(shared);
+        let job: Job<S> = Box::new(move |session| {
+            let shared = job_shared;
+            // However the job ends, its place is given back.
+            let _place = Place(&shared);
+            if job_state
+                .state
+                .compare_exchange(QUEUED, RUNNING, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                return; // the caller gave up; it has answered already
+            }
+            let started = Instant::now();
+            job_state.started_ns.store(
+                started.duration_since(shared.epoch).as_nanos() as u64,
+                Ordering::Release,
+            );
+            if started >= deadline {
+                shared.metrics.shed("expired_in_queue");
+                let _ = reply.send(Err(HsmError::Busy));
+                return;
+            }
+            shared
+                .metrics
+                .latencies
+                .record_stage(Stage::QueueWait, operation, started - now);
+            shared.busy.fetch_add(1, Ordering::Relaxed);
+            shared.metrics.pool_busy.inc();
+            let result = f(session);
+            let service = started.elapsed();
+            shared.busy.fetch_sub(1, Ordering::Relaxed);
+            shared.metrics.pool_busy.dec();
+            shared.observe_service(service);
+            shared
+                .metrics
+                .latencies
+                .record_stage(Stage::Hsm, operation, service);
+            let _ = reply.send(result);
+        });
+        match self.jobs.try_send(job) {
+            Ok(()) => std::mem::forget(place), // the job gives the place back now
+            Err(TrySendError::Full(_)) => {
+                shared.metrics.shed("queue_full");
+                return Err(HsmError::Busy);
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(HsmError::Unavailable("session pool stopped".into()))
+            }
+        }
+        shared.metrics.queue_depth.set(self.jobs.len() as i64);
+        let _cancel = CancelOnDrop(Arc::clone(&state));
+
+        // Wake at the deadline or when a running call's timeout would be up, whichever
+        // is first. A call cannot have started before `now`, so `now + call_timeout`
+        // is never later than its own limit.
+        let mut wake = deadline.min(now + shared.call_timeout);
+        loop {
+            match tokio::time::timeout_at(wake.into(), &mut answer).await {
+                Ok(result) => {
+                    shared.metrics.queue_depth.set(self.jobs.len() as i64);
+                    return result
+                        .map_err(|_| HsmError::Unavailable("session thread failed".into()))?;
+                }
+                Err(_) => {
+                    let now = Instant::now();
+                    match state.state.load(Ordering::Acquire) {
+                        QUEUED if now >= deadline => {
+                            if state
+                                .state
+                                .compare_exchange(
+                                    QUEUED,
+                                    CANCELLED,
+                                    Ordering::AcqRel,
+                                    Ordering::Acquire,
+                                )
+                                .is_ok()
+                            {
+                                shared.metrics.shed("expired_in_queue");
+                                return Err(HsmError::Busy);
+                            }
+                            // It started just now: treat as running.
+                            wake = now;
+                        }
+                        QUEUED => wake = deadline.min(now + shared.call_timeout),
+                        _ => {
+                            let started = shared.epoch
+                                + Duration::from_nanos(state.started_ns.load(Ordering::Acquire));
+                            let limit = deadline.min(started + shared.call_timeout);
+                            if now >= limit {
+                                tracing::warn!(
+                                    operation,
+                                    elapsed_ms = now.duration_since(started).as_millis() as u64,
+                                    "HSM call exceeded its time; answering 503 while the session finishes it"
+                                );
+                                return Err(HsmError::Timeout);
+                            }
+                            wake = limit;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A place among the outstanding requests, given back when dropped.
+struct Place<'a>(&'a Shared);
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+
+    fn pool(sessions: usize, queue_depth: usize, call_timeout: Duration) -> Arc<Pool<()>> {
+        let settings = PoolSettings {
+            name: "test-pool",
+            queue_depth,
+            call_timeout,
+        };
+        let metrics = Metrics::new(Duration::from_millis(100));
+        Arc::new(Pool::start(&settings, vec![(); sessions], metrics).unwrap())
+    }
+
+    fn sleeper(d: Duration) -> impl FnOnce(&mut ()) -> Result<(), HsmError> + Send {
+        move |()| {
+            std::thread::sleep(d);
+            Ok(())
+        }
+    }
+
+    /// Occupies the only session for `d`; returns once the call has started.
+    async fn occupy(pool: &Arc<Pool<()>>, d: Duration) -> tokio::task::JoinHandle<()> {
+        let started = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&started);
+        let pool = Arc::clone(pool);
+        let task = tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let _ = pool
+                .run("Test", deadline, move |()| {
+                    flag.store(true, Ordering::SeqCst);
+                    std::thread::sleep(d);
+                    Ok(())
+                })
+                .await;
+        });
+        while !started.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        task
+    }
+
+    #[tokio::test]
+    async fn a_request_that_expires_while_queued_never_reaches_the_hsm() {
+        let pool = pool(1, 8, Duration::from_secs(10));
+        let busy = occupy(&pool, Duration::from_millis(300)).await;
+        let ran = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&ran);
+        let deadline = Instant::now() + Duration::from_millis(50);
+        let result = pool
+            .run("Test", deadline, move |()| {
+                flag.store(true, Ordering::SeqCst);
+                Ok(())
+            })
+            .await;
+        assert_eq!(result, Err(HsmError::Busy));
+        busy.await.unwrap();
+        // The session is free now; the expired job was skipped, not run late.
+        pool.run(
+            "Test",
+            Instant::now() + Duration::from_secs(1),
+            sleeper(Duration::ZERO),
+        )
+        .await
+        .unwrap();
+        assert!(!ran.load(Ordering::SeqCst));
+        assert_eq!(pool.shared.outstanding.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_and_a_hopeless_wait_are_refused_at_once() {
+        let pool = pool(1, 1, Duration::from_secs(10));
+        // Teach the pool that a call takes about 100 ms.
+        pool.run(
+            "Test",
+            Instant::now() + Duration::from_secs(1),
+            sleeper(Duration::from_millis(100)),
+        )
+        .await
+        .unwrap();
+        let busy = occupy(&pool, Duration::from_millis(200)).await;
+        // One wave ahead + our own call ≈ 200 ms: hopeless within 150 ms.
+        let before = Instant::now();
+        let result = pool
+            .run(
+                "Test",
+                before + Duration::from_millis(150),
+                sleeper(Duration::ZERO),
+            )
+            .await;
+        assert_eq!(result, Err(HsmError::Busy));
+        assert!(
+            before.elapsed() < Duration::from_millis(100),
+            "not refused at once"
+        );
+        // Fill the one queue place; the next request finds the queue full.
+        let queued = {
+            let pool = Arc::clone(&pool);
+            tokio::spawn(async move {
+                pool.run(
+                    "Test",
+                    Instant::now() + Duration::from_secs(5),
+                    sleeper(Duration::ZERO),
+                )
+                .await
+            })
+        };
+        while pool.shared.outstanding.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let result = pool
+            .run(
+                "Test",
+                Instant::now() + Duration::from_secs(5),
+                sleeper(Duration::ZERO),
+            )
+            .await;
+        assert_eq!(result, Err(HsmError::Busy));
+        busy.await.unwrap();
+        queued.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_call_past_its_timeout_answers_at_once_and_keeps_its_session() {
+        let pool = pool(2, 8, Duration::from_millis(50));
+        let before = Instant::now();
+        let result = pool
+            .run(
+                "Test",
+                before + Duration::from_secs(5),
+                sleeper(Duration::from_millis(400)),
+            )
+            .await;
+        assert_eq!(result, Err(HsmError::Timeout));
+        assert!(before.elapsed() < Duration::from_millis(300));
+        assert_eq!(
+            pool.shared.busy.load(Ordering::SeqCst),
+            1,
+            "session still in the call"
+        );
+        // The other session serves.
+        pool.run(
+            "Test",
+            Instant::now() + Duration::from_secs(1),
+            sleeper(Duration::ZERO),
+        )
+        .await
+        .unwrap();
+    }
+}

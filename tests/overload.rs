@@ -1,0 +1,150 @@
+//! Overload against the simulated HSM (same session pool and admission control as
+//! PKCS#11, with a service time we choose). Its own test binary, so it does not share
+//! the machine with other tests.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Several times the simulated HSM's capacity: only 200 or 429, admitted requests within
+/// their deadline, bounded memory and queue, full service again once the load drops,
+/// and counters that match what the clients saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_sheds_with_429_and_recovers() {
+    let setup = Setup::new();
+    // 2 sessions × 10 ms: 200 requests a second. Deadline 150 ms.
+    setup.simulated(
+        "request_deadline_ms = 150\nsummary_interval_seconds = 1",
+        "sessions = 2\nqueue_depth = 64\ncall_timeout_ms = 1000\n[hsm.simulated]\ndistribution = \"fixed\"\nmean_ms = 10.0",
+        "",
+    );
+    let proxy = Arc::new(setup.start());
+    let client = Arc::new(proxy.client());
+    let body = encrypt_body(b"overload", None, false);
+    let path = key_path("foo", "encrypt");
+
+    // Warm up, then note the memory.
+    let mut sender = client.h2_connection().await;
+    for _ in 0..20 {
+        assert_eq!(client.post_on(&mut sender, &path, &body).await.status, 200);
+    }
+    let rss_before = proxy.rss_kib();
+
+    // 64 concurrent streams on 4 connections for 3 s, each sending again as soon as it
+    // is answered: 429s come back at once, so the offered load is far above 200/s.
+    let stop = Instant::now() + Duration::from_secs(3);
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let sender = client.h2_connection().await;
+        for _ in 0..16 {
+            let (client, mut sender, body, path) = (
+                Arc::clone(&client),
+                sender.clone(),
+                body.clone(),
+                path.clone(),
+            );
+            workers.push(tokio::spawn(async move {
+                let mut seen: BTreeMap<(u16, String), u64> = BTreeMap::new();
+                while Instant::now() < stop {
+                    let reply = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        client.post_on(&mut sender, &path, &body),
+                    )
+                    .await
+                    .expect("no request may hang");
+                    *seen
+                        .entry((reply.status, reply.error_name().to_owned()))
+                        .or_default() += 1;
+                }
+                seen
+            }));
+        }
+    }
+    // Watch the queue while the load runs.
+    let mut deepest_queue = 0.0f64;
+    while Instant::now() < stop {
+        let metrics = proxy.scrape().await;
+        deepest_queue = deepest_queue.max(metrics.value("xks_hsm_queue_depth", &[]));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut seen: BTreeMap<(u16, String), u64> = BTreeMap::new();
+    for worker in workers {
+        for (key, n) in worker.await.unwrap() {
+            *seen.entry(key).or_default() += n;
+        }
+    }
+    let ok = seen.get(&(200, "<none>".into())).copied().unwrap_or(0);
+    let throttled = seen
+        .get(&(429, "ThrottlingException".into()))
+        .copied()
+        .unwrap_or(0);
+    assert_eq!(
+        ok + throttled,
+        seen.values().sum::<u64>(),
+        "only 200 and 429 ThrottlingException are allowed under overload: {seen:?}"
+    );
+    assert!(ok > 0 && throttled > ok, "overload must shed: {seen:?}");
+    assert!(deepest_queue <= 64.0, "queue depth {deepest_queue}");
+
+    // Memory stays bounded: thousands of shed requests leave nothing behind.
+    let rss_after = proxy.rss_kib();
+    eprintln!(
+        "overload: {seen:?}, deepest queue {deepest_queue}, RSS {rss_before} -> {rss_after} KiB"
+    );
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+
+    // Recovery: with the load gone, every request is served.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..20 {
+        let reply = client.post_on(&mut sender, &path, &body).await;
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+    }
+
+    // The server counted what the clients saw, and every admitted request finished
+    // within its deadline (the 0.15 s bucket holds them all).
+    let metrics = proxy.scrape().await;
+    let ok_total = ok + 40;
+    let labels = [("operation", "Encrypt"), ("outcome", "ok")];
+    assert_eq!(
+        metrics.value("xks_requests_total", &labels),
+        ok_total as f64
+    );
+    assert_eq!(
+        metrics.value(
+            "xks_requests_total",
+            &[("operation", "Encrypt"), ("outcome", "ThrottlingException")]
+        ),
+        throttled as f64
+    );
+    // The HSM part of an admitted request ends by the deadline by construction (or it
+    // is a 503); what follows (JSON, the response) is microseconds, but a shared CI
+    // machine may deschedule the proxy, so a sliver past the deadline is tolerated and
+    // nothing may come near KMS's 250 ms timeout.
+    let (count, within) = metrics.histogram("xks_request_duration_seconds", &labels, 0.15);
+    assert_eq!(count, ok_total);
+    assert!(
+        within as f64 >= 0.99 * count as f64,
+        "{} of {count} admitted requests finished past the deadline",
+        count - within
+    );
+    let (_, within_kms_timeout) = metrics.histogram("xks_request_duration_seconds", &labels, 0.25);
+    assert_eq!(within_kms_timeout, count);
+    // (A health check may have been shed too.)
+    assert!(metrics.value("xks_shed_total", &[]) >= throttled as f64);
+    assert_eq!(metrics.value("xks_in_flight", &[]), 0.0);
+    // The periodic summary line reports the interval's percentiles.
+    let logs = proxy.logs();
+    assert!(
+        logs.contains("Encrypt:") && logs.contains("within the 150 ms deadline"),
+        "no summary line in the logs"
+    );
+}
