@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 use zeroize::Zeroizing;
@@ -16,6 +16,7 @@ use zeroize::Zeroizing;
 use crate::hsm::pkcs11::{IvSource, Pkcs11Settings, TokenSelector};
 use crate::hsm::KeyUsage;
 use crate::router::{is_valid_key_id, normalize_prefix};
+use crate::server::tls::{MtlsSettings, TlsSettings};
 
 /// A configuration problem, with the field it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +70,29 @@ pub struct FileConfig {
     pub key_stores: Vec<KeyStoreSection>,
     /// The plain-HTTP admin listener (metrics, probes).
     pub admin: Option<AdminSection>,
+    /// Client certificate authentication.
+    pub mtls: Option<MtlsSection>,
+    /// Secondary authorization with Cedar policies.
+    pub authorization: Option<AuthorizationSection>,
+}
+
+/// `[mtls]`: require client certificates (spec: Authentication, SHOULD).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MtlsSection {
+    /// PEM bundle of the CAs that issue client certificates.
+    pub ca_bundle: PathBuf,
+    /// Names the client certificate must carry as CN or DNS SAN, e.g.
+    /// `cks.kms.us-east-1.amazonaws.com`.
+    pub allowed_subjects: Vec<String>,
+}
+
+/// `[authorization]`: Cedar policies over each request's `requestMetadata`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizationSection {
+    /// The policy file (Cedar).
+    pub policy_file: PathBuf,
 }
 
 /// `[admin]`: a second listener, plain HTTP, for Prometheus and load balancer probes.
@@ -126,6 +150,18 @@ pub struct ServerSection {
     /// Seconds between INFO summary lines (p50/p99/p99.9 per operation); 0 turns them off.
     #[serde(default = "default_summary_interval")]
     pub summary_interval_seconds: u64,
+    /// Seconds between checks of the configuration's files for changes (a change
+    /// reloads, as SIGHUP does); 0 turns the checks off.
+    #[serde(default = "default_reload_poll")]
+    pub reload_poll_seconds: u64,
+    /// Refuse a SigV4 signature seen before within its validity window. Off by default:
+    /// KMS may legitimately retry a request with the same signature.
+    #[serde(default)]
+    pub sigv4_replay_protection: bool,
+}
+
+fn default_reload_poll() -> u64 {
+    2
 }
 
 fn default_max_body() -> usize {
@@ -374,6 +410,9 @@ pub struct CredentialSection {
     pub secret_access_key_env: Option<String>,
     /// The secret inline (discouraged: draws a warning).
     pub secret_access_key: Option<String>,
+    /// When the credential was made (`YYYY-MM-DD`), for its age in the metrics;
+    /// default: the secret file's modification time.
+    pub created: Option<String>,
 }
 
 /// A validated configuration, ready to run.
@@ -381,14 +420,10 @@ pub struct CredentialSection {
 pub struct Config {
     /// Listen address.
     pub listen: SocketAddr,
-    /// TLS certificate chain file.
-    pub tls_certificate: PathBuf,
-    /// TLS key file.
-    pub tls_private_key: PathBuf,
+    /// TLS files and mTLS.
+    pub tls: TlsSettings,
     /// Body limit.
     pub max_body_bytes: usize,
-    /// Offer h2.
-    pub http2: bool,
     /// `[proxy]`.
     pub proxy: ProxySection,
     /// The backend.
@@ -403,6 +438,15 @@ pub struct Config {
     pub health: HealthSettings,
     /// The admin listener, if any.
     pub admin_listen: Option<SocketAddr>,
+    /// The Cedar policy file, if any.
+    pub policy_file: Option<PathBuf>,
+    /// Refuse replayed signatures.
+    pub sigv4_replay_protection: bool,
+    /// How often the files below are checked for changes (`None`: never).
+    pub reload_poll: Option<Duration>,
+    /// The files whose change reloads the configuration: the file itself, TLS files,
+    /// the mTLS bundle, the policy file and credential secret files.
+    pub watched_files: Vec<PathBuf>,
 }
 
 /// Deadlines, timeouts and connection limits.
@@ -459,6 +503,8 @@ pub struct KeyStoreConfig {
     pub keys: Vec<String>,
     /// Credentials.
     pub credentials: Vec<crate::auth::Credential>,
+    /// When each credential (by access key id) was made.
+    pub credentials_created: Vec<(String, SystemTime)>,
     /// Request quota: (requests per second, burst).
     pub quota: Option<(f64, f64)>,
 }
@@ -475,7 +521,10 @@ impl Config {
             message: e.to_string(),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::from_file(file, base)
+        let mut config = Self::from_file(file, base)?;
+        config.watched_files.insert(0, path.to_owned());
+        warn_if_readable_by_others(path, &text);
+        Ok(config)
     }
 
     /// Validates a parsed file; relative paths are taken from `base`.
@@ -527,15 +576,48 @@ impl Config {
             ));
         }
         let mut key_stores = Vec::with_capacity(file.key_stores.len());
+        let mut watched_files = Vec::new();
         for (i, store) in file.key_stores.into_iter().enumerate() {
+            watched_files.extend(
+                store
+                    .credentials
+                    .iter()
+                    .filter_map(|c| c.secret_access_key_file.as_deref().map(resolve)),
+            );
             key_stores.push(key_store(store, i, base)?);
         }
+        let mtls = match file.mtls {
+            None => None,
+            Some(m) if m.allowed_subjects.is_empty() => {
+                return Err(invalid(
+                    "mtls.allowed_subjects",
+                    "list the names client certificates must carry, e.g. cks.kms.us-east-1.amazonaws.com",
+                ))
+            }
+            Some(m) => Some(MtlsSettings {
+                ca_bundle: resolve(&m.ca_bundle),
+                allowed_subjects: m.allowed_subjects,
+            }),
+        };
+        let tls = TlsSettings {
+            certificate: resolve(&file.server.tls_certificate),
+            private_key: resolve(&file.server.tls_private_key),
+            http2: file.server.http2,
+            mtls,
+        };
+        let policy_file = file.authorization.map(|a| resolve(&a.policy_file));
+        watched_files.extend([tls.certificate.clone(), tls.private_key.clone()]);
+        watched_files.extend(tls.mtls.as_ref().map(|m| m.ca_bundle.clone()));
+        watched_files.extend(policy_file.clone());
         Ok(Self {
             listen: file.server.listen,
-            tls_certificate: resolve(&file.server.tls_certificate),
-            tls_private_key: resolve(&file.server.tls_private_key),
+            tls,
             max_body_bytes: file.server.max_body_bytes,
-            http2: file.server.http2,
+            policy_file,
+            sigv4_replay_protection: file.server.sigv4_replay_protection,
+            reload_poll: (file.server.reload_poll_seconds > 0)
+                .then(|| Duration::from_secs(file.server.reload_poll_seconds)),
+            watched_files,
             proxy: file.proxy,
             backend,
             environment: file.hsm.environment,
@@ -665,6 +747,9 @@ fn pkcs11_settings(hsm: &HsmSection, base: &Path) -> Result<Pkcs11Settings, Conf
             ))
         }
     };
+    if let Some(path) = &hsm.pin_file {
+        warn_if_readable_by_others(&base.join(path), "");
+    }
     let pin = secret(
         "hsm.pin",
         hsm.pin_file.as_deref().map(|p| base.join(p)),
@@ -777,6 +862,7 @@ fn key_store(store: KeyStoreSection, i: usize, base: &Path) -> Result<KeyStoreCo
         ));
     }
     let mut credentials = Vec::with_capacity(store.credentials.len());
+    let mut credentials_created = Vec::with_capacity(store.credentials.len());
     for (j, credential) in store.credentials.into_iter().enumerate() {
         let cfield = format!("{field}.credential[{j}]");
         if !is_valid_access_key_id(&credential.access_key_id) {
@@ -809,6 +895,20 @@ fn key_store(store: KeyStoreSection, i: usize, base: &Path) -> Result<KeyStoreCo
                 "must be 43 to 64 characters of A-Z, a-z, 0-9, '+', '/' and '=' (spec: XKS proxy configuration file)",
             ));
         }
+        let created = match &credential.created {
+            Some(date) => parse_date(date)
+                .ok_or_else(|| invalid(format!("{cfield}.created"), "a date as YYYY-MM-DD"))?,
+            None => credential
+                .secret_access_key_file
+                .as_deref()
+                .and_then(|p| std::fs::metadata(base.join(p)).ok())
+                .and_then(|m| m.modified().ok())
+                .unwrap_or_else(SystemTime::now),
+        };
+        if let Some(path) = &credential.secret_access_key_file {
+            warn_if_readable_by_others(&base.join(path), "");
+        }
+        credentials_created.push((credential.access_key_id.clone(), created));
         credentials.push(crate::auth::Credential::new(
             credential.access_key_id,
             secret,
@@ -842,8 +942,44 @@ fn key_store(store: KeyStoreSection, i: usize, base: &Path) -> Result<KeyStoreCo
         region: store.region,
         keys: store.keys,
         credentials,
+        credentials_created,
         quota,
     })
+}
+
+/// `YYYY-MM-DD` as midnight UTC.
+fn parse_date(date: &str) -> Option<SystemTime> {
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    let day = time::Date::parse(date, &format).ok()?;
+    let seconds = day.midnight().assume_utc().unix_timestamp();
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(seconds).ok()?))
+}
+
+/// Warns when a file that holds secrets can be read by group or others. `text` is the
+/// file's content when known: a configuration file without inline secrets is fine.
+fn warn_if_readable_by_others(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let holds_secrets = text.is_empty()
+        || text.lines().any(|l| {
+            let l = l.trim_start();
+            l.starts_with("pin ")
+                || l.starts_with("pin=")
+                || l.starts_with("secret_access_key ")
+                || l.starts_with("secret_access_key=")
+        });
+    if !holds_secrets {
+        return;
+    }
+    if let Ok(metadata) = std::fs::metadata(path) {
+        let mode = metadata.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                file = %path.display(),
+                mode = format!("{:o}", mode & 0o777),
+                "a file holding secrets is readable by group or others; chmod 600 it"
+            );
+        }
+    }
 }
 
 /// spec Appendix A: 20–30 characters, `A`–`Z` and `2`–`7` only.
@@ -935,10 +1071,10 @@ secret_access_key = "0123456789012345678901234567890123456789abc"
     #[test]
     fn good_config_loads_with_defaults_and_resolved_paths() {
         let c = load(GOOD).unwrap();
-        assert_eq!(c.tls_certificate, Path::new("/etc/xks/cert.pem"));
+        assert_eq!(c.tls.certificate, Path::new("/etc/xks/cert.pem"));
         assert_eq!(c.max_body_bytes, 65536);
         assert_eq!(c.key_stores[0].uri_prefix, "/x/y");
-        assert!(c.http2);
+        assert!(c.tls.http2);
         let BackendConfig::Pkcs11(p) = &c.backend else {
             panic!("pkcs11 expected")
         };

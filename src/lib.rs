@@ -8,6 +8,7 @@
 //!   limits and shutdown; [`server::service`] is the per-request pipeline.
 //! - [`router`]: routes parsed once at start-up: path → (key store, operation, key id).
 //! - [`auth`]: SigV4 verification with cached signing keys.
+//! - [`authz`]: optional secondary authorization of `requestMetadata` with Cedar policies.
 //! - [`xks`]: the four APIs — request validation, the spec's AAD and CDIV encodings,
 //!   and the error model ([`xks::XksError`], one variant per spec error name).
 //! - [`hsm`]: the backend. [`hsm::pkcs11`] runs a bounded pool of logged-in sessions
@@ -26,6 +27,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod authz;
 pub mod config;
 pub mod health;
 pub mod hsm;

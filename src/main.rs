@@ -14,7 +14,7 @@ use xks_proxy::config::{BackendConfig, Config};
 use xks_proxy::hsm::pkcs11::{self, NewKeyUsage};
 use xks_proxy::metrics::Metrics;
 use xks_proxy::quickstart;
-use xks_proxy::server::{self, tls, Server};
+use xks_proxy::server::{self, Server};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,7 +23,7 @@ use xks_proxy::server::{self, tls, Server};
 )]
 struct Cli {
     /// Log format.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "XKS_LOG_FORMAT")]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -48,6 +48,11 @@ enum Command {
         #[command(subcommand)]
         action: KeysCommand,
     },
+    /// SigV4 credentials for key stores.
+    Credentials {
+        #[command(subcommand)]
+        action: CredentialsCommand,
+    },
     /// Set up a local SoftHSM2 token, keys, credentials, certificates and config, then serve.
     Quickstart {
         /// Folder for everything the quickstart creates (reused when run again).
@@ -62,6 +67,22 @@ enum Command {
         /// Prepare the folder and exit without serving.
         #[arg(long)]
         setup_only: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CredentialsCommand {
+    /// Print a fresh spec-conformant credential, the lines to add to the key store's
+    /// configuration, and the KMS console JSON. Rotation: add it next to the old one,
+    /// reload (SIGHUP), update the key store in KMS, then remove the old one.
+    New {
+        /// The key store's URI path prefix (as in the configuration; may be empty).
+        #[arg(long, default_value = "")]
+        uri_prefix: String,
+        /// Write the secret to this file (mode 0600) instead of printing it inline in
+        /// the configuration lines.
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
     },
 }
 
@@ -129,6 +150,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { config } => serve(&config),
         Command::Keys { action } => keys(action),
+        Command::Credentials { action } => credentials(action),
         Command::Quickstart {
             dir,
             listen,
@@ -168,11 +190,6 @@ fn apply_environment(environment: &BTreeMap<String, String>) {
 fn serve(config_path: &Path) -> Result<(), Error> {
     let config = Config::load(config_path)?;
     apply_environment(&config.environment);
-    let tls = tls::server_config(
-        &config.tls_certificate,
-        &config.tls_private_key,
-        config.http2,
-    )?;
     let metrics = Metrics::new(config.limits.request_deadline);
     let backend = server::backend(&config.backend, &metrics)?;
     tracing::info!(ekm = ?backend.ekm_info(), "connected to the key manager");
@@ -184,7 +201,7 @@ fn serve(config_path: &Path) -> Result<(), Error> {
         .thread_name("xks-worker")
         .build()?;
     runtime.block_on(async move {
-        let server = Server::bind(listen, admin, tls, app).await?;
+        let server = Server::bind(listen, admin, app, Some(config_path.to_owned())).await?;
         // Know the EKM's health before the first request and the first probe.
         let health = server.app().handler.monitor().check().await;
         tracing::info!(status = health.as_str(), "first health check done");
@@ -216,6 +233,43 @@ async fn shutdown_signal() {
         _ = terminate.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+fn credentials(action: CredentialsCommand) -> Result<(), Error> {
+    let CredentialsCommand::New {
+        uri_prefix,
+        secret_file,
+    } = action;
+    xks_proxy::router::normalize_prefix(&uri_prefix)?;
+    let access_key_id = quickstart::random_access_key_id()?;
+    let secret = quickstart::random_secret()?;
+    let today = time::OffsetDateTime::now_utc().date();
+    let secret_line = match &secret_file {
+        Some(path) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            writeln!(file, "{}", secret.as_str())?;
+            format!("secret_access_key_file = {:?}", path.display().to_string())
+        }
+        None => format!("secret_access_key = {:?}", secret.as_str()),
+    };
+    println!("# Add to the key store's configuration, next to the credential it replaces:");
+    println!("[[key_store.credential]]");
+    println!("access_key_id = \"{}\"", access_key_id.as_str());
+    println!("{secret_line}");
+    println!("created = \"{today}\"");
+    println!();
+    println!("# Then give KMS the new credential (console: import this file):");
+    println!(
+        "{}",
+        quickstart::kms_console_json(&uri_prefix, &access_key_id, &secret)
+    );
+    Ok(())
 }
 
 fn keys(action: KeysCommand) -> Result<(), Error> {

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use hdrhistogram::Histogram;
 use parking_lot::{Mutex, MutexGuard};
@@ -42,6 +42,35 @@ impl Stage {
             Self::Hsm => "hsm",
         }
     }
+}
+
+/// One request's time in each stage, for its log line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StageTimes {
+    /// SigV4 verification.
+    pub auth: Duration,
+    /// Waiting for an HSM session.
+    pub queue_wait: Duration,
+    /// In the HSM.
+    pub hsm: Duration,
+}
+
+tokio::task_local! {
+    /// The stage times of the request this task serves.
+    pub static REQUEST_STAGES: Cell<StageTimes>;
+}
+
+/// Adds `duration` to the current request's `stage` (no-op outside a request).
+pub fn note_stage(stage: Stage, duration: Duration) {
+    let _ = REQUEST_STAGES.try_with(|cell| {
+        let mut times = cell.get();
+        match stage {
+            Stage::Auth => times.auth += duration,
+            Stage::QueueWait => times.queue_wait += duration,
+            Stage::Hsm => times.hsm += duration,
+        }
+        cell.set(times);
+    });
 }
 
 /// Labels of request counters and latency: the API and its outcome (`ok` or the
@@ -228,6 +257,57 @@ impl Latencies {
     }
 }
 
+/// Dates operators alarm on (KMS does: certificate expiry and credential age).
+#[derive(Debug, Default, Clone)]
+pub struct SecretDates {
+    /// When the server certificate expires.
+    pub certificate_not_after: Option<SystemTime>,
+    /// (key store, access key id, created) of every credential.
+    pub credentials: Vec<(String, String, SystemTime)>,
+}
+
+/// Renders [`SecretDates`] against the clock at scrape time.
+#[derive(Debug)]
+struct SecretCollector(Arc<Mutex<SecretDates>>);
+
+impl Collector for SecretCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), fmt::Error> {
+        let dates = self.0.lock().clone();
+        let now = SystemTime::now();
+        let signed_days = |from: SystemTime, to: SystemTime| match to.duration_since(from) {
+            Ok(d) => d.as_secs_f64() / 86_400.0,
+            Err(e) => -e.duration().as_secs_f64() / 86_400.0,
+        };
+        if let Some(not_after) = dates.certificate_not_after {
+            let gauge = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+            gauge.set(signed_days(now, not_after));
+            let metric = encoder.encode_descriptor(
+                "xks_tls_certificate_days_to_expiry",
+                "Days until the server certificate expires (negative: expired)",
+                None,
+                MetricType::Gauge,
+            )?;
+            gauge.encode(metric)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "xks_credential_age_days",
+            "Age of each SigV4 credential in days (rotate old ones)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (key_store, access_key_id, created) in &dates.credentials {
+            let gauge = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+            gauge.set(signed_days(*created, now));
+            let labels = [
+                ("key_store", key_store.as_str()),
+                ("access_key_id", access_key_id.as_str()),
+            ];
+            gauge.encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
 /// Everything the proxy measures.
 #[derive(Debug)]
 pub struct Metrics {
@@ -252,6 +332,17 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     /// Latency histograms.
     pub latencies: Arc<Latencies>,
+    /// Certificate expiry and credential ages, updated at every (re)load.
+    pub secrets: Arc<Mutex<SecretDates>>,
+    /// Configuration reloads by result.
+    pub reloads: Family<ReloadLabels, Counter>,
+}
+
+/// Result of a configuration reload.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `ok` or `error`.
+    pub result: &'static str,
 }
 
 /// Renders the hdrhistograms as Prometheus histograms, plus the budget share.
@@ -404,8 +495,18 @@ impl Metrics {
             latencies: Arc::clone(&latencies),
             deadline,
         }));
+        let secrets = Arc::new(Mutex::new(SecretDates::default()));
+        registry.register_collector(Box::new(SecretCollector(Arc::clone(&secrets))));
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "xks_config_reloads",
+            "Configuration reloads (SIGHUP or changed files) by result",
+            reloads.clone(),
+        );
         Arc::new(Self {
             registry,
+            secrets,
+            reloads,
             requests,
             in_flight,
             sheds,

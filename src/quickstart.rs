@@ -177,11 +177,7 @@ pub fn prepare(
 
     let access_key_id =
         reuse_or_create_secret(&dir.join("sigv4-access-key-id"), random_access_key_id)?;
-    let secret = reuse_or_create_secret(&dir.join("sigv4-secret"), || {
-        let mut bytes = Zeroizing::new([0u8; 32]);
-        aws_lc_rs::rand::fill(bytes.as_mut()).map_err(|_| QuickstartError::Random)?;
-        Ok(Zeroizing::new(STANDARD.encode(bytes.as_ref())))
-    })?;
+    let secret = reuse_or_create_secret(&dir.join("sigv4-secret"), random_secret)?;
 
     let ca_certificate = dir.join("ca.pem");
     certificates(&dir)?;
@@ -192,18 +188,9 @@ pub fn prepare(
         config_toml(&dir, &module, &softhsm2_conf, listen, &access_key_id).as_bytes(),
         false,
     )?;
-    let console = serde_json::json!({
-        "XksProxyUriPath": format!("/{URI_PREFIX}/kms/xks/v1"),
-        "XksProxyAuthenticationCredential": {
-            "AccessKeyId": access_key_id.as_str(),
-            "RawSecretAccessKey": secret.as_str(),
-        }
-    });
     write_file(
         &dir.join("kms-console.json"),
-        serde_json::to_string_pretty(&console)
-            .expect("a JSON value serializes")
-            .as_bytes(),
+        kms_console_json(URI_PREFIX, &access_key_id, &secret).as_bytes(),
         true,
     )?;
     write_file(
@@ -438,6 +425,30 @@ fn random_bytes<const N: usize>() -> Result<Zeroizing<[u8; N]>, QuickstartError>
 fn random_hex(len: usize) -> Result<Zeroizing<String>, QuickstartError> {
     let bytes = random_bytes::<32>()?;
     Ok(Zeroizing::new(hex::encode(&bytes[..len / 2])))
+}
+
+/// A SigV4 secret: 32 random bytes in Base64 (44 characters, within the spec's 43–64).
+pub fn random_secret() -> Result<Zeroizing<String>, QuickstartError> {
+    let bytes = random_bytes::<32>()?;
+    Ok(Zeroizing::new(STANDARD.encode(bytes.as_ref())))
+}
+
+/// The spec's "XKS proxy configuration file" that the KMS console imports.
+/// `uri_prefix` is the key store's prefix without the leading slash (may be empty).
+pub fn kms_console_json(uri_prefix: &str, access_key_id: &str, secret: &str) -> String {
+    let path = if uri_prefix.trim_matches('/').is_empty() {
+        "/kms/xks/v1".to_owned()
+    } else {
+        format!("/{}/kms/xks/v1", uri_prefix.trim_matches('/'))
+    };
+    let console = serde_json::json!({
+        "XksProxyUriPath": path,
+        "XksProxyAuthenticationCredential": {
+            "AccessKeyId": access_key_id,
+            "RawSecretAccessKey": secret,
+        }
+    });
+    serde_json::to_string_pretty(&console).expect("a JSON value serializes")
 }
 
 /// 26 characters of the spec's access key id alphabet (A–Z, 2–7): 130 random bits.

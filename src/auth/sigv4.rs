@@ -117,6 +117,9 @@ pub enum AuthError {
     /// A signed header is absent from the request (or not valid text).
     #[error("a signed header is missing from the request")]
     SignedHeaderMissing,
+    /// The signature was used before (replay protection is on).
+    #[error("this signature was used before")]
+    Replayed,
     /// The signature does not match.
     #[error("signature does not match")]
     SignatureMismatch,
@@ -422,6 +425,7 @@ fn derive_signing_key(secret: &str, date: &str, region: &str) -> hmac::Key {
 pub struct Verifier {
     region: String,
     credentials: HashMap<String, Entry>,
+    replay: Option<std::sync::Arc<super::ReplayCache>>,
 }
 
 impl fmt::Debug for Verifier {
@@ -453,7 +457,21 @@ impl Verifier {
                     )
                 })
                 .collect(),
+            replay: None,
         }
+    }
+
+    /// The access key ids this verifier accepts, sorted.
+    pub fn access_key_ids(&self) -> Vec<&str> {
+        let mut ids: Vec<&str> = self.credentials.keys().map(String::as_str).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Refuses signatures `cache` has seen (shared by all key stores and reloads).
+    pub fn with_replay_cache(mut self, cache: std::sync::Arc<super::ReplayCache>) -> Self {
+        self.replay = Some(cache);
+        self
     }
 
     /// Verifies the request's signature at time `now`; returns the access key id used.
@@ -530,6 +548,11 @@ impl Verifier {
         let key = entry.signing_key(auth.date, auth.region);
         hmac::verify(&key, string_to_sign.as_bytes(), &auth.signature)
             .map_err(|_| AuthError::SignatureMismatch)?;
+        if let Some(cache) = &self.replay {
+            if !cache.first_use(&auth.signature, std::time::Instant::now()) {
+                return Err(AuthError::Replayed);
+            }
+        }
         Ok(access_key_id)
     }
 }

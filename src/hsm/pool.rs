@@ -10,7 +10,8 @@
 //!   is refused at once ([`HsmError::Busy`] → 429), and so is one that finds the queue
 //!   full: nothing queues to time out. The place is taken with one atomic add, so
 //!   concurrent admissions cannot all see the same short queue;
-//! - a request whose deadline passes while it waits is never sent to the HSM;
+//! - a request whose deadline passes while it waits, or is too near for a call of the
+//!   usual length, is never sent to the HSM;
 //! - a call that runs past its call timeout (or the request's deadline) answers
 //!   [`HsmError::Timeout`] (→ 503) at once, while its thread finishes the call: the
 //!   session only returns to the pool when the HSM lets go of it.
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use super::HsmError;
-use crate::metrics::{Metrics, Stage};
+use crate::metrics::{note_stage, Metrics, Stage};
 
 type Job<S> = Box<dyn FnOnce(&mut S) + Send>;
 
@@ -225,7 +226,10 @@ impl<S: Send + 'static> Pool<S> {
                 started.duration_since(shared.epoch).as_nanos() as u64,
                 Ordering::Release,
             );
-            if started >= deadline {
+            // Not sent to the HSM if the deadline has passed, or is so near that the
+            // call (at its usual time, with half again for noise) would overrun it.
+            let mean = shared.mean_service();
+            if started + mean + mean / 2 >= deadline {
                 shared.metrics.shed("expired_in_queue");
                 let _ = reply.send(Err(HsmError::Busy));
                 return;
@@ -268,6 +272,12 @@ impl<S: Send + 'static> Pool<S> {
             match tokio::time::timeout_at(wake.into(), &mut answer).await {
                 Ok(result) => {
                     shared.metrics.queue_depth.set(self.jobs.len() as i64);
+                    let started_ns = state.started_ns.load(Ordering::Acquire);
+                    if started_ns > 0 {
+                        let started = shared.epoch + Duration::from_nanos(started_ns);
+                        note_stage(Stage::QueueWait, started.saturating_duration_since(now));
+                        note_stage(Stage::Hsm, started.elapsed());
+                    }
                     return result
                         .map_err(|_| HsmError::Unavailable("session thread failed".into()))?;
                 }

@@ -15,6 +15,7 @@
 //! for them up to the grace period.
 
 pub mod admin;
+pub mod live;
 mod quota;
 pub mod service;
 pub mod tls;
@@ -35,7 +36,10 @@ use tokio_rustls::TlsAcceptor;
 pub use quota::Quota;
 pub use service::{App, KeyStore};
 
-use crate::auth::Verifier;
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+
+use crate::auth::ReplayCache;
 use crate::config::{BackendConfig, Config};
 use crate::health::HealthMonitor;
 use crate::hsm::pkcs11::Pkcs11Backend;
@@ -43,8 +47,8 @@ use crate::hsm::simulated::SimulatedBackend;
 use crate::hsm::software::SoftwareBackend;
 use crate::hsm::{Backend, HsmError};
 use crate::metrics::{HandshakeLabels, Metrics};
-use crate::router::Router;
-use crate::xks::{Handler, HealthInfo, KeySet};
+use crate::xks::{Handler, HealthInfo};
+use live::Live;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +62,9 @@ pub enum StartError {
     /// Routes.
     #[error("routes: {0}")]
     Routes(#[from] crate::router::PrefixError),
+    /// Authorization policies.
+    #[error(transparent)]
+    Authz(#[from] crate::authz::AuthzError),
     /// Binding the listener.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -83,18 +90,12 @@ pub fn backend(config: &BackendConfig, metrics: &Arc<Metrics>) -> Result<Backend
 }
 
 /// Assembles the application from a validated configuration and a backend.
-pub fn app(config: Config, backend: Backend, metrics: Arc<Metrics>) -> Result<App, StartError> {
-    let router = Router::new(config.key_stores.iter().map(|s| s.uri_prefix.as_str()))?;
-    let key_stores = config
-        .key_stores
-        .into_iter()
-        .map(|store| KeyStore {
-            verifier: Verifier::new(store.region, store.credentials),
-            keys: KeySet::new(store.keys),
-            quota: store.quota.map(|(rate, burst)| Quota::new(rate, burst)),
-            name: store.name,
-        })
-        .collect();
+pub fn app(mut config: Config, backend: Backend, metrics: Arc<Metrics>) -> Result<App, StartError> {
+    let replay = config
+        .sigv4_replay_protection
+        .then(|| Arc::new(ReplayCache::new(REPLAY_CACHE_ENTRIES)));
+    let live = Live::build(&mut config, replay.as_ref())?;
+    *metrics.secrets.lock() = live.secret_dates.clone();
     let health = HealthInfo {
         fleet_size: config.proxy.fleet_size,
         vendor: config.proxy.vendor,
@@ -110,21 +111,27 @@ pub fn app(config: Config, backend: Backend, metrics: Arc<Metrics>) -> Result<Ap
         Arc::clone(&metrics),
     ));
     Ok(App {
-        router,
-        key_stores,
+        live: ArcSwap::from_pointee(live),
+        watched: Mutex::new(config.watched_files),
+        replay,
         handler: Handler::new(backend, health, monitor),
         max_body_bytes: config.max_body_bytes,
         limits: config.limits,
+        reload_poll: config.reload_poll,
         metrics,
     })
 }
+
+/// Signatures the replay cache remembers at most (~40 MB; ten minutes at 1800 TPS).
+const REPLAY_CACHE_ENTRIES: usize = 1_000_000;
 
 /// A bound, ready-to-run server.
 pub struct Server {
     listener: TcpListener,
     admin: Option<TcpListener>,
-    acceptor: TlsAcceptor,
     app: Arc<App>,
+    /// The configuration file, for reloads.
+    config_path: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Server {
@@ -133,6 +140,7 @@ impl std::fmt::Debug for Server {
             .field("listener", &self.listener)
             .field("admin", &self.admin)
             .field("app", &self.app)
+            .field("config_path", &self.config_path)
             .finish_non_exhaustive()
     }
 }
@@ -144,12 +152,13 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 }
 
 impl Server {
-    /// Binds the listener and, if `admin` is given, the admin listener.
+    /// Binds the listener and, if `admin` is given, the admin listener. With
+    /// `config_path`, the configuration reloads on SIGHUP and when its files change.
     pub async fn bind(
         addr: SocketAddr,
         admin: Option<SocketAddr>,
-        tls: Arc<rustls::ServerConfig>,
         app: App,
+        config_path: Option<std::path::PathBuf>,
     ) -> Result<Self, StartError> {
         let listener = bind(addr).await?;
         let admin = match admin {
@@ -159,8 +168,8 @@ impl Server {
         Ok(Self {
             listener,
             admin,
-            acceptor: TlsAcceptor::from(tls),
             app: Arc::new(app),
+            config_path,
         })
     }
 
@@ -184,8 +193,8 @@ impl Server {
         let Self {
             listener,
             admin,
-            acceptor,
             app,
+            config_path,
         } = self;
         let mut background = tokio::task::JoinSet::new();
         background.spawn(Arc::clone(app.handler.monitor()).run());
@@ -198,6 +207,9 @@ impl Server {
         }
         if let Some(admin) = admin {
             background.spawn(admin::serve(admin, Arc::clone(&app)));
+        }
+        if let Some(path) = config_path {
+            background.spawn(live::watch(Arc::clone(&app), path, app.reload_poll));
         }
 
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -225,7 +237,9 @@ impl Server {
                 },
             };
             let _ = stream.set_nodelay(true);
-            let acceptor = acceptor.clone();
+            // The certificate and mTLS settings of the moment: a reload applies to new
+            // connections; open ones keep their session.
+            let acceptor = TlsAcceptor::from(Arc::clone(&app.live.load().tls));
             let app = Arc::clone(&app);
             let stop = stop_rx.clone();
             let done = done_tx.clone();

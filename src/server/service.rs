@@ -6,6 +6,7 @@
 //! HSM pool refuses work that cannot finish by then (429) and gives up on calls that
 //! run past it (503).
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -14,11 +15,17 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
+use std::path::PathBuf;
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+
+use super::live::Live;
 use super::quota::Quota;
-use crate::auth::{RequestParts, Verifier};
+use crate::auth::{ReplayCache, RequestParts, Verifier};
 use crate::config::Limits;
-use crate::metrics::{Metrics, RequestLabels, Stage};
-use crate::router::{RouteMatch, Router};
+use crate::metrics::{note_stage, Metrics, RequestLabels, Stage, StageTimes, REQUEST_STAGES};
+use crate::router::RouteMatch;
 use crate::xks::{Audit, ErrorName, Handler, KeySet, XksError};
 
 /// A key store at run time.
@@ -37,16 +44,20 @@ pub struct KeyStore {
 /// Everything the service needs, shared by all connections.
 #[derive(Debug)]
 pub struct App {
-    /// Routes.
-    pub router: Router,
-    /// Key stores, indexed as the router's matches.
-    pub key_stores: Vec<KeyStore>,
+    /// Routes, key stores, TLS and policies: swapped whole by a reload.
+    pub live: ArcSwap<Live>,
+    /// The files whose change triggers a reload.
+    pub watched: Mutex<Vec<PathBuf>>,
+    /// Signatures seen, when replay protection is on (survives reloads).
+    pub replay: Option<Arc<ReplayCache>>,
     /// Executes operations.
     pub handler: Handler,
     /// Largest body buffered.
     pub max_body_bytes: usize,
     /// Deadlines, timeouts and connection limits.
     pub limits: Limits,
+    /// How often watched files are checked for changes.
+    pub reload_poll: Option<std::time::Duration>,
     /// What we measure.
     pub metrics: Arc<Metrics>,
 }
@@ -75,6 +86,12 @@ impl Drop for InFlight<'_> {
 
 /// Serves one request. Infallible: every failure becomes a JSON error response.
 pub async fn serve_request(app: Arc<App>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    REQUEST_STAGES
+        .scope(Cell::new(StageTimes::default()), serve(app, request))
+        .await
+}
+
+async fn serve(app: Arc<App>, request: Request<Incoming>) -> Response<Full<Bytes>> {
     let started = Instant::now();
     let deadline = started + app.limits.request_deadline;
     if request.method() == Method::GET {
@@ -83,8 +100,10 @@ pub async fn serve_request(app: Arc<App>, request: Request<Incoming>) -> Respons
         }
     }
     let _in_flight = InFlight::new(&app.metrics);
+    // The configuration this request is served with, even if a reload swaps it.
+    let live = app.live.load_full();
     let path = request.uri().path().to_owned();
-    let route = match app.router.route(request.method(), &path) {
+    let route = match live.router.route(request.method(), &path) {
         Ok(route) => route,
         Err(error) => {
             tracing::info!(method = %request.method(), path = %sanitize(&path), error = %error.name(), "request rejected by routing");
@@ -102,8 +121,8 @@ pub async fn serve_request(app: Arc<App>, request: Request<Incoming>) -> Respons
             return error_response(&error);
         }
     };
-    let store = &app.key_stores[route.key_store];
-    let (result, audit) = authenticated(&app, store, &route, request, deadline).await;
+    let store = &live.key_stores[route.key_store];
+    let (result, audit) = authenticated(&app, &live, store, &route, request, deadline).await;
     let response = match &result {
         Ok(body) => json(StatusCode::OK, body.clone()),
         Err(error) => error_response(error),
@@ -137,6 +156,7 @@ fn count(metrics: &Metrics, operation: &'static str, outcome: &'static str, late
 
 async fn authenticated(
     app: &App,
+    live: &Live,
     store: &KeyStore,
     route: &RouteMatch<'_>,
     request: Request<Incoming>,
@@ -157,11 +177,11 @@ async fn authenticated(
     };
     let auth_started = Instant::now();
     let verified = store.verifier.verify(&request_parts, SystemTime::now());
-    app.metrics.latencies.record_stage(
-        Stage::Auth,
-        route.operation.as_str(),
-        auth_started.elapsed(),
-    );
+    let auth_time = auth_started.elapsed();
+    note_stage(Stage::Auth, auth_time);
+    app.metrics
+        .latencies
+        .record_stage(Stage::Auth, route.operation.as_str(), auth_time);
     if let Err(error) = verified {
         tracing::warn!(key_store = %store.name, reason = %error, "SigV4 authentication failed");
         return (Err(error.into()), Audit::default());
@@ -174,9 +194,20 @@ async fn authenticated(
         );
         return (Err(error), Audit::default());
     }
+    let authz = live
+        .authorizer
+        .as_deref()
+        .map(|authorizer| (authorizer, store.name.as_str()));
     let outcome = app
         .handler
-        .handle(route.operation, &store.keys, route.key_id, &body, deadline)
+        .handle(
+            route.operation,
+            &store.keys,
+            route.key_id,
+            &body,
+            deadline,
+            authz,
+        )
         .await;
     (outcome.result, outcome.audit)
 }
@@ -280,6 +311,7 @@ fn log_request(
     latency: Duration,
 ) {
     let latency_us = latency.as_micros() as u64;
+    let stages = REQUEST_STAGES.try_with(Cell::get).unwrap_or_default();
     let none = "-";
     let (outcome, message) = match result {
         Ok(_) => ("ok", ""),
@@ -295,8 +327,12 @@ fn log_request(
         kms_key_arn = audit.kms_key_arn.as_deref().unwrap_or(none),
         via = audit.kms_via_service.as_deref().unwrap_or(none),
         outcome,
-        message,
+        error_message = message,
+        authorization = audit.authorization.as_deref().unwrap_or(none),
         latency_us,
+        auth_us = stages.auth.as_micros() as u64,
+        queue_us = stages.queue_wait.as_micros() as u64,
+        hsm_us = stages.hsm.as_micros() as u64,
         "xks request"
     );
 }

@@ -17,6 +17,7 @@ use std::time::Instant;
 pub use error::{ErrorName, XksError};
 pub use request::Audit;
 
+use crate::authz::{Authorizer, AuthzRequest};
 use crate::health::HealthMonitor;
 use crate::hsm::Backend;
 
@@ -121,7 +122,8 @@ impl Handler {
     }
 
     /// Handles one authenticated request, which must be answered by `deadline`.
-    /// `key_id` is empty for GetHealthStatus.
+    /// `key_id` is empty for GetHealthStatus. With `authz` (the policies and the key
+    /// store's name), every operation but GetHealthStatus must be permitted first.
     pub async fn handle(
         &self,
         operation: ApiOperation,
@@ -129,8 +131,16 @@ impl Handler {
         key_id: &str,
         body: &[u8],
         deadline: Instant,
+        authz: Option<(&Authorizer, &str)>,
     ) -> Outcome {
         let mut audit = Audit::default();
+        if let (Some((authorizer, key_store)), false) =
+            (authz, operation == ApiOperation::GetHealthStatus)
+        {
+            if let Some(denied) = authorize(authorizer, key_store, operation, key_id, body) {
+                return denied;
+            }
+        }
         let backend = &*self.backend;
         // The key store's membership is checked by each operation after the request
         // is validated, so the log line of a KeyNotFound still names its kmsRequestId.
@@ -154,6 +164,72 @@ impl Handler {
         };
         Outcome { result, audit }
     }
+}
+
+/// Secondary authorization (spec: Authorization). A body that is not a JSON object
+/// with a `requestMetadata` object answers ValidationException here; otherwise the
+/// policies decide, and a denial (returned as the
+/// request's outcome) is 403 AccessDeniedException whose log line names the deciding
+/// policies.
+fn authorize(
+    authorizer: &Authorizer,
+    key_store: &str,
+    operation: ApiOperation,
+    key_id: &str,
+    body: &[u8],
+) -> Option<Outcome> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Envelope {
+        request_metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    }
+    // Fail closed: a body the policies cannot see is refused here rather than trusting
+    // the operation to refuse it too.
+    let metadata = match request::parse_json::<Envelope>(body) {
+        Ok(Envelope {
+            request_metadata: Some(metadata),
+        }) => metadata,
+        Ok(Envelope {
+            request_metadata: None,
+        }) => {
+            return Some(Outcome {
+                result: Err(XksError::validation("requestMetadata is required")),
+                audit: Audit::default(),
+            })
+        }
+        Err(error) => {
+            return Some(Outcome {
+                result: Err(error),
+                audit: Audit::default(),
+            })
+        }
+    };
+    let text = |name: &str| metadata.get(name).and_then(|v| v.as_str());
+    let decision = authorizer.authorize(&AuthzRequest {
+        principal_arn: text("awsPrincipalArn").unwrap_or(""),
+        operation: operation.as_str(),
+        key_store,
+        key_id,
+        metadata: &metadata,
+    });
+    if decision.allowed {
+        return None;
+    }
+    let own = |name: &str| text(name).map(str::to_owned);
+    Some(Outcome {
+        result: Err(XksError::new(
+            ErrorName::AccessDenied,
+            "the request is not authorized by the proxy's policies",
+        )),
+        audit: Audit {
+            kms_request_id: own("kmsRequestId"),
+            kms_operation: own("kmsOperation"),
+            aws_principal_arn: own("awsPrincipalArn"),
+            kms_key_arn: own("kmsKeyArn"),
+            kms_via_service: own("kmsViaService"),
+            authorization: Some(decision.to_string()),
+        },
+    })
 }
 
 /// The external key a request names, and whether its key store may use it.

@@ -83,6 +83,7 @@ impl RequestMetadata<'_> {
             aws_principal_arn: own(&self.aws_principal_arn),
             kms_key_arn: own(&self.kms_key_arn),
             kms_via_service: own(&self.kms_via_service),
+            authorization: None,
         }
     }
 }
@@ -101,12 +102,25 @@ pub struct Audit {
     pub kms_key_arn: Option<String>,
     /// requestMetadata.kmsViaService.
     pub kms_via_service: Option<String>,
+    /// The secondary authorization's decision and the policies that made it.
+    pub authorization: Option<String>,
 }
 
 /// Parses a JSON body without echoing any of its content in the error (a serde message
 /// can quote values, and values may be secret).
+///
+/// The whole body must be UTF-8 (RFC 8259 §8.1): serde_json checks the strings it
+/// decodes but skips over ignored fields byte by byte, so without this check a body
+/// with invalid UTF-8 in an unknown field would pass as JSON (found by the `request`
+/// fuzz target).
 pub(crate) fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, XksError> {
-    serde_json::from_slice(body).map_err(|e| {
+    let text = std::str::from_utf8(body).map_err(|e| {
+        XksError::validation(format!(
+            "request body is not UTF-8 (byte {})",
+            e.valid_up_to()
+        ))
+    })?;
+    serde_json::from_str(text).map_err(|e| {
         use serde_json::error::Category;
         let what = match e.classify() {
             Category::Syntax | Category::Eof | Category::Io => "request body is not valid JSON",
@@ -161,4 +175,29 @@ pub(crate) fn base64(bytes: &[u8]) -> String {
 pub(crate) struct MetadataOnly<'a> {
     #[serde(borrow)]
     pub(crate) request_metadata: Option<RequestMetadata<'a>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xks::ErrorName;
+
+    #[derive(Debug, Deserialize)]
+    struct Known {
+        #[allow(dead_code)]
+        plaintext: Option<String>,
+    }
+
+    #[test]
+    fn invalid_utf8_is_refused_even_in_ignored_fields() {
+        let mut body = br#"{"plaintext": "AA==", "unknown": "x"#.to_vec();
+        body.extend_from_slice(&[0xff, 0xfe]);
+        body.extend_from_slice(br#""}"#);
+        // serde_json alone skips the ignored field's bytes without checking them.
+        assert!(serde_json::from_slice::<Known>(&body).is_ok());
+        let error = parse_json::<Known>(&body).expect_err("not UTF-8");
+        assert_eq!(error.name(), ErrorName::Validation);
+        assert_eq!(error.message(), "request body is not UTF-8 (byte 35)");
+        assert!(parse_json::<Known>(br#"{"plaintext": "AA==", "unknown": "\u00e9"}"#).is_ok());
+    }
 }
