@@ -8,3 +8,10 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
+# The fuzz crate is its own workspace (it links libFuzzer); CI builds its targets and
+# replays the seed corpora on stable Rust. Long fuzzing runs: fuzz/README.md.
+export CARGO_TARGET_DIR_FUZZ="${CARGO_TARGET_DIR:-target}/fuzz"
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
+CARGO_TARGET_DIR="$CARGO_TARGET_DIR_FUZZ" cargo clippy --manifest-path fuzz/Cargo.toml --all-targets -- -D warnings
+CARGO_TARGET_DIR="$CARGO_TARGET_DIR_FUZZ" cargo build --manifest-path fuzz/Cargo.toml --bins
+CARGO_TARGET_DIR="$CARGO_TARGET_DIR_FUZZ" cargo test --manifest-path fuzz/Cargo.toml
