@@ -396,6 +396,9 @@ pub struct KeyStoreSection {
     pub max_requests_per_second: Option<f64>,
     /// Requests allowed in a burst above the rate (default: one second's worth).
     pub burst: Option<f64>,
+    /// Migration from the AWS sample proxy: the `ciphertext_metadata_b64` it was
+    /// configured with (`""` if none). Decrypt then also accepts its ciphertexts.
+    pub aws_sample_ciphertext_metadata: Option<String>,
 }
 
 /// `[[key_store.credential]]`
@@ -507,6 +510,8 @@ pub struct KeyStoreConfig {
     pub credentials_created: Vec<(String, SystemTime)>,
     /// Request quota: (requests per second, burst).
     pub quota: Option<(f64, f64)>,
+    /// The AWS sample proxy's ciphertext metadata, when migrating from it.
+    pub aws_sample_metadata: Option<Vec<u8>>,
 }
 
 impl Config {
@@ -936,6 +941,23 @@ fn key_store(store: KeyStoreSection, i: usize, base: &Path) -> Result<KeyStoreCo
             Some((rate, burst))
         }
     };
+    let aws_sample_metadata = match &store.aws_sample_ciphertext_metadata {
+        None => None,
+        Some(encoded) => {
+            use base64::Engine;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(encoded)
+                .ok()
+                .filter(|b| b.len() <= crate::xks::aad::MAX_METADATA_LEN)
+                .ok_or_else(|| {
+                    invalid(
+                        format!("{field}.aws_sample_ciphertext_metadata"),
+                        "Base64 of at most 20 bytes",
+                    )
+                })?;
+            Some(bytes)
+        }
+    };
     Ok(KeyStoreConfig {
         name: store.name,
         uri_prefix,
@@ -944,6 +966,7 @@ fn key_store(store: KeyStoreSection, i: usize, base: &Path) -> Result<KeyStoreCo
         credentials,
         credentials_created,
         quota,
+        aws_sample_metadata,
     })
 }
 

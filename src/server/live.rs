@@ -90,7 +90,7 @@ impl Live {
                 }
                 KeyStore {
                     verifier,
-                    keys: KeySet::new(store.keys),
+                    keys: KeySet::new(store.keys).with_aws_sample_compat(store.aws_sample_metadata),
                     quota: store.quota.map(|(rate, burst)| Quota::new(rate, burst)),
                     name: store.name,
                 }

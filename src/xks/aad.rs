@@ -5,6 +5,9 @@
 //!   encoding injective, so metadata can never be passed off as AAD or the reverse.
 //! - [`cdiv`]: the Ciphertext Data Integrity Value (spec: Appendix C):
 //!   `SHA-256(aad || metadata || iv || ciphertext || tag)`, without lengths.
+//! - [`aws_sample_aad`]: the HSM AAD of the AWS sample proxy
+//!   (aws-samples/aws-kms-xks-proxy), which differs from the spec's formula; only for
+//!   decrypting what that proxy encrypted.
 
 use aws_lc_rs::digest;
 
@@ -29,6 +32,28 @@ pub fn hsm_aad(aad: &[u8], metadata: &[u8]) -> Result<Vec<u8>, XksError> {
     out.extend_from_slice(&aad_len.to_be_bytes());
     out.extend_from_slice(aad);
     out.push(metadata.len() as u8);
+    out.extend_from_slice(metadata);
+    Ok(out)
+}
+
+/// The HSM AAD the AWS sample proxy builds: `u16be(len(aad))`, then `SHA-256(aad)` when
+/// the request carried an `additionalAuthenticatedData` field (`aad` is `Some`, even
+/// if empty), then `u8(len(metadata)) || metadata`. Its length prefix counts the AAD
+/// while the digest replaces it, so this is not the spec's encoding of anything.
+pub fn aws_sample_aad(aad: Option<&[u8]>, metadata: &[u8]) -> Result<Vec<u8>, XksError> {
+    let aad_len = u16::try_from(aad.map_or(0, <[u8]>::len)).map_err(|_| {
+        XksError::unsupported("additionalAuthenticatedData longer than 65535 bytes")
+    })?;
+    let metadata_len = u8::try_from(metadata.len())
+        .ok()
+        .filter(|&n| usize::from(n) <= MAX_METADATA_LEN)
+        .ok_or_else(|| XksError::validation("ciphertextMetadata must not exceed 20 bytes"))?;
+    let mut out = Vec::with_capacity(2 + 32 + 1 + metadata.len());
+    out.extend_from_slice(&aad_len.to_be_bytes());
+    if let Some(aad) = aad {
+        out.extend_from_slice(digest::digest(&digest::SHA256, aad).as_ref());
+    }
+    out.push(metadata_len);
     out.extend_from_slice(metadata);
     Ok(out)
 }

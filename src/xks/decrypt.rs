@@ -5,14 +5,14 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::aad::{hsm_aad, MAX_METADATA_LEN};
+use super::aad::{aws_sample_aad, hsm_aad, MAX_METADATA_LEN};
 use super::error::XksError;
 use super::request::{
     base64, check_algorithm, optional_base64, parse_json, required_base64, Audit, RequestMetadata,
     Required,
 };
 use super::KeyRef;
-use crate::hsm::{Backend, Sealed, TAG_LEN};
+use crate::hsm::{Backend, HsmError, Sealed, TAG_LEN};
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -85,13 +85,41 @@ pub(crate) async fn decrypt(
             "ciphertextMetadata must not exceed 20 bytes",
         ));
     }
-    let hsm_aad = hsm_aad(&aad, &ciphertext_metadata)?;
     let sealed = Sealed {
         iv,
         ciphertext,
         tag,
     };
-    let plaintext = backend.decrypt(key_id, sealed, hsm_aad, deadline).await?;
+    let spec_aad = hsm_aad(&aad, &ciphertext_metadata)?;
+    // A key store migrated from the AWS sample proxy: its ciphertexts carry the
+    // sample's configured metadata and its own AAD construction.
+    let sample_aad = || {
+        let present = request.additional_authenticated_data.is_some();
+        aws_sample_aad(present.then_some(aad.as_slice()), &ciphertext_metadata)
+    };
+    let plaintext = match key.aws_sample_metadata {
+        Some(sample) if sample == ciphertext_metadata.as_slice() && !sample.is_empty() => {
+            backend
+                .decrypt(key_id, sealed, sample_aad()?, deadline)
+                .await?
+        }
+        // The sample ran without metadata, as our own ciphertexts have none: try ours,
+        // then the sample's (GCM authenticates exactly one of them).
+        Some(sample) if sample == ciphertext_metadata.as_slice() => {
+            match backend
+                .decrypt(key_id, sealed.clone(), spec_aad, deadline)
+                .await
+            {
+                Err(HsmError::InvalidCiphertext) => {
+                    backend
+                        .decrypt(key_id, sealed, sample_aad()?, deadline)
+                        .await?
+                }
+                other => other?,
+            }
+        }
+        _ => backend.decrypt(key_id, sealed, spec_aad, deadline).await?,
+    };
     let response = DecryptResponse {
         plaintext: base64(&plaintext),
     };

@@ -70,17 +70,33 @@ pub struct HealthInfo {
 /// The external key ids a key store may use. Keys outside the set are "not found" for
 /// that key store even if the HSM holds them, so tenants on one token stay apart.
 #[derive(Debug, Clone, Default)]
-pub struct KeySet(HashSet<String>);
+pub struct KeySet {
+    ids: HashSet<String>,
+    aws_sample_metadata: Option<Vec<u8>>,
+}
 
 impl KeySet {
     /// A set of ids.
     pub fn new(ids: impl IntoIterator<Item = String>) -> Self {
-        Self(ids.into_iter().collect())
+        Self {
+            ids: ids.into_iter().collect(),
+            aws_sample_metadata: None,
+        }
+    }
+
+    /// Decrypt also accepts ciphertexts made by the AWS sample proxy
+    /// (aws-samples/aws-kms-xks-proxy) configured with `ciphertext_metadata`: they
+    /// carry that value as their ciphertextMetadata and were sealed under the sample's
+    /// AAD construction ([`aad::aws_sample_aad`]). Empty: the sample ran without one.
+    #[must_use]
+    pub fn with_aws_sample_compat(mut self, ciphertext_metadata: Option<Vec<u8>>) -> Self {
+        self.aws_sample_metadata = ciphertext_metadata;
+        self
     }
 
     /// Whether `id` belongs to the set.
     pub fn contains(&self, id: &str) -> bool {
-        self.0.contains(id)
+        self.ids.contains(id)
     }
 }
 
@@ -147,6 +163,7 @@ impl Handler {
         let key = KeyRef {
             id: key_id,
             known: keys.contains(key_id),
+            aws_sample_metadata: keys.aws_sample_metadata.as_deref(),
         };
         let result = match operation {
             ApiOperation::GetHealthStatus => {
@@ -237,6 +254,8 @@ fn authorize(
 pub(crate) struct KeyRef<'a> {
     id: &'a str,
     known: bool,
+    /// The key store's AWS-sample compatibility metadata, if enabled.
+    aws_sample_metadata: Option<&'a [u8]>,
 }
 
 impl<'a> KeyRef<'a> {
