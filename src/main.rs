@@ -128,6 +128,16 @@ enum KeysCommand {
         /// External key id.
         id: String,
     },
+    /// Rotate a key: create a new version with the same usages and make it current.
+    /// Encrypt uses it (and says so in ciphertextMetadata) once the proxy notices,
+    /// within `key_refresh_seconds`; ciphertexts of every older version still decrypt.
+    Rotate {
+        /// Configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// External key id.
+        id: String,
+    },
     /// Destroy a key's material on the token. Irreversible: every ciphertext made under
     /// it becomes undecryptable.
     Destroy {
@@ -278,6 +288,7 @@ fn keys(action: KeysCommand) -> Result<(), Error> {
         | KeysCommand::List { config }
         | KeysCommand::Disable { config, .. }
         | KeysCommand::Enable { config, .. }
+        | KeysCommand::Rotate { config, .. }
         | KeysCommand::Destroy { config, .. } => config,
     };
     let config = Config::load(config_path)?;
@@ -341,6 +352,16 @@ fn keys(action: KeysCommand) -> Result<(), Error> {
         KeysCommand::Enable { id, .. } => {
             pkcs11::set_key_enabled(&session, &id, true)?;
             println!("enabled {id}");
+        }
+        KeysCommand::Rotate { id, .. } => {
+            let version = pkcs11::rotate_key(&session, &id).map_err(|e| match e {
+                xks_proxy::hsm::HsmError::KeyNotFound => format!("no key labelled {id:?}"),
+                other => other.to_string(),
+            })?;
+            println!(
+                "rotated {id}: version {version} ({}) is current",
+                xks_proxy::hsm::version_label(&id, version)
+            );
         }
         KeysCommand::Destroy { id, .. } => {
             pkcs11::destroy_key(&session, &id)?;

@@ -225,6 +225,23 @@ impl fmt::Debug for Backend {
     }
 }
 
+/// The HSM label of `version` of an external key: version 1 is the key labelled with
+/// the id itself (every key before its first rotation), version N ≥ 2 is labelled
+/// `<id>#vN`. `#` is not allowed in key ids, so no external key id can look like a
+/// version of another.
+pub fn version_label(key_id: &str, version: u32) -> std::borrow::Cow<'_, str> {
+    if version <= 1 {
+        std::borrow::Cow::Borrowed(key_id)
+    } else {
+        std::borrow::Cow::Owned(format!("{key_id}#v{version}"))
+    }
+}
+
+/// The external key id of an HSM label (strips a `#vN` version suffix).
+pub fn base_key_id(label: &str) -> &str {
+    label.split_once('#').map_or(label, |(id, _)| id)
+}
+
 /// The bytes a deep health check encrypts and expects back.
 pub(crate) const HEALTH_PROBE: &[u8] = b"xks-proxy health check";
 
@@ -274,6 +291,16 @@ impl Backend {
             Self::Pkcs11(b) => b.decrypt(key_id, sealed, aad, deadline).await,
             Self::Software(b) => b.decrypt(key_id, &sealed, &aad),
             Self::Simulated(b) => b.decrypt(key_id, sealed, aad, deadline).await,
+        }
+    }
+
+    /// The external key's current version (see [`version_label`]): the highest N for
+    /// which versions 2..=N exist in the HSM, 1 when the key was never rotated. The
+    /// PKCS#11 backend caches it for `key_refresh_seconds`; the others have no versions.
+    pub async fn current_version(&self, key_id: &str, deadline: Instant) -> Result<u32, HsmError> {
+        match self {
+            Self::Pkcs11(b) => b.current_version(key_id, deadline).await,
+            Self::Software(_) | Self::Simulated(_) => Ok(1),
         }
     }
 

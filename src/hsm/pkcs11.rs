@@ -128,6 +128,9 @@ struct Shared {
 pub struct Pkcs11Backend {
     pool: Pool<Worker>,
     info: EkmInfo,
+    /// Current version per external key, and when it was read.
+    versions: Arc<RwLock<HashMap<String, (u32, Instant)>>>,
+    key_refresh: Duration,
 }
 
 impl fmt::Debug for Pkcs11Backend {
@@ -270,7 +273,33 @@ impl Pkcs11Backend {
             workers,
             metrics,
         )?;
-        Ok(Self { pool, info })
+        Ok(Self {
+            pool,
+            info,
+            versions: Arc::new(RwLock::new(HashMap::new())),
+            key_refresh: settings.key_refresh,
+        })
+    }
+
+    /// The key's current version (see [`super::version_label`]), cached for
+    /// `key_refresh`, so a rotation is picked up within that time without a restart.
+    pub async fn current_version(&self, key_id: &str, deadline: Instant) -> Result<u32, HsmError> {
+        if let Some((version, read_at)) = self.versions.read().get(key_id) {
+            if read_at.elapsed() < self.key_refresh {
+                return Ok(*version);
+            }
+        }
+        let id = key_id.to_owned();
+        let version = self
+            .pool
+            .run("KeyVersion", deadline, move |w| {
+                w.call(|s| current_version(s, &id), "C_FindObjects")
+            })
+            .await?;
+        self.versions
+            .write()
+            .insert(key_id.to_owned(), (version, Instant::now()));
+        Ok(version)
     }
 
     /// AES-256-GCM encryption in the HSM.
@@ -446,7 +475,11 @@ impl Worker {
             |s| s.get_attributes(handle, &KEY_ATTRIBUTES),
             "C_GetAttributeValue",
         )?;
-        let disabled = self.call(|s| is_disabled(s, key_id), "C_FindObjects")?;
+        // Disabling applies to the external key, every version of it.
+        let disabled = self.call(
+            |s| is_disabled(s, super::base_key_id(key_id)),
+            "C_FindObjects",
+        )?;
         Ok(CachedKey {
             handle,
             metadata: metadata_from_attributes(&attributes, disabled),
@@ -669,6 +702,55 @@ fn is_disabled(session: &Session, key_id: &str) -> Result<bool, CkError> {
     session
         .find_objects(&marker_template(key_id))
         .map(|found| !found.is_empty())
+}
+
+/// The external key's current version: the highest N such that every version label
+/// 2..=N exists (1 when none does).
+pub fn current_version(session: &Session, key_id: &str) -> Result<u32, CkError> {
+    let mut version = 1;
+    loop {
+        let label = super::version_label(key_id, version + 1);
+        let found = session.find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])?;
+        if found.is_empty() {
+            return Ok(version);
+        }
+        version += 1;
+    }
+}
+
+/// Rotates an external key: creates version N+1 with the current version's usages,
+/// which makes it current. Returns the new version.
+pub fn rotate_key(session: &Session, key_id: &str) -> Result<u32, HsmError> {
+    let current = current_version(session, key_id).map_err(ck("C_FindObjects"))?;
+    let label = super::version_label(key_id, current);
+    let handle = match session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])
+        .map_err(ck("C_FindObjects"))?
+        .as_slice()
+    {
+        [handle] => *handle,
+        [] => return Err(HsmError::KeyNotFound),
+        _ => return Err(HsmError::AmbiguousKey),
+    };
+    let metadata = metadata_from_attributes(
+        &session
+            .get_attributes(handle, &KEY_ATTRIBUTES)
+            .map_err(ck("C_GetAttributeValue"))?,
+        false,
+    );
+    let usage = NewKeyUsage {
+        encrypt: metadata.usages.contains(&KeyUsage::Encrypt),
+        decrypt: metadata.usages.contains(&KeyUsage::Decrypt),
+    };
+    let next = current + 1;
+    create_key(session, &super::version_label(key_id, next), usage)?;
+    Ok(next)
 }
 
 /// Usages a key created by `xks-proxy keys create` gets.

@@ -58,6 +58,37 @@ pub fn aws_sample_aad(aad: Option<&[u8]>, metadata: &[u8]) -> Result<Vec<u8>, Xk
     Ok(out)
 }
 
+/// First byte of the ciphertextMetadata this proxy writes for a rotated key: format 1
+/// is this byte followed by the key version as a big-endian u32 (5 bytes; the spec
+/// allows 20). Not printable, so it cannot be mistaken for the AWS sample's configured
+/// text metadata.
+pub const VERSION_FORMAT: u8 = 0x01;
+
+/// The ciphertextMetadata naming key `version`: empty for version 1 (what every
+/// ciphertext made before rotation carries), `VERSION_FORMAT ‖ u32be(version)` after.
+pub fn version_metadata(version: u32) -> Vec<u8> {
+    if version <= 1 {
+        return Vec::new();
+    }
+    let mut out = Vec::with_capacity(5);
+    out.push(VERSION_FORMAT);
+    out.extend_from_slice(&version.to_be_bytes());
+    out
+}
+
+/// The key version a ciphertextMetadata names: 1 when empty, N for our format, `None`
+/// for anything else (metadata this proxy never wrote).
+pub fn parse_version_metadata(metadata: &[u8]) -> Option<u32> {
+    match metadata {
+        [] => Some(1),
+        [VERSION_FORMAT, version @ ..] => {
+            let version = u32::from_be_bytes(version.try_into().ok()?);
+            (version >= 2).then_some(version)
+        }
+        _ => None,
+    }
+}
+
 /// Computes the CDIV over the decoded fields, in the spec's order.
 pub fn cdiv(aad: &[u8], metadata: &[u8], iv: &[u8], ciphertext: &[u8], tag: &[u8]) -> [u8; 32] {
     let mut context = digest::Context::new(&digest::SHA256);
@@ -78,6 +109,41 @@ mod tests {
     use base64::engine::general_purpose::STANDARD;
     use base64::Engine;
     use proptest::prelude::*;
+
+    #[test]
+    fn version_metadata_round_trips_and_rejects_what_we_never_wrote() {
+        assert_eq!(version_metadata(1), b"");
+        assert_eq!(version_metadata(2), [1, 0, 0, 0, 2]);
+        for version in [1, 2, 3, 70_000, u32::MAX] {
+            assert_eq!(
+                parse_version_metadata(&version_metadata(version)),
+                Some(version)
+            );
+        }
+        for other in [
+            &b"v0.0.1"[..],
+            &[1, 0, 0, 0, 1],
+            &[1, 0, 0, 2],
+            &[1, 0, 0, 0, 0, 2],
+            &[2, 0, 0, 0, 2],
+        ] {
+            assert_eq!(parse_version_metadata(other), None, "{other:?}");
+        }
+    }
+
+    #[test]
+    fn aws_sample_aad_layout() {
+        let with = aws_sample_aad(Some(b"abc"), b"v0.0.1").unwrap();
+        assert_eq!(&with[..2], &[0, 3]);
+        assert_eq!(
+            &with[2..34],
+            digest::digest(&digest::SHA256, b"abc").as_ref()
+        );
+        assert_eq!(&with[34..], b"\x06v0.0.1");
+        // An empty but present AAD is still digested; an absent one is not.
+        assert_eq!(aws_sample_aad(Some(b""), b"").unwrap().len(), 2 + 32 + 1);
+        assert_eq!(aws_sample_aad(None, b"").unwrap(), [0, 0, 0]);
+    }
 
     /// The worked example of the spec's Appendix C.
     #[test]

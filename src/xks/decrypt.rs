@@ -5,14 +5,14 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::aad::{aws_sample_aad, hsm_aad, MAX_METADATA_LEN};
+use super::aad::{aws_sample_aad, hsm_aad, parse_version_metadata, MAX_METADATA_LEN};
 use super::error::XksError;
 use super::request::{
     base64, check_algorithm, optional_base64, parse_json, required_base64, Audit, RequestMetadata,
     Required,
 };
 use super::KeyRef;
-use crate::hsm::{Backend, HsmError, Sealed, TAG_LEN};
+use crate::hsm::{version_label, Backend, HsmError, Sealed, TAG_LEN};
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -118,7 +118,20 @@ pub(crate) async fn decrypt(
                 other => other?,
             }
         }
-        _ => backend.decrypt(key_id, sealed, spec_aad, deadline).await?,
+        // Ours: the metadata names the key version (empty: version 1). Metadata we never
+        // wrote goes to version 1, where it fails to authenticate.
+        _ => {
+            let version = parse_version_metadata(&ciphertext_metadata).unwrap_or(1);
+            let label = version_label(key_id, version);
+            match backend.decrypt(&label, sealed, spec_aad, deadline).await {
+                Err(HsmError::KeyNotFound) if version > 1 => {
+                    return Err(XksError::invalid_ciphertext(
+                        "ciphertextMetadata names a key version that does not exist",
+                    ))
+                }
+                other => other?,
+            }
+        }
     };
     let response = DecryptResponse {
         plaintext: base64(&plaintext),

@@ -6,14 +6,14 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use super::aad::{cdiv, hsm_aad};
+use super::aad::{cdiv, hsm_aad, version_metadata};
 use super::error::{ErrorName, XksError};
 use super::request::{
     base64, check_algorithm, optional_base64, parse_json, required_base64, Audit, RequestMetadata,
     Required,
 };
 use super::KeyRef;
-use crate::hsm::{Backend, HsmError};
+use crate::hsm::{version_label, Backend, HsmError};
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -36,6 +36,8 @@ struct EncryptResponse {
     ciphertext: String,
     initialization_vector: String,
     authentication_tag: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ciphertext_metadata: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ciphertext_data_integrity_value: Option<String>,
 }
@@ -73,9 +75,13 @@ pub(crate) async fn encrypt(
         request.additional_authenticated_data.as_ref(),
         "additionalAuthenticatedData",
     )?;
-    // We write no ciphertextMetadata (the spec makes it optional): keys are not
-    // versioned in this release.
-    let metadata_bytes: &[u8] = &[];
+    // The current key version; a rotated key's version travels in ciphertextMetadata,
+    // which the AAD binds, so Decrypt finds the right key and tampering fails.
+    let version = backend.current_version(key_id, deadline).await?;
+    let label = version_label(key_id, version);
+    let key_id: &str = &label;
+    let metadata = version_metadata(version);
+    let metadata_bytes: &[u8] = &metadata;
     let hsm_aad = hsm_aad(&aad, metadata_bytes)?;
 
     // Keep a copy of the plaintext only when the CDIV self-check will need it.
@@ -122,6 +128,7 @@ pub(crate) async fn encrypt(
         ciphertext: base64(&sealed.ciphertext),
         initialization_vector: base64(&sealed.iv),
         authentication_tag: base64(&sealed.tag),
+        ciphertext_metadata: (!metadata.is_empty()).then(|| base64(&metadata)),
         ciphertext_data_integrity_value: integrity_value,
     };
     Ok(serde_json::to_vec(&response).expect("serializing strings cannot fail"))

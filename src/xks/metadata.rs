@@ -7,7 +7,7 @@ use serde::Serialize;
 use super::error::XksError;
 use super::request::{parse_json, Audit, MetadataOnly, Required};
 use super::KeyRef;
-use crate::hsm::Backend;
+use crate::hsm::{version_label, Backend};
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -35,7 +35,11 @@ pub(crate) async fn get_key_metadata(
         key_arn: false,
     })?;
     let key_id = key.id()?;
-    let key = backend.key_metadata(key_id, deadline).await?;
+    // The current version's metadata: that is the key Encrypt uses now.
+    let version = backend.current_version(key_id, deadline).await?;
+    let key = backend
+        .key_metadata(&version_label(key_id, version), deadline)
+        .await?;
     let response = KeyMetadataResponse {
         key_spec: &key.key_spec,
         // spec: at most ten values; a PKCS#11 key has at most seven usages we report.
