@@ -271,6 +271,11 @@ pub struct HsmSection {
     /// `hsm_random` (default: the HSM's RNG, C_GenerateRandom) or `hsm_generated`.
     #[serde(default)]
     pub iv_source: IvSource,
+    /// Work on a session copy of each key (C_CopyObject, CKA_TOKEN false) instead of
+    /// the token object: much faster on SoftHSM2, which re-reads token objects from
+    /// disk on every use. Off by default (some HSMs limit or refuse session objects).
+    #[serde(default)]
+    pub session_key_copies: bool,
     /// Seconds a key's cached attributes are trusted (how fast a key disabled in the
     /// HSM is noticed).
     #[serde(default = "default_key_refresh")]
@@ -774,6 +779,7 @@ fn pkcs11_settings(hsm: &HsmSection, base: &Path) -> Result<Pkcs11Settings, Conf
         sessions: hsm.sessions,
         queue_depth: hsm.queue_depth,
         iv_source: hsm.iv_source,
+        session_key_copies: hsm.session_key_copies,
         key_refresh: Duration::from_secs(hsm.key_refresh_seconds),
         call_timeout: Duration::from_millis(hsm.call_timeout_ms),
     })

@@ -341,6 +341,8 @@ token_label = "{TOKEN_LABEL}"
 pin_file = "hsm-pin"
 # SoftHSM2 pins sessions to one lock; two sessions is its sweet spot.
 sessions = 2
+# SoftHSM2 re-reads a token key's file on every use; a session copy avoids that.
+session_key_copies = true
 # The health monitor's encrypt+decrypt key (in no key store).
 health_check_key = "{HEALTH_CHECK_KEY}"
 

@@ -84,6 +84,9 @@ pub struct Pkcs11Settings {
     pub queue_depth: usize,
     /// IV generation.
     pub iv_source: IvSource,
+    /// Use a session-object copy of each key (C_CopyObject with CKA_TOKEN false) rather
+    /// than the token object itself.
+    pub session_key_copies: bool,
     /// How long cached key attributes are trusted before being re-read.
     pub key_refresh: Duration,
     /// Longest one PKCS#11 call may take before the request answers 503.
@@ -99,6 +102,7 @@ impl fmt::Debug for Pkcs11Settings {
             .field("sessions", &self.sessions)
             .field("queue_depth", &self.queue_depth)
             .field("iv_source", &self.iv_source)
+            .field("session_key_copies", &self.session_key_copies)
             .field("key_refresh", &self.key_refresh)
             .field("call_timeout", &self.call_timeout)
             .finish()
@@ -109,6 +113,8 @@ impl fmt::Debug for Pkcs11Settings {
 #[derive(Debug, Clone)]
 struct CachedKey {
     handle: ObjectHandle,
+    /// `handle` is this proxy's session copy of the token key (destroyed when replaced).
+    copied: bool,
     metadata: KeyMetadata,
     read_at: Instant,
 }
@@ -121,6 +127,7 @@ struct Shared {
     /// Handles are per application, not per session, so one cache serves all threads.
     keys: RwLock<HashMap<String, CachedKey>>,
     iv_source: IvSource,
+    session_key_copies: bool,
     key_refresh: Duration,
 }
 
@@ -247,6 +254,7 @@ impl Pkcs11Backend {
             pin: AuthPin::new(settings.pin.as_str().into()),
             keys: RwLock::new(HashMap::new()),
             iv_source: settings.iv_source,
+            session_key_copies: settings.session_key_copies,
             key_refresh: settings.key_refresh,
         });
         let mut first_session = Some(first_session);
@@ -437,8 +445,19 @@ impl Worker {
         Ok(self.session.as_ref().expect("set just above"))
     }
 
-    fn forget(&self, key_id: &str) {
-        self.shared.keys.write().remove(key_id);
+    fn forget(&mut self, key_id: &str) {
+        let old = self.shared.keys.write().remove(key_id);
+        self.discard(old);
+    }
+
+    /// Destroys a replaced session copy. Another session may be using it right now: its
+    /// call fails with an invalid handle and looks the key up again.
+    fn discard(&mut self, old: Option<CachedKey>) {
+        if let (Some(old), Some(session)) = (old.filter(|k| k.copied), self.session.as_ref()) {
+            if let Err(e) = session.destroy_object(old.handle) {
+                tracing::debug!(error = %e, "could not destroy a session copy of a key");
+            }
+        }
     }
 
     /// The key's handle and attributes, from the cache when fresh.
@@ -453,16 +472,19 @@ impl Worker {
             self.forget(key_id);
         }
         let key = found?;
-        self.shared
+        let old = self
+            .shared
             .keys
             .write()
             .insert(key_id.to_owned(), key.clone());
+        self.discard(old);
         Ok(key)
     }
 
     fn find_key(&mut self, key_id: &str) -> Result<CachedKey, HsmError> {
         let template = [
             Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Token(true),
             Attribute::Label(key_id.as_bytes().to_vec()),
         ];
         let handles = self.call(|s| s.find_objects(&template), "C_FindObjects")?;
@@ -480,8 +502,26 @@ impl Worker {
             |s| is_disabled(s, super::base_key_id(key_id)),
             "C_FindObjects",
         )?;
+        // A session copy spares modules that re-check token objects on every use
+        // (SoftHSM2 stats and locks the object's file in each C_EncryptInit). The copy
+        // carries the same attributes; a module that refuses to copy keeps the original.
+        let (handle, copied) = if self.shared.session_key_copies {
+            match self.call(
+                |s| s.copy_object(handle, &[Attribute::Token(false)]),
+                "C_CopyObject",
+            ) {
+                Ok(copy) => (copy, true),
+                Err(e) => {
+                    tracing::warn!(key_id, error = %e, "cannot copy the key into the session; using the token object");
+                    (handle, false)
+                }
+            }
+        } else {
+            (handle, false)
+        };
         Ok(CachedKey {
             handle,
+            copied,
             metadata: metadata_from_attributes(&attributes, disabled),
             read_at: Instant::now(),
         })
