@@ -1,0 +1,874 @@
+//! The load loop: many tasks, each with its own connection (or HTTP/2 stream), sending
+//! signed requests open-loop (at a fixed arrival rate) or closed-loop (as fast as the
+//! answers come), and recording latencies into task-local histograms.
+//!
+//! - **Open loop** (`--rate`): request *i* is due at `t0 + i/rate`. A free task claims
+//!   the next index from one shared counter and sleeps until it is due; its latency is
+//!   measured from the due time, not from when it was actually sent, so time spent
+//!   waiting for a free connection counts (coordinated omission corrected, as wrk2
+//!   does). A request claimed more than [`LATE_AFTER`] after it was due is counted as
+//!   late: the generator had no free connection for it.
+//! - **Closed loop**: each task sends as soon as its previous answer arrived.
+//!
+//! Nothing is shared per request but that counter: each task owns its histograms and
+//! counts, sends each finished second's histogram to a collector (for the per-second
+//! series and the live progress), and hands its totals back at the end.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::IsTerminal as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use xks_proxy::auth::SignOptions;
+
+use crate::client::{ClientError, Connector, RequestBuilder, Sender};
+use crate::report::{new_histogram, new_second_histogram, Measured, Percentiles, Verification};
+use crate::target::Target;
+use crate::workload::{
+    decrypt_body, encrypt_body, metadata_only_body, path, BodySettings, DecryptReply, ErrorReply,
+    Mix, Op, Sealed, Template,
+};
+use crate::Error;
+
+/// A request claimed this long after it was due counts as late (tokio's timer has a
+/// resolution of 1 ms, so anything finer would count timer jitter).
+pub const LATE_AFTER: Duration = Duration::from_millis(2);
+/// Every this many Encrypt answers, one is kept for the decrypt check at the end.
+const SAMPLE_EVERY: u64 = 16;
+/// Open loop: how long after the window a backlog of due requests may still be sent.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// How the live progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// An indicatif bar (stderr is a terminal).
+    Bar,
+    /// One plain line per second on stderr.
+    Lines,
+    /// Nothing.
+    Quiet,
+}
+
+impl Progress {
+    /// A bar on a terminal, lines otherwise, nothing when quiet.
+    pub fn choose(quiet: bool) -> Self {
+        if quiet {
+            Self::Quiet
+        } else if std::io::stderr().is_terminal() {
+            Self::Bar
+        } else {
+            Self::Lines
+        }
+    }
+}
+
+/// One measured window's settings.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadSettings {
+    /// Open loop at this many requests per second; closed loop when `None`.
+    #[serde(rename = "rate_rps")]
+    pub rate: Option<f64>,
+    /// Connections.
+    pub connections: usize,
+    /// Concurrent streams per HTTP/2 connection.
+    pub streams: usize,
+    /// Load before the measured window, not recorded.
+    #[serde(with = "secs", rename = "warmup_s")]
+    pub warmup: Duration,
+    /// The measured window.
+    #[serde(with = "secs", rename = "duration_s")]
+    pub duration: Duration,
+    /// A new TCP+TLS connection for every request (as KMS often does).
+    pub new_connection_per_request: bool,
+    /// Longest wait for an answer.
+    #[serde(with = "secs", rename = "timeout_s")]
+    pub timeout: Duration,
+    /// The operation mix.
+    pub mix: Mix,
+    /// Encrypt decrypt samples to check at the end (at most).
+    pub verify_samples: usize,
+    /// Live progress.
+    #[serde(skip)]
+    pub progress: Progress,
+    /// What the progress line calls this window.
+    #[serde(skip)]
+    pub label: String,
+}
+
+mod secs {
+    pub(super) fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+}
+
+/// Everything shared by the windows of one command: target, TLS, bodies, the pool.
+#[derive(Debug)]
+pub struct Workload {
+    /// The target.
+    pub target: Target,
+    /// Opens connections.
+    pub connector: Connector,
+    /// Which headers to sign.
+    pub sign_options: SignOptions,
+    /// Body settings.
+    pub bodies: BodySettings,
+    /// The AAD of every Encrypt and Decrypt.
+    pub aad: Vec<u8>,
+    /// Ciphertexts made by Encrypt before the load, for Decrypt requests.
+    pool: Vec<PoolEntry>,
+}
+
+#[derive(Debug)]
+struct PoolEntry {
+    key: usize,
+    template: Template,
+    plaintext_b64: String,
+}
+
+/// The answer to a request.
+type Answer = Result<(u16, Bytes), ClientError>;
+
+impl Workload {
+    /// Connects, checks each operation of `mix` once (failing with the proxy's answer if
+    /// it refuses), and makes the pool of `pool_size` ciphertexts for Decrypt.
+    pub async fn prepare(
+        target: Target,
+        http2: bool,
+        sign_options: SignOptions,
+        bodies: BodySettings,
+        mix: Mix,
+        pool_size: usize,
+    ) -> Result<Self, Error> {
+        let connector = Connector::new(&target, http2).await?;
+        let mut rng = SmallRng::from_rng(&mut rand::rng());
+        let mut aad = vec![0u8; bodies.aad_bytes];
+        rng.fill(&mut aad[..]);
+        let mut workload = Self {
+            target,
+            connector,
+            sign_options,
+            bodies,
+            aad,
+            pool: Vec::new(),
+        };
+        let mut sender = workload
+            .connector
+            .connect()
+            .await
+            .map_err(|e| format!("cannot reach {}: {e}", workload.connector_description()))?;
+        let builder = RequestBuilder::new(&workload.target, http2, sign_options);
+        for op in Op::ALL.into_iter().filter(|op| mix.uses(*op)) {
+            if op == Op::Decrypt {
+                continue; // checked by making the pool
+            }
+            let template = match op {
+                Op::Encrypt => encrypt_body(
+                    &workload.target.region,
+                    &vec![7u8; bodies.plaintext_bytes],
+                    &workload.aad,
+                    bodies.cdiv,
+                ),
+                _ => metadata_only_body(op, &workload.target.region),
+            };
+            for key in 0..workload.target.key_ids.len() {
+                let route = workload.route(&builder, op, key);
+                let answer = sender
+                    .send(builder.post(
+                        &route.uri,
+                        &route.path,
+                        template.render(&mut rng),
+                        SystemTime::now(),
+                    ))
+                    .await;
+                expect_ok(op, &workload.target.key_ids[key], &answer)?;
+                if op == Op::Health {
+                    break;
+                }
+            }
+        }
+        if mix.uses(Op::Decrypt) {
+            for i in 0..pool_size.max(1) {
+                let key = i % workload.target.key_ids.len();
+                let mut plaintext = vec![0u8; bodies.plaintext_bytes];
+                rng.fill(&mut plaintext[..]);
+                let route = workload.route(&builder, Op::Encrypt, key);
+                let template =
+                    encrypt_body(&workload.target.region, &plaintext, &workload.aad, false);
+                let answer = sender
+                    .send(builder.post(
+                        &route.uri,
+                        &route.path,
+                        template.render(&mut rng),
+                        SystemTime::now(),
+                    ))
+                    .await;
+                let body = expect_ok(Op::Encrypt, &workload.target.key_ids[key], &answer)?;
+                let sealed: Sealed = serde_json::from_slice(body)
+                    .map_err(|e| format!("Encrypt answered 200 with an unreadable body: {e}"))?;
+                workload.pool.push(PoolEntry {
+                    key,
+                    template: decrypt_body(&workload.target.region, &sealed, &workload.aad),
+                    plaintext_b64: STANDARD.encode(&plaintext),
+                });
+            }
+        }
+        Ok(workload)
+    }
+
+    fn connector_description(&self) -> String {
+        format!("https://{}", self.target.authority)
+    }
+
+    /// The number of pooled ciphertexts.
+    pub fn pool_size(&self) -> usize {
+        self.pool.len()
+    }
+
+    fn route(&self, builder: &RequestBuilder, op: Op, key: usize) -> Route {
+        let path = path(&self.target.api_root, op, &self.target.key_ids[key]);
+        Route {
+            uri: builder.uri(&path),
+            path,
+        }
+    }
+}
+
+/// The body of a 200 answer, or an error naming what the proxy said.
+fn expect_ok<'a>(op: Op, key: &str, answer: &'a Answer) -> Result<&'a [u8], Error> {
+    match answer {
+        Ok((200, body)) => Ok(body),
+        Ok((status, body)) => {
+            let name = serde_json::from_slice::<ErrorReply<'_>>(body)
+                .ok()
+                .and_then(|e| e.error_name.map(|n| n.into_owned()))
+                .unwrap_or_default();
+            let hint = match *status {
+                401 | 403 => " (check the access key id, secret and region)",
+                404 => " (check --uri-prefix and --key-id)",
+                _ => "",
+            };
+            Err(format!(
+                "{} on key {key:?} answered HTTP {status} {name}{hint}: {}",
+                op.name(),
+                String::from_utf8_lossy(body)
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
+            )
+            .into())
+        }
+        Err(e) => Err(format!("{} on key {key:?} failed: {e}", op.name()).into()),
+    }
+}
+
+/// A path and the URI it is sent as.
+#[derive(Debug, Clone)]
+struct Route {
+    path: String,
+    uri: http::Uri,
+}
+
+/// What a task needs to build its requests, made once per task.
+struct TaskRequests {
+    builder: RequestBuilder,
+    /// Per key: Encrypt route and body.
+    encrypt: Vec<(Route, Template)>,
+    /// Per key: GetKeyMetadata route and body.
+    metadata: Vec<(Route, Template)>,
+    /// Per key: Decrypt route (bodies come from the pool).
+    decrypt: Vec<Route>,
+    health: (Route, Template),
+    /// This task's Encrypt plaintext, Base64.
+    plaintext_b64: String,
+}
+
+impl TaskRequests {
+    fn new(workload: &Workload, rng: &mut SmallRng) -> Self {
+        let builder = RequestBuilder::new(
+            &workload.target,
+            workload.connector.http2(),
+            workload.sign_options,
+        );
+        let region = &workload.target.region;
+        let keys = 0..workload.target.key_ids.len();
+        let mut plaintext = vec![0u8; workload.bodies.plaintext_bytes];
+        rng.fill(&mut plaintext[..]);
+        Self {
+            encrypt: keys
+                .clone()
+                .map(|k| {
+                    (
+                        workload.route(&builder, Op::Encrypt, k),
+                        encrypt_body(region, &plaintext, &workload.aad, workload.bodies.cdiv),
+                    )
+                })
+                .collect(),
+            metadata: keys
+                .clone()
+                .map(|k| {
+                    (
+                        workload.route(&builder, Op::Metadata, k),
+                        metadata_only_body(Op::Metadata, region),
+                    )
+                })
+                .collect(),
+            decrypt: keys
+                .map(|k| workload.route(&builder, Op::Decrypt, k))
+                .collect(),
+            health: (
+                workload.route(&builder, Op::Health, 0),
+                metadata_only_body(Op::Health, region),
+            ),
+            plaintext_b64: STANDARD.encode(&plaintext),
+            builder,
+        }
+    }
+}
+
+/// A finished second of one task.
+struct SecondMsg {
+    offset: u64,
+    histogram: Histogram<u64>,
+    errors: u64,
+}
+
+/// A task's records.
+struct Recorder {
+    per_op: [Option<Histogram<u64>>; 4],
+    errors: [u64; 4],
+    status: HashMap<u16, u64>,
+    error_names: HashMap<String, u64>,
+    late: u64,
+    second: u64,
+    second_histogram: Histogram<u64>,
+    second_errors: u64,
+    /// Where finished seconds go; dropped when the task ends, so the collector ends.
+    seconds: Option<mpsc::UnboundedSender<SecondMsg>>,
+    verification: Verification,
+    samples: Vec<(usize, Sealed, String)>,
+    encrypts: u64,
+    /// When the last recorded request finished.
+    last_done: Option<Instant>,
+}
+
+impl Recorder {
+    fn new(seconds: mpsc::UnboundedSender<SecondMsg>) -> Self {
+        Self {
+            per_op: Default::default(),
+            errors: [0; 4],
+            status: HashMap::new(),
+            error_names: HashMap::new(),
+            late: 0,
+            second: 0,
+            second_histogram: new_second_histogram(),
+            second_errors: 0,
+            seconds: Some(seconds),
+            verification: Verification::default(),
+            samples: Vec::new(),
+            encrypts: 0,
+            last_done: None,
+        }
+    }
+
+    fn flush_second(&mut self) {
+        if self.second_histogram.is_empty() {
+            return;
+        }
+        let histogram = std::mem::replace(&mut self.second_histogram, new_second_histogram());
+        let errors = std::mem::take(&mut self.second_errors);
+        if let Some(seconds) = &self.seconds {
+            // The collector only goes away after every task has finished.
+            let _ = seconds.send(SecondMsg {
+                offset: self.second,
+                histogram,
+                errors,
+            });
+        }
+    }
+
+    /// Sends the last second and lets the collector finish.
+    fn finish(&mut self) {
+        self.flush_second();
+        self.seconds = None;
+    }
+
+    fn record(&mut self, op: Op, latency: Duration, offset: u64, error: Option<&str>) {
+        let us = u64::try_from(latency.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        self.per_op[op.index()]
+            .get_or_insert_with(new_histogram)
+            .saturating_record(us);
+        if offset != self.second {
+            self.flush_second();
+            self.second = offset;
+        }
+        self.second_histogram.saturating_record(us);
+        if let Some(name) = error {
+            self.errors[op.index()] += 1;
+            self.second_errors += 1;
+            match self.error_names.get_mut(name) {
+                Some(n) => *n += 1,
+                None => {
+                    self.error_names.insert(name.to_owned(), 1);
+                }
+            }
+        }
+    }
+}
+
+/// Shared by the tasks of one window.
+struct Window {
+    workload: Arc<Workload>,
+    settings: LoadSettings,
+    t0: Instant,
+    measure_start: Instant,
+    end: Instant,
+    /// Open loop: requests still unsent by then are given up (see `unsent`).
+    hard_end: Instant,
+    next: AtomicU64,
+    samples_per_task: usize,
+}
+
+/// What one window produced.
+#[derive(Debug)]
+pub struct WindowResult {
+    /// Histograms and counts.
+    pub measured: Measured,
+    /// Correctness checks.
+    pub verification: Verification,
+}
+
+/// Runs one window: warm-up, then the measured duration.
+pub async fn run_window(
+    workload: &Arc<Workload>,
+    settings: LoadSettings,
+) -> Result<WindowResult, Error> {
+    let streams = if workload.connector.http2() {
+        settings.streams.max(1)
+    } else {
+        1
+    };
+    let tasks = settings.connections.max(1) * streams;
+    // Open every connection first, so the schedule does not start with handshakes.
+    let mut senders: Vec<Option<Sender>> = Vec::with_capacity(tasks);
+    if !settings.new_connection_per_request {
+        let mut opening = tokio::task::JoinSet::new();
+        for _ in 0..settings.connections.max(1) {
+            let connector = workload.connector.clone();
+            opening.spawn(async move { connector.connect().await });
+        }
+        while let Some(opened) = opening.join_next().await {
+            let sender = opened?.map_err(|e| format!("cannot connect: {e}"))?;
+            for _ in 1..streams {
+                senders.push(sender.share());
+            }
+            senders.push(Some(sender));
+        }
+    }
+    senders.resize_with(tasks, || None);
+
+    let t0 = Instant::now();
+    let unix0 = SystemTime::now();
+    let measure_start = t0 + settings.warmup;
+    let measure_unix = (unix0 + settings.warmup)
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let window = Arc::new(Window {
+        workload: Arc::clone(workload),
+        settings: settings.clone(),
+        t0,
+        measure_start,
+        end: measure_start + settings.duration,
+        hard_end: measure_start + settings.duration + settings.timeout.min(DRAIN),
+        next: AtomicU64::new(0),
+        samples_per_task: settings.verify_samples.div_ceil(tasks),
+    });
+    let (seconds_tx, seconds_rx) = mpsc::unbounded_channel();
+    let mut running = tokio::task::JoinSet::new();
+    for sender in senders {
+        running.spawn(task(Arc::clone(&window), sender, seconds_tx.clone()));
+    }
+    drop(seconds_tx);
+    let collector = tokio::spawn(collect(seconds_rx, Arc::clone(&window)));
+
+    let mut recorders = Vec::with_capacity(tasks);
+    while let Some(done) = running.join_next().await {
+        recorders.push(done?);
+    }
+    let seconds = collector.await?;
+
+    // Totals.
+    let mut per_op: Vec<(String, Histogram<u64>, u64)> = Op::ALL
+        .iter()
+        .map(|op| (op.name().to_owned(), new_histogram(), 0))
+        .collect();
+    let mut status_counts = BTreeMap::new();
+    let mut error_counts = BTreeMap::new();
+    let mut verification = Verification {
+        pool_size: workload.pool_size() as u64,
+        ..Verification::default()
+    };
+    let mut late = 0;
+    let mut samples = Vec::new();
+    let mut last_done = window.end;
+    for recorder in recorders {
+        last_done = last_done.max(recorder.last_done.unwrap_or(window.end));
+        for op in Op::ALL {
+            if let Some(h) = &recorder.per_op[op.index()] {
+                per_op[op.index()].1.add(h)?;
+            }
+            per_op[op.index()].2 += recorder.errors[op.index()];
+        }
+        for (status, n) in recorder.status {
+            *status_counts.entry(status.to_string()).or_insert(0) += n;
+        }
+        for (name, n) in recorder.error_names {
+            *error_counts.entry(name).or_insert(0) += n;
+        }
+        verification.add(&recorder.verification);
+        late += recorder.late;
+        samples.extend(recorder.samples);
+    }
+    check_samples(workload, &samples, &mut verification).await?;
+    let measured_count: u64 = per_op.iter().map(|(_, h, _)| h.len()).sum();
+    // Open loop: the requests due in the window that were never sent.
+    let unsent = settings.rate.map_or(0, |rate| {
+        let index = |d: Duration| (d.as_secs_f64() * rate).ceil() as u64;
+        let due = index(settings.warmup + settings.duration) - index(settings.warmup);
+        due.saturating_sub(measured_count)
+    });
+
+    let series = seconds
+        .into_iter()
+        .enumerate()
+        .filter_map(|(offset, s)| {
+            s.map(|(h, e)| (measure_unix + offset as u64, offset as u64, h, e))
+        })
+        .collect();
+    Ok(WindowResult {
+        measured: Measured {
+            per_op,
+            status_counts,
+            error_counts,
+            late,
+            unsent,
+            series,
+            // Until the last answer: an open loop that fell behind is still catching up
+            // after the window, and its achieved rate must show that.
+            seconds: (last_done - window.measure_start).as_secs_f64(),
+        },
+        verification,
+    })
+}
+
+/// Sends `request`, connecting first if needed; drops the connection on failure.
+async fn send(
+    connector: &Connector,
+    sender: &mut Option<Sender>,
+    request: http::Request<http_body_util::Full<Bytes>>,
+    timeout: Duration,
+) -> Answer {
+    let attempt = tokio::time::timeout(timeout, async {
+        if sender.is_none() {
+            *sender = Some(connector.connect().await?);
+        }
+        sender
+            .as_mut()
+            .expect("connected just above")
+            .send(request)
+            .await
+    })
+    .await;
+    let answer = attempt.unwrap_or(Err(ClientError::Timeout));
+    if answer.is_err() {
+        *sender = None;
+    }
+    answer
+}
+
+async fn task(
+    window: Arc<Window>,
+    mut sender: Option<Sender>,
+    seconds: mpsc::UnboundedSender<SecondMsg>,
+) -> Recorder {
+    let workload = &*window.workload;
+    let settings = &window.settings;
+    let mut rng = SmallRng::from_rng(&mut rand::rng());
+    let requests = TaskRequests::new(workload, &mut rng);
+    let mut recorder = Recorder::new(seconds);
+    let interval = settings.rate.map(|r| 1.0 / r);
+    loop {
+        // When is this request due?
+        let due = match interval {
+            Some(interval) => {
+                let i = window.next.fetch_add(1, Ordering::Relaxed);
+                let due = window.t0 + Duration::from_secs_f64(i as f64 * interval);
+                let now = Instant::now();
+                if due >= window.end || now >= window.hard_end {
+                    break;
+                }
+                if due > now {
+                    tokio::time::sleep_until(due.into()).await;
+                } else if now - due > LATE_AFTER && due >= window.measure_start {
+                    recorder.late += 1;
+                }
+                due
+            }
+            None => {
+                let now = Instant::now();
+                if now >= window.end {
+                    break;
+                }
+                now
+            }
+        };
+
+        let op = settings.mix.pick(&mut rng);
+        let key = rng.random_range(0..requests.encrypt.len());
+        let (route, body, expected) = match op {
+            Op::Encrypt => {
+                let (route, template) = &requests.encrypt[key];
+                (route, template.render(&mut rng), None)
+            }
+            Op::Metadata => {
+                let (route, template) = &requests.metadata[key];
+                (route, template.render(&mut rng), None)
+            }
+            Op::Health => (&requests.health.0, requests.health.1.render(&mut rng), None),
+            Op::Decrypt => {
+                let entry = &workload.pool[rng.random_range(0..workload.pool.len())];
+                (
+                    &requests.decrypt[entry.key],
+                    entry.template.render(&mut rng),
+                    Some(entry.plaintext_b64.as_str()),
+                )
+            }
+        };
+        let request = requests
+            .builder
+            .post(&route.uri, &route.path, body, SystemTime::now());
+        let answer = send(&workload.connector, &mut sender, request, settings.timeout).await;
+        let done = Instant::now();
+        if settings.new_connection_per_request {
+            sender = None;
+        }
+
+        let error_name: Option<std::borrow::Cow<'_, str>> = match &answer {
+            Ok((200, body)) => {
+                check_answer(
+                    op,
+                    key,
+                    body,
+                    expected,
+                    workload,
+                    &requests.plaintext_b64,
+                    window.samples_per_task,
+                    &mut recorder,
+                );
+                None
+            }
+            Ok((status, body)) => Some(
+                serde_json::from_slice::<ErrorReply<'_>>(body)
+                    .ok()
+                    .and_then(|e| e.error_name)
+                    .unwrap_or_else(|| format!("HTTP {status}").into()),
+            ),
+            Err(e) => Some(e.kind().into()),
+        };
+        if due >= window.measure_start {
+            let status = answer.as_ref().map_or(0, |(s, _)| *s);
+            *recorder.status.entry(status).or_insert(0) += 1;
+            let offset = done
+                .saturating_duration_since(window.measure_start)
+                .as_secs();
+            recorder.record(op, done - due, offset, error_name.as_deref());
+            recorder.last_done = Some(done);
+        }
+    }
+    recorder.finish();
+    recorder
+}
+
+/// Checks a 200 answer: Decrypt gives back the pooled plaintext, Encrypt's CDIV is
+/// right (with `--cdiv`), and some Encrypt answers are kept to decrypt at the end.
+#[allow(clippy::too_many_arguments)]
+fn check_answer(
+    op: Op,
+    key: usize,
+    body: &[u8],
+    expected: Option<&str>,
+    workload: &Workload,
+    plaintext_b64: &str,
+    samples_per_task: usize,
+    recorder: &mut Recorder,
+) {
+    let v = &mut recorder.verification;
+    match op {
+        Op::Decrypt => {
+            v.decrypts_checked += 1;
+            match serde_json::from_slice::<DecryptReply<'_>>(body) {
+                Ok(reply) if Some(&*reply.plaintext) == expected => {}
+                Ok(_) => v.decrypt_mismatches += 1,
+                Err(_) => v.malformed_responses += 1,
+            }
+        }
+        Op::Encrypt => {
+            recorder.encrypts += 1;
+            let sample =
+                recorder.samples.len() < samples_per_task && recorder.encrypts % SAMPLE_EVERY == 1;
+            if !workload.bodies.cdiv && !sample {
+                return;
+            }
+            let Ok(sealed) = serde_json::from_slice::<Sealed>(body) else {
+                v.malformed_responses += 1;
+                return;
+            };
+            if workload.bodies.cdiv {
+                v.cdivs_checked += 1;
+                if sealed.check_cdiv(&workload.aad).is_err() {
+                    v.cdiv_failures += 1;
+                }
+            }
+            if sample {
+                recorder
+                    .samples
+                    .push((key, sealed, plaintext_b64.to_owned()));
+            }
+        }
+        Op::Metadata | Op::Health => {
+            if serde_json::from_slice::<serde_json::Value>(body).is_err() {
+                v.malformed_responses += 1;
+            }
+        }
+    }
+}
+
+/// Decrypts the kept Encrypt answers and compares the plaintexts.
+async fn check_samples(
+    workload: &Workload,
+    samples: &[(usize, Sealed, String)],
+    verification: &mut Verification,
+) -> Result<(), Error> {
+    if samples.is_empty() {
+        return Ok(());
+    }
+    let builder = RequestBuilder::new(
+        &workload.target,
+        workload.connector.http2(),
+        workload.sign_options,
+    );
+    let mut rng = SmallRng::from_rng(&mut rand::rng());
+    let mut sender = None;
+    for (key, sealed, plaintext_b64) in samples {
+        let route = workload.route(&builder, Op::Decrypt, *key);
+        let body = decrypt_body(&workload.target.region, sealed, &workload.aad).render(&mut rng);
+        let request = builder.post(&route.uri, &route.path, body, SystemTime::now());
+        let answer = send(
+            &workload.connector,
+            &mut sender,
+            request,
+            Duration::from_secs(10),
+        )
+        .await;
+        verification.encrypt_samples_checked += 1;
+        let ok = match &answer {
+            Ok((200, body)) => serde_json::from_slice::<DecryptReply<'_>>(body)
+                .is_ok_and(|r| r.plaintext == plaintext_b64.as_str()),
+            _ => false,
+        };
+        if !ok {
+            verification.encrypt_sample_failures += 1;
+        }
+    }
+    Ok(())
+}
+
+type Seconds = Vec<Option<(Histogram<u64>, u64)>>;
+
+/// Adds the tasks' seconds together and shows progress once a second.
+async fn collect(mut rx: mpsc::UnboundedReceiver<SecondMsg>, window: Arc<Window>) -> Seconds {
+    let settings = &window.settings;
+    let total = settings.warmup + settings.duration;
+    let bar = (settings.progress == Progress::Bar).then(|| {
+        let bar = indicatif::ProgressBar::new(total.as_secs().max(1));
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {prefix} [{elapsed_precise}] {bar:24} {pos}/{len} s  {msg}",
+            )
+            .expect("a valid template"),
+        );
+        bar.set_prefix(settings.label.clone());
+        bar
+    });
+    let mut seconds: Seconds = Vec::new();
+    // A quarter second after each boundary, so tasks have sent the second just ended.
+    let mut ticker = tokio::time::interval_at(
+        (window.t0 + Duration::from_millis(1250)).into(),
+        Duration::from_secs(1),
+    );
+    let (mut total_count, mut total_errors) = (0u64, 0u64);
+    loop {
+        tokio::select! {
+            msg = rx.recv() => {
+                let Some(msg) = msg else { break };
+                let i = usize::try_from(msg.offset).unwrap_or(usize::MAX);
+                if i >= seconds.len() {
+                    seconds.resize_with(i + 1, || None);
+                }
+                total_count += msg.histogram.len();
+                total_errors += msg.errors;
+                let slot = seconds[i].get_or_insert_with(|| (new_second_histogram(), 0));
+                let _ = slot.0.add(&msg.histogram);
+                slot.1 += msg.errors;
+            }
+            _ = ticker.tick() => {
+                let now = Instant::now();
+                let line = if now < window.measure_start {
+                    "warming up".to_owned()
+                } else {
+                    let last = (now - window.measure_start).as_secs().checked_sub(1);
+                    let point = last
+                        .and_then(|s| seconds.get(usize::try_from(s).unwrap_or(usize::MAX)))
+                        .and_then(Option::as_ref);
+                    match point {
+                        Some((h, e)) => {
+                            let p = Percentiles::of(h);
+                            format!(
+                                "{} req/s  p50 {:.2} ms  p99 {:.2} ms  errors {}  (total {} / {} errors)",
+                                h.len(), p.p50, p.p99, e, total_count, total_errors
+                            )
+                        }
+                        None => format!("(total {total_count} / {total_errors} errors)"),
+                    }
+                };
+                match (&bar, settings.progress) {
+                    (Some(bar), _) => {
+                        bar.set_position((now - window.t0).as_secs().min(total.as_secs()));
+                        bar.set_message(line);
+                    }
+                    (None, Progress::Lines) => {
+                        eprintln!("[{:>4} s] {} {}", (now - window.t0).as_secs(), settings.label, line);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    seconds
+}

@@ -1,0 +1,109 @@
+//! The `xks-loadtest` command: thin; parses the command line and calls the library.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use xks_loadtest::{chart, commands, hsm, report, Error};
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Load generator and capacity search for AWS KMS XKS proxies, with a raw PKCS#11 baseline"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Load a proxy for a while (open loop with --rate, closed loop without) and report.
+    Run(commands::RunArgs),
+    /// Find the highest rate that meets the SLO: open-loop steps of rising rate.
+    Search(commands::SearchArgs),
+    /// Raw PKCS#11 AES-256-GCM capacity of a token at 1..N sessions (no proxy).
+    Hsm(hsm::HsmArgs),
+    /// Add reports of several generator machines that ran at the same time.
+    Merge {
+        /// Reports to add.
+        #[arg(required = true)]
+        reports: Vec<PathBuf>,
+        /// The merged report.
+        #[arg(long, short)]
+        output: PathBuf,
+    },
+    /// Throughput and percentiles of two reports side by side, with ratios.
+    Compare {
+        /// Baseline (A).
+        a: PathBuf,
+        /// Compared (B).
+        b: PathBuf,
+    },
+    /// Charts of a report: SVG, or an HTML page with tables and charts (`-o x.html`).
+    Chart {
+        /// The report.
+        report: PathBuf,
+        /// Output file (.svg or .html).
+        #[arg(long, short)]
+        output: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => commands::run(&args),
+        Command::Search(args) => commands::search(&args),
+        Command::Hsm(args) => run_hsm(&args),
+        Command::Merge { reports, output } => merge(&reports, &output),
+        Command::Compare { a, b } => compare(&a, &b),
+        Command::Chart { report, output } => report::Report::read(&report)
+            .and_then(|r| chart::write(&r, &output))
+            .map(|()| ExitCode::SUCCESS),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_hsm(args: &hsm::HsmArgs) -> Result<ExitCode, Error> {
+    let report = hsm::run_hsm(args)?;
+    print!("{}", report::steps_text(&report.steps));
+    println!("\nbest session count:");
+    print!("{}", report.text());
+    if let Some(path) = &args.report {
+        report.write(path)?;
+    }
+    Ok(if report.summary.errors > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn merge(inputs: &[PathBuf], output: &std::path::Path) -> Result<ExitCode, Error> {
+    let reports = inputs
+        .iter()
+        .map(|p| report::Report::read(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let merged = report::merge(&reports)?;
+    print!("{}", merged.text());
+    merged.write(output)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn compare(a: &std::path::Path, b: &std::path::Path) -> Result<ExitCode, Error> {
+    let (ra, rb) = (report::Report::read(a)?, report::Report::read(b)?);
+    print!(
+        "{}",
+        report::compare(&ra, &rb, &a.display().to_string(), &b.display().to_string())
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,949 @@
+//! The JSON report, the end-of-run tables, `merge` and `compare`.
+//!
+//! Latencies are recorded in microseconds. Every histogram in a report is HdrHistogram's
+//! V2 (deflate) serialization in standard Base64 (the form HdrHistogram's log tools
+//! read), so reports from several machines can be added exactly.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use hdrhistogram::serialization::{Deserializer, Serializer, V2DeflateSerializer};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+use crate::target::TargetInfo;
+use crate::Error;
+
+/// Report format version.
+pub const FORMAT: u32 = 1;
+/// What KMS waits for an answer before giving up (spec: the proxy's latency budget).
+pub const KMS_BUDGET_MS: f64 = 250.0;
+
+/// A latency histogram in microseconds, up to a minute, 3 significant digits.
+pub fn new_histogram() -> Histogram<u64> {
+    let mut h = Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    h.auto(true);
+    h
+}
+
+/// A coarser histogram (2 significant digits) for per-second points.
+pub fn new_second_histogram() -> Histogram<u64> {
+    let mut h = Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid bounds");
+    h.auto(true);
+    h
+}
+
+/// Base64 of the V2 deflate serialization.
+pub fn encode_histogram(h: &Histogram<u64>) -> String {
+    let mut bytes = Vec::new();
+    V2DeflateSerializer::new()
+        .serialize(h, &mut bytes)
+        .expect("serializing into memory cannot fail");
+    STANDARD.encode(bytes)
+}
+
+/// The inverse of [`encode_histogram`].
+pub fn decode_histogram(text: &str) -> Result<Histogram<u64>, Error> {
+    let bytes = STANDARD
+        .decode(text)
+        .map_err(|e| format!("histogram is not Base64: {e}"))?;
+    let mut h: Histogram<u64> = Deserializer::new()
+        .deserialize(&mut bytes.as_slice())
+        .map_err(|e| format!("histogram does not deserialize: {e:?}"))?;
+    h.auto(true);
+    Ok(h)
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+/// The percentiles every table shows, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: f64,
+    /// 90th.
+    pub p90: f64,
+    /// 99th.
+    pub p99: f64,
+    /// 99.9th.
+    pub p99_9: f64,
+    /// 99.99th.
+    pub p99_99: f64,
+    /// Largest.
+    pub max: f64,
+    /// Mean.
+    pub mean: f64,
+}
+
+impl Percentiles {
+    /// From a histogram in microseconds.
+    pub fn of(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Self::default();
+        }
+        Self {
+            p50: ms(h.value_at_quantile(0.5)),
+            p90: ms(h.value_at_quantile(0.9)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p99_9: ms(h.value_at_quantile(0.999)),
+            p99_99: ms(h.value_at_quantile(0.9999)),
+            max: ms(h.max()),
+            mean: h.mean() / 1000.0,
+        }
+    }
+}
+
+/// One operation's results (or `overall`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OpReport {
+    /// Requests answered (or failed) in the measured window.
+    pub count: u64,
+    /// Of those, not HTTP 200 (or no answer).
+    pub errors: u64,
+    /// count / measured seconds.
+    pub throughput_rps: f64,
+    /// Latency percentiles, ms.
+    pub latency_ms: Percentiles,
+    /// The full latency histogram (µs), V2 deflate, Base64.
+    pub histogram: String,
+}
+
+impl OpReport {
+    /// From a histogram and counts.
+    pub fn new(h: &Histogram<u64>, errors: u64, seconds: f64) -> Self {
+        Self {
+            count: h.len(),
+            errors,
+            throughput_rps: rate(h.len(), seconds),
+            latency_ms: Percentiles::of(h),
+            histogram: encode_histogram(h),
+        }
+    }
+}
+
+/// requests / seconds, 0 for an empty window.
+pub fn rate(count: u64, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        count as f64 / seconds
+    } else {
+        0.0
+    }
+}
+
+/// One second of the run (by completion time).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SecondPoint {
+    /// Unix time of the second's start.
+    pub t_unix: u64,
+    /// Seconds since the measured window began.
+    pub offset_s: u64,
+    /// Requests completed.
+    pub count: u64,
+    /// Of those, errors.
+    pub errors: u64,
+    /// Median latency, ms.
+    pub p50_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+    /// Largest, ms.
+    pub max_ms: f64,
+    /// The second's histogram (µs, 2 significant digits), for `merge`.
+    pub histogram: String,
+}
+
+impl SecondPoint {
+    /// From a second's histogram.
+    pub fn new(t_unix: u64, offset_s: u64, h: &Histogram<u64>, errors: u64) -> Self {
+        let p = Percentiles::of(h);
+        Self {
+            t_unix,
+            offset_s,
+            count: h.len(),
+            errors,
+            p50_ms: p.p50,
+            p99_ms: p.p99,
+            max_ms: p.max,
+            histogram: encode_histogram(h),
+        }
+    }
+}
+
+/// The machine the generator ran on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Machine {
+    /// Host name.
+    pub hostname: String,
+    /// Logical CPUs available to the process.
+    pub cores: usize,
+    /// Kernel release.
+    pub kernel: String,
+}
+
+impl Machine {
+    /// This machine.
+    pub fn this() -> Self {
+        let read = |path: &str| {
+            std::fs::read_to_string(path)
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default()
+        };
+        let mut hostname = read("/proc/sys/kernel/hostname");
+        if hostname.is_empty() {
+            hostname = std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".into());
+        }
+        let kernel = format!(
+            "{} {} {}",
+            read("/proc/sys/kernel/ostype"),
+            read("/proc/sys/kernel/osrelease"),
+            std::env::consts::ARCH
+        )
+        .trim()
+        .to_owned();
+        Self {
+            hostname,
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            kernel,
+        }
+    }
+}
+
+/// The generator's name and version.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Tool {
+    /// `xks-loadtest`.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+}
+
+impl Default for Tool {
+    fn default() -> Self {
+        Self {
+            name: env!("CARGO_PKG_NAME").into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+}
+
+/// Correctness checks made during the run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Verification {
+    /// Ciphertexts made by Encrypt for Decrypt requests to use.
+    pub pool_size: u64,
+    /// Encrypt results later decrypted to check the plaintext comes back.
+    pub encrypt_samples_checked: u64,
+    /// Of those, not decrypted to the original plaintext.
+    pub encrypt_sample_failures: u64,
+    /// Decrypt answers compared with the known plaintext.
+    pub decrypts_checked: u64,
+    /// Of those, a different plaintext (or an unreadable answer).
+    pub decrypt_mismatches: u64,
+    /// Encrypt answers whose CDIV was recomputed (with `--cdiv`).
+    pub cdivs_checked: u64,
+    /// Of those, missing or wrong.
+    pub cdiv_failures: u64,
+    /// 200 answers that were not the JSON the spec defines.
+    pub malformed_responses: u64,
+}
+
+impl Verification {
+    /// All failures.
+    pub fn failures(&self) -> u64 {
+        self.encrypt_sample_failures
+            + self.decrypt_mismatches
+            + self.cdiv_failures
+            + self.malformed_responses
+    }
+
+    /// Adds another's counts.
+    pub fn add(&mut self, other: &Self) {
+        self.pool_size += other.pool_size;
+        self.encrypt_samples_checked += other.encrypt_samples_checked;
+        self.encrypt_sample_failures += other.encrypt_sample_failures;
+        self.decrypts_checked += other.decrypts_checked;
+        self.decrypt_mismatches += other.decrypt_mismatches;
+        self.cdivs_checked += other.cdivs_checked;
+        self.cdiv_failures += other.cdiv_failures;
+        self.malformed_responses += other.malformed_responses;
+    }
+}
+
+/// The latency objective, and how the run did against it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Slo {
+    /// The p99 objective, ms.
+    pub p99_ms: f64,
+    /// The error objective, percent.
+    pub error_pct: f64,
+    /// Share of requests answered within `p99_ms`, percent.
+    pub within_p99_target_pct: f64,
+    /// Whether p99 ≤ objective and errors ≤ objective.
+    pub met: bool,
+}
+
+/// One step of `search` (offered rate) or `hsm` (sessions).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Step {
+    /// Offered rate (search), req/s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offered_rps: Option<f64>,
+    /// Concurrent sessions (hsm).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sessions: Option<usize>,
+    /// Achieved rate, req/s.
+    pub achieved_rps: f64,
+    /// Requests in the step's measured window.
+    pub requests: u64,
+    /// Errors.
+    pub errors: u64,
+    /// errors / requests, percent.
+    pub error_pct: f64,
+    /// Requests sent late because no connection was free (open loop).
+    pub late: u64,
+    /// Requests due in the step that were never sent (open loop).
+    #[serde(default)]
+    pub unsent: u64,
+    /// Latency percentiles, ms.
+    pub latency_ms: Percentiles,
+    /// Whether the step met the SLO (search).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub met_slo: Option<bool>,
+    /// The step's histogram (µs).
+    pub histogram: String,
+}
+
+/// Totals of a run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Summary {
+    /// Requests in the measured window.
+    pub requests: u64,
+    /// HTTP 200.
+    pub ok: u64,
+    /// Everything else (HTTP errors and requests without an answer).
+    pub errors: u64,
+    /// errors / requests, percent.
+    pub error_pct: f64,
+    /// requests / measured seconds.
+    pub throughput_rps: f64,
+    /// Open loop: requests that could not be sent at their intended time because no
+    /// connection was free (their latency still counts from the intended time).
+    pub late: u64,
+    /// Open loop: requests due in the measured window that were never sent (the
+    /// generator gave up on its backlog a few seconds after the window).
+    #[serde(default)]
+    pub unsent: u64,
+    /// Share answered within KMS's 250 ms, percent.
+    pub within_kms_budget_pct: f64,
+}
+
+/// A whole report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    /// [`FORMAT`].
+    pub format: u32,
+    /// `run`, `search`, `hsm` or `merged`.
+    pub kind: String,
+    /// The generator.
+    pub tool: Tool,
+    /// RFC 3339 UTC start time.
+    pub started_at: String,
+    /// Start time, Unix milliseconds.
+    pub start_unix_ms: u64,
+    /// The generator machines (several after `merge`).
+    pub machines: Vec<Machine>,
+    /// The proxy (absent for `hsm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<TargetInfo>,
+    /// The PKCS#11 module and token (`hsm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hsm: Option<serde_json::Value>,
+    /// The command's settings.
+    pub config: serde_json::Value,
+    /// Length of the measured window, seconds.
+    pub duration_s: f64,
+    /// Totals.
+    pub summary: Summary,
+    /// Answers by HTTP status (`0`: no answer).
+    pub status_counts: BTreeMap<String, u64>,
+    /// Errors by errorName (or `transport:*`).
+    pub error_counts: BTreeMap<String, u64>,
+    /// Per operation, and `overall`.
+    pub operations: BTreeMap<String, OpReport>,
+    /// Per second.
+    pub series: Vec<SecondPoint>,
+    /// Correctness checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<Verification>,
+    /// The objective.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slo: Option<Slo>,
+    /// `search` and `hsm` steps.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<Step>,
+    /// `search`: the highest offered rate that met the SLO.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rate_meeting_slo: Option<f64>,
+}
+
+/// Everything a measured window produced, before it becomes a report.
+#[derive(Debug, Clone)]
+pub struct Measured {
+    /// Per operation (index [`crate::workload::Op::index`]; for `hsm`, Encrypt/Decrypt).
+    pub per_op: Vec<(String, Histogram<u64>, u64)>,
+    /// Status counts.
+    pub status_counts: BTreeMap<String, u64>,
+    /// Error counts.
+    pub error_counts: BTreeMap<String, u64>,
+    /// Late sends.
+    pub late: u64,
+    /// Open loop: requests due in the window that were never sent.
+    pub unsent: u64,
+    /// Per-second (unix second, offset, histogram, errors).
+    pub series: Vec<(u64, u64, Histogram<u64>, u64)>,
+    /// Window length, seconds.
+    pub seconds: f64,
+}
+
+impl Measured {
+    /// All operations added together.
+    pub fn overall(&self) -> (Histogram<u64>, u64) {
+        let mut all = new_histogram();
+        let mut errors = 0;
+        for (_, h, e) in &self.per_op {
+            all.add(h).expect("histograms auto-resize");
+            errors += e;
+        }
+        (all, errors)
+    }
+
+    /// A search/hsm step of this window.
+    pub fn step(&self) -> Step {
+        let (all, errors) = self.overall();
+        Step {
+            offered_rps: None,
+            sessions: None,
+            achieved_rps: rate(all.len(), self.seconds),
+            requests: all.len(),
+            errors,
+            error_pct: pct(errors, all.len()),
+            late: self.late,
+            unsent: self.unsent,
+            latency_ms: Percentiles::of(&all),
+            met_slo: None,
+            histogram: encode_histogram(&all),
+        }
+    }
+}
+
+/// part / whole in percent (0 for an empty whole).
+pub fn pct(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        100.0 * part as f64 / whole as f64
+    }
+}
+
+/// Share of `h` at or below `ms`, percent.
+pub fn within(h: &Histogram<u64>, ms: f64) -> f64 {
+    if h.is_empty() {
+        return 100.0;
+    }
+    let us = (ms * 1000.0) as u64;
+    pct(h.count_between(0, us), h.len())
+}
+
+impl Report {
+    /// A report of `kind` from a measured window.
+    pub fn new(
+        kind: &str,
+        started: time::OffsetDateTime,
+        target: Option<TargetInfo>,
+        config: serde_json::Value,
+        measured: &Measured,
+        slo: Option<(f64, f64)>,
+    ) -> Self {
+        let (all, errors) = measured.overall();
+        let mut operations = BTreeMap::new();
+        for (name, h, e) in &measured.per_op {
+            if !h.is_empty() {
+                operations.insert(name.clone(), OpReport::new(h, *e, measured.seconds));
+            }
+        }
+        operations.insert(
+            "overall".into(),
+            OpReport::new(&all, errors, measured.seconds),
+        );
+        let requests = all.len();
+        let slo = slo.map(|(p99_ms, error_pct)| {
+            let p99 = Percentiles::of(&all).p99;
+            Slo {
+                p99_ms,
+                error_pct,
+                within_p99_target_pct: within(&all, p99_ms),
+                met: requests > 0
+                    && measured.unsent == 0
+                    && p99 <= p99_ms
+                    && pct(errors, requests) <= error_pct,
+            }
+        });
+        Self {
+            format: FORMAT,
+            kind: kind.into(),
+            tool: Tool::default(),
+            started_at: started
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            start_unix_ms: u64::try_from(started.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
+            machines: vec![Machine::this()],
+            target,
+            hsm: None,
+            config,
+            duration_s: measured.seconds,
+            summary: Summary {
+                requests,
+                ok: requests - errors,
+                errors,
+                error_pct: pct(errors, requests),
+                throughput_rps: rate(requests, measured.seconds),
+                late: measured.late,
+                unsent: measured.unsent,
+                within_kms_budget_pct: within(&all, KMS_BUDGET_MS),
+            },
+            status_counts: measured.status_counts.clone(),
+            error_counts: measured.error_counts.clone(),
+            operations,
+            series: measured
+                .series
+                .iter()
+                .map(|(t, offset, h, e)| SecondPoint::new(*t, *offset, h, *e))
+                .collect(),
+            verification: None,
+            slo,
+            steps: Vec::new(),
+            max_rate_meeting_slo: None,
+        }
+    }
+
+    /// Reads a report file.
+    pub fn read(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        serde_json::from_slice(&text)
+            .map_err(|e| format!("{}: not an xks-loadtest report: {e}", path.display()).into())
+    }
+
+    /// Writes the report as pretty JSON.
+    pub fn write(&self, path: &Path) -> Result<(), Error> {
+        let text = serde_json::to_vec_pretty(self)?;
+        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()).into())
+    }
+
+    /// The overall histogram.
+    pub fn overall_histogram(&self) -> Result<Histogram<u64>, Error> {
+        match self.operations.get("overall") {
+            Some(op) => decode_histogram(&op.histogram),
+            None => Ok(new_histogram()),
+        }
+    }
+
+    /// The end-of-run text: percentile table, throughput, errors, SLO, verification.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{:<16} {:>9} {:>7} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+            "operation",
+            "requests",
+            "errors",
+            "req/s",
+            "p50",
+            "p90",
+            "p99",
+            "p99.9",
+            "p99.99",
+            "max"
+        );
+        let mut names: Vec<&String> = self.operations.keys().filter(|n| *n != "overall").collect();
+        names.push(
+            self.operations
+                .keys()
+                .find(|n| *n == "overall")
+                .expect("every report has overall"),
+        );
+        for name in names {
+            let op = &self.operations[name];
+            let p = &op.latency_ms;
+            let _ = writeln!(
+                out,
+                "{:<16} {:>9} {:>7} {:>10.1} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3}",
+                name,
+                op.count,
+                op.errors,
+                op.throughput_rps,
+                p.p50,
+                p.p90,
+                p.p99,
+                p.p99_9,
+                p.p99_99,
+                p.max
+            );
+        }
+        let _ = writeln!(out, "(latencies in ms)");
+        let s = &self.summary;
+        let _ =
+            writeln!(
+            out,
+            "{} requests in {:.2} s: {:.1} req/s, {} errors ({:.3}%), {:.3}% within KMS's {} ms",
+            s.requests, self.duration_s, s.throughput_rps, s.errors, s.error_pct,
+            s.within_kms_budget_pct, KMS_BUDGET_MS
+        );
+        if s.unsent > 0 {
+            let _ = writeln!(
+                out,
+                "{} requests due in the window were never sent (the generator gave up its backlog)",
+                s.unsent
+            );
+        }
+        if s.late > 0 {
+            let _ = writeln!(
+                out,
+                "{} requests ({:.2}%) could not be sent on time (no free connection): add --connections",
+                s.late,
+                pct(s.late, s.requests)
+            );
+        }
+        let _ = writeln!(out, "status: {}", counts(&self.status_counts));
+        if !self.error_counts.is_empty() {
+            let _ = writeln!(out, "errors: {}", counts(&self.error_counts));
+        }
+        if let Some(slo) = &self.slo {
+            let _ = writeln!(
+                out,
+                "SLO p99 <= {} ms, errors <= {}%: {} ({:.3}% within {} ms)",
+                slo.p99_ms,
+                slo.error_pct,
+                if slo.met { "met" } else { "NOT met" },
+                slo.within_p99_target_pct,
+                slo.p99_ms
+            );
+        }
+        if let Some(v) = &self.verification {
+            let _ = writeln!(
+                out,
+                "verification: {} encrypt samples decrypted ({} failed), {} decrypts checked ({} wrong), {} CDIVs checked ({} wrong), {} malformed answers",
+                v.encrypt_samples_checked,
+                v.encrypt_sample_failures,
+                v.decrypts_checked,
+                v.decrypt_mismatches,
+                v.cdivs_checked,
+                v.cdiv_failures,
+                v.malformed_responses
+            );
+        }
+        out
+    }
+}
+
+fn counts(map: &BTreeMap<String, u64>) -> String {
+    map.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A table of steps (search, hsm).
+pub fn steps_text(steps: &[Step]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:>10} {:>8} {:>10} {:>9} {:>8} {:>9} {:>7} {:>9} {:>9} {:>9}  SLO",
+        "offered",
+        "sessions",
+        "achieved",
+        "requests",
+        "err%",
+        "late",
+        "unsent",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms"
+    );
+    for s in steps {
+        let _ = writeln!(
+            out,
+            "{:>10} {:>8} {:>10.1} {:>9} {:>8.3} {:>9} {:>7} {:>9.3} {:>9.3} {:>9.3}  {}",
+            s.offered_rps.map_or("-".into(), |r| format!("{r:.0}")),
+            s.sessions.map_or("-".into(), |n| n.to_string()),
+            s.achieved_rps,
+            s.requests,
+            s.error_pct,
+            s.late,
+            s.unsent,
+            s.latency_ms.p50,
+            s.latency_ms.p99,
+            s.latency_ms.p99_9,
+            match s.met_slo {
+                Some(true) => "met",
+                Some(false) => "FAILED",
+                None => "",
+            }
+        );
+    }
+    out
+}
+
+/// Adds reports from several generator machines that loaded the same target at the
+/// same time: histograms, counts and per-second points (aligned on Unix seconds) add;
+/// throughputs add.
+pub fn merge(reports: &[Report]) -> Result<Report, Error> {
+    let first = reports.first().ok_or("nothing to merge")?;
+    let mut merged = first.clone();
+    merged.kind = "merged".into();
+    merged.tool = Tool::default();
+    merged.steps.clear();
+    merged.max_rate_meeting_slo = None;
+    let mut histograms: BTreeMap<String, (Histogram<u64>, u64, f64)> = BTreeMap::new();
+    let mut seconds: BTreeMap<u64, (Histogram<u64>, u64)> = BTreeMap::new();
+    let mut status = BTreeMap::new();
+    let mut errors = BTreeMap::new();
+    let mut verification: Option<Verification> = None;
+    let mut machines = Vec::new();
+    let mut late = 0;
+    let mut unsent = 0;
+    let mut duration: f64 = 0.0;
+    let start = reports.iter().map(|r| r.start_unix_ms).min().unwrap_or(0);
+    for report in reports {
+        if report.format != FORMAT {
+            return Err(format!("report format {} is not {FORMAT}", report.format).into());
+        }
+        for (name, op) in &report.operations {
+            let entry = histograms
+                .entry(name.clone())
+                .or_insert_with(|| (new_histogram(), 0, 0.0));
+            entry.0.add(decode_histogram(&op.histogram)?)?;
+            entry.1 += op.errors;
+            entry.2 += op.throughput_rps;
+        }
+        for point in &report.series {
+            let entry = seconds
+                .entry(point.t_unix)
+                .or_insert_with(|| (new_second_histogram(), 0));
+            entry.0.add(decode_histogram(&point.histogram)?)?;
+            entry.1 += point.errors;
+        }
+        for (k, v) in &report.status_counts {
+            *status.entry(k.clone()).or_insert(0) += v;
+        }
+        for (k, v) in &report.error_counts {
+            *errors.entry(k.clone()).or_insert(0) += v;
+        }
+        if let Some(v) = &report.verification {
+            verification
+                .get_or_insert_with(Verification::default)
+                .add(v);
+        }
+        machines.extend(report.machines.iter().cloned());
+        late += report.summary.late;
+        unsent += report.summary.unsent;
+        duration = duration.max(report.duration_s);
+        if report.started_at < merged.started_at {
+            merged.started_at = report.started_at.clone();
+        }
+    }
+    merged.start_unix_ms = start;
+    merged.machines = machines;
+    merged.duration_s = duration;
+    merged.status_counts = status;
+    merged.error_counts = errors;
+    merged.verification = verification;
+    merged.operations = histograms
+        .iter()
+        .map(|(name, (h, e, throughput))| {
+            let mut op = OpReport::new(h, *e, duration);
+            op.throughput_rps = *throughput;
+            (name.clone(), op)
+        })
+        .collect();
+    let first_second = seconds.keys().next().copied().unwrap_or(0);
+    merged.series = seconds
+        .iter()
+        .map(|(t, (h, e))| SecondPoint::new(*t, t - first_second, h, *e))
+        .collect();
+    let (all, all_errors, throughput) = histograms
+        .get("overall")
+        .map(|(h, e, t)| (h.clone(), *e, *t))
+        .unwrap_or_else(|| (new_histogram(), 0, 0.0));
+    merged.summary = Summary {
+        requests: all.len(),
+        ok: all.len() - all_errors,
+        errors: all_errors,
+        error_pct: pct(all_errors, all.len()),
+        throughput_rps: throughput,
+        late,
+        unsent,
+        within_kms_budget_pct: within(&all, KMS_BUDGET_MS),
+    };
+    if let Some(slo) = &mut merged.slo {
+        slo.within_p99_target_pct = within(&all, slo.p99_ms);
+        slo.met = !all.is_empty()
+            && Percentiles::of(&all).p99 <= slo.p99_ms
+            && pct(all_errors, all.len()) <= slo.error_pct;
+    }
+    Ok(merged)
+}
+
+/// Side-by-side throughput and percentiles of two reports, with B/A ratios.
+pub fn compare(a: &Report, b: &Report, a_name: &str, b_name: &str) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "A = {a_name} ({}, {})", a.kind, a.started_at);
+    let _ = writeln!(out, "B = {b_name} ({}, {})", b.kind, b.started_at);
+    let mut names: Vec<&String> = a
+        .operations
+        .keys()
+        .filter(|n| b.operations.contains_key(*n) && *n != "overall")
+        .collect();
+    if a.operations.contains_key("overall") && b.operations.contains_key("overall") {
+        names.push(
+            a.operations
+                .keys()
+                .find(|n| *n == "overall")
+                .expect("checked just above"),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{:<16} {:<10} {:>12} {:>12} {:>8} {:>12}",
+        "operation", "metric", "A", "B", "B/A", "B-A"
+    );
+    for name in names {
+        let (x, y) = (&a.operations[name], &b.operations[name]);
+        let rows = [
+            ("req/s", x.throughput_rps, y.throughput_rps),
+            ("p50 ms", x.latency_ms.p50, y.latency_ms.p50),
+            ("p90 ms", x.latency_ms.p90, y.latency_ms.p90),
+            ("p99 ms", x.latency_ms.p99, y.latency_ms.p99),
+            ("p99.9 ms", x.latency_ms.p99_9, y.latency_ms.p99_9),
+            ("max ms", x.latency_ms.max, y.latency_ms.max),
+            ("mean ms", x.latency_ms.mean, y.latency_ms.mean),
+        ];
+        for (metric, va, vb) in rows {
+            let ratio = if va > 0.0 {
+                format!("{:.3}", vb / va)
+            } else {
+                "-".into()
+            };
+            let _ = writeln!(
+                out,
+                "{name:<16} {metric:<10} {va:>12.3} {vb:>12.3} {ratio:>8} {:>12.3}",
+                vb - va
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "errors: A {} ({:.3}%), B {} ({:.3}%)",
+        a.summary.errors, a.summary.error_pct, b.summary.errors, b.summary.error_pct
+    );
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn measured(values: &[u64], errors: u64, t0: u64) -> Measured {
+        let mut h = new_histogram();
+        let mut second = new_second_histogram();
+        for v in values {
+            h.record(*v).unwrap();
+            second.record(*v).unwrap();
+        }
+        Measured {
+            per_op: vec![("Encrypt".into(), h, errors)],
+            status_counts: [("200".to_owned(), values.len() as u64 - errors)].into(),
+            error_counts: if errors > 0 {
+                [("ThrottlingException".to_owned(), errors)].into()
+            } else {
+                BTreeMap::new()
+            },
+            late: 0,
+            unsent: 0,
+            series: vec![(t0, 0, second, errors)],
+            seconds: 1.0,
+        }
+    }
+
+    fn report(values: &[u64], errors: u64, t0: u64) -> Report {
+        Report::new(
+            "run",
+            time::OffsetDateTime::now_utc(),
+            None,
+            serde_json::json!({}),
+            &measured(values, errors, t0),
+            Some((10.0, 1.0)),
+        )
+    }
+
+    #[test]
+    fn histograms_round_trip_through_base64() {
+        let mut h = new_histogram();
+        for v in [1, 10, 100, 1_000, 250_000] {
+            h.record(v).unwrap();
+        }
+        let back = decode_histogram(&encode_histogram(&h)).unwrap();
+        assert_eq!(back.len(), 5);
+        assert_eq!(back.max(), h.max());
+        assert!(decode_histogram("not base64!").is_err());
+    }
+
+    #[test]
+    fn reports_summarize_and_survive_json() {
+        let r = report(&[1_000, 2_000, 3_000, 20_000], 1, 100);
+        assert_eq!(r.summary.requests, 4);
+        assert_eq!(r.summary.errors, 1);
+        assert_eq!(r.operations["overall"].count, 4);
+        assert!((r.operations["Encrypt"].latency_ms.p50 - 2.0).abs() < 0.01);
+        let slo = r.slo.as_ref().unwrap();
+        assert!(!slo.met, "p99 is 20 ms and 25% errors");
+        assert!((slo.within_p99_target_pct - 75.0).abs() < 0.01);
+        let text = serde_json::to_string(&r).unwrap();
+        let back: Report = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.summary.requests, 4);
+        assert!(r.text().contains("Encrypt"), "{}", r.text());
+    }
+
+    #[test]
+    fn merge_adds_counts_and_aligns_seconds() {
+        let a = report(&[1_000, 2_000], 0, 100);
+        let b = report(&[3_000, 4_000, 5_000], 1, 100);
+        let c = report(&[6_000], 0, 101);
+        let m = merge(&[a, b, c]).unwrap();
+        assert_eq!(m.kind, "merged");
+        assert_eq!(m.summary.requests, 6);
+        assert_eq!(m.summary.errors, 1);
+        assert_eq!(m.operations["Encrypt"].count, 6);
+        assert_eq!(m.status_counts["200"], 5);
+        assert_eq!(m.error_counts["ThrottlingException"], 1);
+        assert_eq!(m.machines.len(), 3);
+        assert_eq!(m.series.len(), 2);
+        assert_eq!(m.series[0].count, 5);
+        assert_eq!(m.series[1].offset_s, 1);
+        assert!((m.summary.throughput_rps - 6.0).abs() < 1e-9);
+        assert!((m.operations["overall"].latency_ms.max - 6.0).abs() < 0.01);
+    }
+
+    #[test]
+    fn compare_shows_ratios() {
+        let a = report(&[1_000, 1_000], 0, 100);
+        let b = report(&[2_000, 2_000], 0, 100);
+        let text = compare(&a, &b, "a.json", "b.json");
+        assert!(text.contains("p50 ms"), "{text}");
+        assert!(text.contains("2.000"), "{text}");
+    }
+}

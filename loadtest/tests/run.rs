@@ -1,0 +1,286 @@
+//! `run`, `search`, `merge`, `compare` and `chart` against a real proxy (software
+//! backend, served in-process by the xks-proxy library). Nothing here asserts timings:
+//! only counts, the report's structure and the verification results.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{loadtest, loadtest_ok, Proxy};
+use xks_loadtest::report::Report;
+
+fn with(proxy: &Proxy, args: &[&str]) -> Vec<String> {
+    let mut all: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    all.extend(proxy.target_args());
+    all
+}
+
+#[test]
+fn closed_loop_run_counts_every_request_the_proxy_saw() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::software(dir.path());
+    let report_path = dir.path().join("run.json");
+    let before = proxy.requests_total();
+    let out = loadtest_ok(&with(
+        &proxy,
+        &[
+            "run",
+            "--quiet",
+            "--duration",
+            "1",
+            "--warmup",
+            "0",
+            "--connections",
+            "3",
+            "--cdiv",
+            "--pool-size",
+            "8",
+            "--mix",
+            "encrypt=4,decrypt=2,metadata=1,health=1",
+            "--slo-p99-ms",
+            "250",
+            "--report",
+            report_path.to_str().unwrap(),
+        ],
+    ));
+    assert!(out.contains("overall"), "{out}");
+    let report = Report::read(&report_path).unwrap();
+    let s = &report.summary;
+    assert!(s.requests > 0);
+    assert_eq!(s.ok + s.errors, s.requests);
+    assert_eq!(s.errors, 0, "{:?}", report.error_counts);
+    assert_eq!(report.status_counts.values().sum::<u64>(), s.requests);
+    for op in [
+        "Encrypt",
+        "Decrypt",
+        "GetKeyMetadata",
+        "GetHealthStatus",
+        "overall",
+    ] {
+        assert!(report.operations[op].count > 0, "{op}");
+    }
+    let ops: u64 = report
+        .operations
+        .iter()
+        .filter(|(n, _)| *n != "overall")
+        .map(|(_, o)| o.count)
+        .sum();
+    assert_eq!(ops, s.requests);
+    assert_eq!(
+        report.series.iter().map(|p| p.count).sum::<u64>(),
+        s.requests
+    );
+    assert!(report.slo.as_ref().is_some());
+    let v = report.verification.as_ref().unwrap();
+    assert_eq!(v.failures(), 0, "{v:?}");
+    assert_eq!(v.pool_size, 8);
+    assert!(v.encrypt_samples_checked > 0 && v.decrypts_checked > 0 && v.cdivs_checked > 0);
+    assert!(report
+        .target
+        .as_ref()
+        .unwrap()
+        .endpoint
+        .starts_with("https://localhost:"));
+    assert!(report.machines[0].cores > 0);
+
+    // The proxy answered exactly: the pre-flight check of each operation but Decrypt
+    // (3), the pool (8), the measured requests (no warm-up) and the sample decrypts.
+    let expected = 3 + 8 + s.requests + v.encrypt_samples_checked;
+    assert_eq!(proxy.requests_total() - before, expected);
+}
+
+#[test]
+fn open_loop_over_http2_sends_what_was_due() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::software(dir.path());
+    let report_path = dir.path().join("open.json");
+    loadtest_ok(&with(
+        &proxy,
+        &[
+            "run",
+            "--quiet",
+            "--rate",
+            "200",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.2",
+            "--http2",
+            "--connections",
+            "2",
+            "--streams",
+            "2",
+            "--mix",
+            "encrypt=1,decrypt=1",
+            "--report",
+            report_path.to_str().unwrap(),
+        ],
+    ));
+    let report = Report::read(&report_path).unwrap();
+    // 200 requests were due in the measured second; each was sent or counted unsent.
+    assert_eq!(report.summary.requests + report.summary.unsent, 200);
+    assert_eq!(report.summary.errors, 0, "{:?}", report.error_counts);
+    assert_eq!(report.config["http"], "HTTP/2");
+    assert_eq!(report.config["rate_rps"], 200.0);
+    assert_eq!(report.verification.unwrap().failures(), 0);
+}
+
+#[test]
+fn new_connection_per_request_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::software(dir.path());
+    let report_path = dir.path().join("new.json");
+    loadtest_ok(&with(
+        &proxy,
+        &[
+            "run",
+            "--quiet",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0",
+            "--connections",
+            "2",
+            "--new-connection-per-request",
+            "--sign-content-sha256",
+            "--mix",
+            "encrypt=1",
+            "--report",
+            report_path.to_str().unwrap(),
+        ],
+    ));
+    let report = Report::read(&report_path).unwrap();
+    assert!(report.summary.requests > 0);
+    assert_eq!(report.summary.errors, 0, "{:?}", report.error_counts);
+}
+
+#[test]
+fn merge_compare_and_chart() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::software(dir.path());
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    for name in ["a.json", "b.json"] {
+        loadtest_ok(&with(
+            &proxy,
+            &[
+                "run",
+                "--quiet",
+                "--duration",
+                "0.5",
+                "--warmup",
+                "0.1",
+                "--connections",
+                "2",
+                "--report",
+                &path(name),
+            ],
+        ));
+    }
+    loadtest_ok(&[
+        "merge",
+        &path("a.json"),
+        &path("b.json"),
+        "-o",
+        &path("m.json"),
+    ]);
+    let a = Report::read(dir.path().join("a.json").as_path()).unwrap();
+    let b = Report::read(dir.path().join("b.json").as_path()).unwrap();
+    let m = Report::read(dir.path().join("m.json").as_path()).unwrap();
+    assert_eq!(m.kind, "merged");
+    assert_eq!(m.summary.requests, a.summary.requests + b.summary.requests);
+    assert_eq!(
+        m.operations["Encrypt"].count,
+        a.operations["Encrypt"].count + b.operations["Encrypt"].count
+    );
+    assert_eq!(m.machines.len(), 2);
+    assert_eq!(
+        m.series.iter().map(|p| p.count).sum::<u64>(),
+        m.summary.requests
+    );
+
+    let text = loadtest_ok(&["compare", &path("a.json"), &path("b.json")]);
+    for expected in ["overall", "req/s", "p99 ms", "B/A"] {
+        assert!(text.contains(expected), "{expected} missing:\n{text}");
+    }
+
+    loadtest_ok(&["chart", &path("m.json"), "-o", &path("m.svg")]);
+    let svg = std::fs::read_to_string(path("m.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("latency by percentile"));
+    loadtest_ok(&["chart", &path("m.json"), "-o", &path("m.html")]);
+    let html = std::fs::read_to_string(path("m.html")).unwrap();
+    assert!(html.contains("<html") && html.contains("<svg") && html.contains("overall"));
+}
+
+#[test]
+fn search_reports_the_curve() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::software(dir.path());
+    let report_path = dir.path().join("search.json");
+    let out = loadtest_ok(&with(
+        &proxy,
+        &[
+            "search",
+            "--quiet",
+            "--start",
+            "50",
+            "--factor",
+            "2",
+            "--max",
+            "100",
+            "--step-duration",
+            "0.5",
+            "--step-warmup",
+            "0.1",
+            "--connections",
+            "4",
+            "--slo-p99-ms",
+            "5000",
+            "--slo-error-pct",
+            "100",
+            "--report",
+            report_path.to_str().unwrap(),
+        ],
+    ));
+    assert!(out.contains("highest rate meeting"), "{out}");
+    let report = Report::read(&report_path).unwrap();
+    assert_eq!(report.kind, "search");
+    let offered: Vec<f64> = report
+        .steps
+        .iter()
+        .map(|s| s.offered_rps.unwrap())
+        .collect();
+    assert_eq!(offered, [50.0, 100.0]);
+    assert!(report.steps.iter().all(|s| s.met_slo == Some(true)));
+    assert_eq!(report.max_rate_meeting_slo, Some(100.0));
+    assert!(report.slo.is_some());
+}
+
+#[test]
+fn refusals_are_explained_and_fail_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::software(dir.path());
+    // A key the key store does not have: the pre-flight check says what the proxy said.
+    let mut args = with(&proxy, &["run", "--quiet", "--duration", "0.2"]);
+    args.extend(["--key-id".to_owned(), "absent".to_owned()]);
+    let out = loadtest(&args);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("KeyNotFoundException"), "{stderr}");
+
+    // A wrong secret.
+    std::fs::write(
+        dir.path().join("wrong"),
+        "d3Jvbmcgc2VjcmV0IHdyb25nIHNlY3JldCB3cm9uZyE=",
+    )
+    .unwrap();
+    let mut args = with(&proxy, &["run", "--quiet", "--duration", "0.2"]);
+    let at = args.iter().position(|a| a == "--secret-file").unwrap();
+    args[at + 1] = dir.path().join("wrong").display().to_string();
+    let out = loadtest(&args);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("HTTP 401") || stderr.contains("HTTP 403"),
+        "{stderr}"
+    );
+}
