@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Reproduces the headline numbers of perf/RESULTS.md on one machine: xks-proxy on a
+# SoftHSM2 token and on the in-process software backend, driven by xks-loadtest on the
+# same box (closed loop at 1/8/64 connections, open loop at KMS's default quota of
+# 1800 req/s, a capacity search), and the raw HSM with `xks-loadtest hsm`, so that
+# proxy overhead = end-to-end minus raw HSM.
+#
+# Usage: perf/run.sh [SECONDS_PER_RUN]   (default 10)
+# Writes perf/runs/<UTC time>/ (JSON reports, HTML charts, the console output) and
+# appends a summary section to perf/RESULTS.md. Run it on a quiet machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SECONDS_PER_RUN="${1:-10}"
+STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
+OUT="perf/runs/$STAMP"
+mkdir -p "$OUT"
+WORK="$(mktemp -d)"
+PROXY_PID=""
+cleanup() {
+  [ -n "$PROXY_PID" ] && kill "$PROXY_PID" 2>/dev/null && wait "$PROXY_PID" 2>/dev/null
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+./scripts/setup.sh
+cargo build --release -p xks-proxy -p xks-loadtest
+PROXY=target/release/xks-proxy
+LOAD=target/release/xks-loadtest
+
+# A SoftHSM2 token, keys, credential, certificates and config (the quickstart's).
+"$PROXY" quickstart --setup-only --dir "$WORK/q" --listen 127.0.0.1:18443 >/dev/null
+ENV="$WORK/q/test-client.env"
+
+# The same credential and certificate in front of the software backend.
+cat >"$WORK/software.toml" <<EOF
+[server]
+listen = "127.0.0.1:18443"
+tls_certificate = "$WORK/q/server.pem"
+tls_private_key = "$WORK/q/server-key.pem"
+
+[hsm]
+backend = "software"
+[[hsm.software_key]]
+id = "foo"
+usage = ["ENCRYPT", "DECRYPT"]
+
+[[key_store]]
+name = "bench"
+uri_prefix = "example/uri/path/prefix"
+region = "us-east-1"
+keys = ["foo"]
+[[key_store.credential]]
+access_key_id = "$(cat "$WORK/q/sigv4-access-key-id")"
+secret_access_key_file = "$WORK/q/sigv4-secret"
+EOF
+
+start_proxy() {
+  "$PROXY" serve --config "$1" 2>"$OUT/proxy-$2.log" >/dev/null &
+  PROXY_PID=$!
+  for _ in $(seq 100); do
+    grep -q "serving the XKS API" "$OUT/proxy-$2.log" 2>/dev/null && return
+    sleep 0.1
+  done
+  echo "the proxy did not start; see $OUT/proxy-$2.log" >&2
+  exit 1
+}
+stop_proxy() {
+  kill "$PROXY_PID"
+  wait "$PROXY_PID" || true
+  PROXY_PID=""
+}
+
+# Every run: Encrypt, 32-byte plaintext, 100-byte AAD, HTTP/1.1 keep-alive.
+COMMON=(--env "$ENV" --mix encrypt=1 --plaintext-bytes 32 --aad-bytes 100 -q)
+COMMANDS="$OUT/commands.txt"
+: >"$COMMANDS"
+run() { # name, then xks-loadtest arguments
+  local name="$1"
+  shift
+  echo "xks-loadtest $*" >>"$COMMANDS"
+  local chart=(--chart "$OUT/$name.html")
+  [ "$1" = hsm ] && chart=()
+  "$LOAD" "$@" --report "$OUT/$name.json" "${chart[@]}" >"$OUT/$name.txt" 2>&1 ||
+    echo "(xks-loadtest exited with $?)" >>"$OUT/$name.txt"
+  echo "== $name"
+  grep -E "^overall|requests in" "$OUT/$name.txt" || true
+}
+
+start_proxy "$WORK/q/config.toml" softhsm
+for c in 1 8 64; do
+  run "softhsm-closed-$c" run "${COMMON[@]}" --connections "$c" --warmup 2 --duration "$SECONDS_PER_RUN"
+done
+run softhsm-open-1800 run "${COMMON[@]}" --rate 1800 --connections 64 --warmup 2 --duration "$SECONDS_PER_RUN"
+run softhsm-search search "${COMMON[@]}" --connections 64 --slo-p99-ms 2 \
+  --start 2000 --factor 1.4 --max 100000 --step-duration 5 --step-warmup 1
+stop_proxy
+
+start_proxy "$WORK/software.toml" software
+for c in 1 64; do
+  run "software-closed-$c" run "${COMMON[@]}" --connections "$c" --warmup 2 --duration "$SECONDS_PER_RUN"
+done
+run software-open-1800 run "${COMMON[@]}" --rate 1800 --connections 64 --warmup 2 --duration "$SECONDS_PER_RUN"
+stop_proxy
+
+run softhsm-raw hsm --config "$WORK/q/config.toml" --sessions 1,2,4 --duration "$SECONDS_PER_RUN"
+
+# The summary: machine, versions, commands, results.
+{
+  echo
+  echo "## Run $STAMP"
+  echo
+  echo "- machine: $(hostname), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(uname -sr)"
+  echo "- commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src loadtest || echo ' (dirty)')"
+  echo "- $(rustc --version); SoftHSM2 $(dpkg-query -W -f='${Version}' softhsm2 2>/dev/null || echo '?')"
+  echo "- command: \`perf/run.sh $SECONDS_PER_RUN\`; reports and charts in \`$OUT/\`"
+  echo
+  echo '```'
+  for f in "$OUT"/*.txt; do
+    [ "$(basename "$f")" = commands.txt ] && continue
+    echo "== $(basename "$f" .txt)"
+    grep -E "^overall|requests in|^best|sessions:|highest|max rate" "$f" || true
+  done
+  echo '```'
+  echo
+  echo "Commands:"
+  echo
+  echo '```'
+  cat "$COMMANDS"
+  echo '```'
+} | tee -a perf/RESULTS.md
