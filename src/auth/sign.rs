@@ -18,7 +18,7 @@ use aws_lc_rs::{digest, hmac};
 use parking_lot::RwLock;
 use zeroize::Zeroizing;
 
-use super::sigv4::SERVICE;
+use super::sigv4::{derive_signing_key, SERVICE};
 
 /// The only algorithm SigV4 defines.
 const ALGORITHM: &str = "AWS4-HMAC-SHA256";
@@ -256,21 +256,6 @@ impl Signer {
         }
         result
     }
-}
-
-/// kSigning = HMAC(HMAC(HMAC(HMAC("AWS4" + secret, date), region), service), "aws4_request").
-fn derive_signing_key(secret: &str, date: &str, region: &str) -> hmac::Key {
-    let step = |key: &[u8], data: &str| {
-        hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), data.as_bytes())
-    };
-    let mut first = Zeroizing::new(Vec::with_capacity(4 + secret.len()));
-    first.extend_from_slice(b"AWS4");
-    first.extend_from_slice(secret.as_bytes());
-    let k_date = step(&first, date);
-    let k_region = step(k_date.as_ref(), region);
-    let k_service = step(k_region.as_ref(), SERVICE);
-    let k_signing = step(k_service.as_ref(), "aws4_request");
-    hmac::Key::new(hmac::HMAC_SHA256, k_signing.as_ref())
 }
 
 /// `YYYYMMDD'T'HHMMSS'Z'` in UTC, without allocating.

@@ -406,7 +406,9 @@ impl Entry {
     }
 }
 
-fn derive_signing_key(secret: &str, date: &str, region: &str) -> hmac::Key {
+/// kSigning = HMAC(HMAC(HMAC(HMAC("AWS4" + secret, date), region), service), "aws4_request");
+/// shared by the verifier and the signer (`super::sign`).
+pub(crate) fn derive_signing_key(secret: &str, date: &str, region: &str) -> hmac::Key {
     let step = |key: &[u8], data: &str| {
         hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), data.as_bytes())
     };
