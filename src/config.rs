@@ -276,6 +276,10 @@ pub struct HsmSection {
     /// disk on every use. Off by default (some HSMs limit or refuse session objects).
     #[serde(default)]
     pub session_key_copies: bool,
+    /// Open read-write sessions instead of read-only ones (AWS CloudHSM's SDK 5
+    /// refuses read-only sessions). The proxy never modifies token objects.
+    #[serde(default)]
+    pub read_write_sessions: bool,
     /// Seconds a key's cached attributes are trusted (how fast a key disabled in the
     /// HSM is noticed).
     #[serde(default = "default_key_refresh")]
@@ -296,11 +300,36 @@ pub struct HsmSection {
     /// Environment variables set before the module loads (e.g. SOFTHSM2_CONF).
     #[serde(default)]
     pub environment: BTreeMap<String, String>,
+    /// Several EKMs (HSMs of a cluster holding the same keys) for the key store: each
+    /// `[[hsm.ekm]]` names a token, and may name its own module, PIN and sessions
+    /// (defaults: those of `[hsm]`). Without any, `[hsm]` names the one token.
+    #[serde(default, rename = "ekm")]
+    pub ekms: Vec<EkmSection>,
     /// Keys of the software and simulated backends.
     #[serde(default, rename = "software_key")]
     pub software_keys: Vec<SoftwareKeySection>,
     /// The simulated HSM's service time.
     pub simulated: Option<SimulatedSection>,
+}
+
+/// `[[hsm.ekm]]`: one EKM of a fleet.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EkmSection {
+    /// Path of the PKCS#11 module (default: `hsm.module`).
+    pub module: Option<PathBuf>,
+    /// Select the token by label ...
+    pub token_label: Option<String>,
+    /// ... or by serial number.
+    pub token_serial: Option<String>,
+    /// A file holding the user PIN (default: the PIN of `[hsm]`).
+    pub pin_file: Option<PathBuf>,
+    /// An environment variable holding the user PIN.
+    pub pin_env: Option<String>,
+    /// The PIN inline (discouraged).
+    pub pin: Option<String>,
+    /// Sessions on this EKM (default: `hsm.sessions`).
+    pub sessions: Option<usize>,
 }
 
 fn default_call_timeout_ms() -> u64 {
@@ -490,8 +519,8 @@ pub struct HealthSettings {
 /// The validated backend choice.
 #[derive(Debug)]
 pub enum BackendConfig {
-    /// PKCS#11.
-    Pkcs11(Pkcs11Settings),
+    /// PKCS#11: one to ten EKMs (tokens) holding the same keys.
+    Pkcs11(Vec<Pkcs11Settings>),
     /// Software keys.
     Software(Vec<crate::hsm::software::SoftwareKeySpec>),
     /// The simulated HSM.
@@ -554,7 +583,7 @@ impl Config {
             return Err(invalid("hsm.call_timeout_ms", "must be greater than zero"));
         }
         let backend = match file.hsm.backend {
-            BackendKind::Pkcs11 => BackendConfig::Pkcs11(pkcs11_settings(&file.hsm, base)?),
+            BackendKind::Pkcs11 => BackendConfig::Pkcs11(pkcs11_fleet(&file.hsm, base)?),
             BackendKind::Software => BackendConfig::Software(software_keys(&file.hsm)?),
             BackendKind::Simulated => BackendConfig::Simulated(simulated(&file.hsm)?),
         };
@@ -740,34 +769,101 @@ fn simulated(hsm: &HsmSection) -> Result<crate::hsm::simulated::SimulatedSetting
     })
 }
 
-fn pkcs11_settings(hsm: &HsmSection, base: &Path) -> Result<Pkcs11Settings, ConfigError> {
-    let module = hsm.module.as_ref().ok_or_else(|| {
+/// The EKMs of a PKCS#11 configuration: each `[[hsm.ekm]]`, or `[hsm]` itself.
+fn pkcs11_fleet(hsm: &HsmSection, base: &Path) -> Result<Vec<Pkcs11Settings>, ConfigError> {
+    if hsm.ekms.is_empty() {
+        let one = EkmSection {
+            module: None,
+            token_label: hsm.token_label.clone(),
+            token_serial: hsm.token_serial.clone(),
+            pin_file: None,
+            pin_env: None,
+            pin: None,
+            sessions: None,
+        };
+        return Ok(vec![pkcs11_settings(hsm, &one, "hsm", base)?]);
+    }
+    if hsm.ekms.len() > crate::hsm::fleet::MAX_EKMS {
+        return Err(invalid(
+            "hsm.ekm",
+            format!("at most {} EKMs per key store", crate::hsm::fleet::MAX_EKMS),
+        ));
+    }
+    if hsm.token_label.is_some() || hsm.token_serial.is_some() {
+        return Err(invalid(
+            "hsm.token_label",
+            "with [[hsm.ekm]], name each token in its [[hsm.ekm]] table",
+        ));
+    }
+    let settings = hsm
+        .ekms
+        .iter()
+        .enumerate()
+        .map(|(i, ekm)| pkcs11_settings(hsm, ekm, &format!("hsm.ekm[{i}]"), base))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (i, a) in settings.iter().enumerate() {
+        if settings[..i]
+            .iter()
+            .any(|b| a.module == b.module && a.token == b.token)
+        {
+            return Err(invalid(
+                format!("hsm.ekm[{i}]"),
+                "names the same token as an earlier [[hsm.ekm]]",
+            ));
+        }
+    }
+    Ok(settings)
+}
+
+fn pkcs11_settings(
+    hsm: &HsmSection,
+    ekm: &EkmSection,
+    field: &str,
+    base: &Path,
+) -> Result<Pkcs11Settings, ConfigError> {
+    let module = ekm.module.as_ref().or(hsm.module.as_ref()).ok_or_else(|| {
         invalid(
-            "hsm.module",
+            format!("{field}.module"),
             "required: the path of the PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so",
         )
     })?;
-    let token = match (&hsm.token_label, &hsm.token_serial) {
+    let token = match (&ekm.token_label, &ekm.token_serial) {
         (Some(label), None) => TokenSelector::Label(label.clone()),
         (None, Some(serial)) => TokenSelector::Serial(serial.clone()),
         _ => {
             return Err(invalid(
-                "hsm.token_label",
+                format!("{field}.token_label"),
                 "set exactly one of token_label and token_serial",
             ))
         }
     };
-    if let Some(path) = &hsm.pin_file {
+    // The EKM's own PIN if it names one, else the one of [hsm].
+    let own_pin = ekm.pin_file.is_some() || ekm.pin_env.is_some() || ekm.pin.is_some();
+    let (pin_field, pin_file, pin_env, pin_inline) = if own_pin {
+        (
+            format!("{field}.pin"),
+            &ekm.pin_file,
+            &ekm.pin_env,
+            &ekm.pin,
+        )
+    } else {
+        ("hsm.pin".to_owned(), &hsm.pin_file, &hsm.pin_env, &hsm.pin)
+    };
+    if let Some(path) = pin_file {
         warn_if_readable_by_others(&base.join(path), "");
     }
     let pin = secret(
-        "hsm.pin",
-        hsm.pin_file.as_deref().map(|p| base.join(p)),
-        hsm.pin_env.as_deref(),
-        hsm.pin.as_deref(),
+        &pin_field,
+        pin_file.as_deref().map(|p| base.join(p)),
+        pin_env.as_deref(),
+        pin_inline.as_deref(),
     )?;
-    if hsm.sessions == 0 || hsm.sessions > 1024 {
-        return Err(invalid("hsm.sessions", "must be between 1 and 1024"));
+    let sessions = ekm.sessions.unwrap_or(hsm.sessions);
+    if sessions == 0 || sessions > 1024 {
+        return Err(invalid(
+            format!("{field}.sessions"),
+            "must be between 1 and 1024",
+        ));
     }
     if hsm.queue_depth == 0 {
         return Err(invalid("hsm.queue_depth", "must be at least 1"));
@@ -776,12 +872,14 @@ fn pkcs11_settings(hsm: &HsmSection, base: &Path) -> Result<Pkcs11Settings, Conf
         module: base.join(module),
         token,
         pin,
-        sessions: hsm.sessions,
+        sessions,
         queue_depth: hsm.queue_depth,
         iv_source: hsm.iv_source,
         session_key_copies: hsm.session_key_copies,
         key_refresh: Duration::from_secs(hsm.key_refresh_seconds),
         call_timeout: Duration::from_millis(hsm.call_timeout_ms),
+        read_write_sessions: hsm.read_write_sessions,
+        faults: None,
     })
 }
 
@@ -1107,6 +1205,9 @@ secret_access_key = "0123456789012345678901234567890123456789abc"
         let BackendConfig::Pkcs11(p) = &c.backend else {
             panic!("pkcs11 expected")
         };
+        let [p] = p.as_slice() else {
+            panic!("one EKM expected")
+        };
         assert_eq!(p.sessions, 2);
         assert_eq!(p.token, TokenSelector::Label("t".into()));
         assert_eq!(p.pin.as_str(), "1234");
@@ -1210,7 +1311,72 @@ secret_access_key = "0123456789012345678901234567890123456789abc"
         let BackendConfig::Pkcs11(p) = &c.backend else {
             panic!("pkcs11 expected")
         };
+        let [p] = p.as_slice() else {
+            panic!("one EKM expected")
+        };
         assert_eq!(p.pin.as_str(), "5678");
+    }
+
+    #[test]
+    fn several_ekms_inherit_what_they_do_not_set() {
+        let with_ekms = |ekms: &str| {
+            GOOD.replace("token_label = \"t\"\n", "")
+                .replace("pin = \"1234\"\n", &format!("pin = \"1234\"\n{ekms}"))
+        };
+        let fleet = with_ekms(
+            "sessions = 3\n\
+             [[hsm.ekm]]\ntoken_label = \"a\"\n\
+             [[hsm.ekm]]\ntoken_serial = \"42\"\npin = \"9999\"\nsessions = 7\n\
+             module = \"/opt/other.so\"\n",
+        );
+        let c = load(&fleet).unwrap();
+        let BackendConfig::Pkcs11(ekms) = &c.backend else {
+            panic!("pkcs11 expected")
+        };
+        let [a, b] = ekms.as_slice() else {
+            panic!("two EKMs expected")
+        };
+        assert_eq!(a.token, TokenSelector::Label("a".into()));
+        assert_eq!(a.module, Path::new("/usr/lib/softhsm/libsofthsm2.so"));
+        assert_eq!((a.pin.as_str(), a.sessions), ("1234", 3));
+        assert_eq!(b.token, TokenSelector::Serial("42".into()));
+        assert_eq!(b.module, Path::new("/opt/other.so"));
+        assert_eq!((b.pin.as_str(), b.sessions), ("9999", 7));
+
+        for (text, field) in [
+            // The same token twice.
+            (
+                with_ekms("[[hsm.ekm]]\ntoken_label = \"a\"\n[[hsm.ekm]]\ntoken_label = \"a\"\n"),
+                "hsm.ekm[1]",
+            ),
+            // A token in [hsm] as well as [[hsm.ekm]].
+            (
+                GOOD.replace(
+                    "pin = \"1234\"\n",
+                    "pin = \"1234\"\n[[hsm.ekm]]\ntoken_label = \"a\"\n",
+                ),
+                "hsm.token_label",
+            ),
+            // Neither label nor serial.
+            (
+                with_ekms("[[hsm.ekm]]\nsessions = 2\n"),
+                "hsm.ekm[0].token_label",
+            ),
+            // More than the spec's ten.
+            (
+                with_ekms(
+                    &(0..11)
+                        .map(|i| format!("[[hsm.ekm]]\ntoken_label = \"t{i}\"\n"))
+                        .collect::<String>(),
+                ),
+                "hsm.ekm",
+            ),
+        ] {
+            match load(&text) {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field, "{text}"),
+                other => panic!("{field}: expected invalid, got {other:?}"),
+            }
+        }
     }
 
     /// The examples in config/ follow the schema (their secrets come from elsewhere,
@@ -1219,7 +1385,10 @@ secret_access_key = "0123456789012345678901234567890123456789abc"
     fn example_configs_parse() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
         let mut seen = 0;
-        for entry in std::fs::read_dir(dir).unwrap() {
+        let entries = std::fs::read_dir(&dir)
+            .unwrap()
+            .chain(std::fs::read_dir(dir.join("vendors")).unwrap());
+        for entry in entries {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "toml") {
                 let text = std::fs::read_to_string(&path).unwrap();
@@ -1228,7 +1397,7 @@ secret_access_key = "0123456789012345678901234567890123456789abc"
                 seen += 1;
             }
         }
-        assert!(seen >= 2);
+        assert!(seen >= 7, "{seen} examples");
     }
 
     #[test]

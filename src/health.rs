@@ -12,6 +12,10 @@
 //!   unhealthy but serving.
 //! - UNAVAILABLE: it failed or timed out, or no check has succeeded within the last
 //!   minute (the monitor itself is stuck).
+//!
+//! A fleet's EKMs are checked one by one; each verdict also tells the fleet whether to
+//! route requests to that EKM. While any EKM is not ACTIVE the monitor checks every
+//! second, so a returning HSM is seen (and reported) within seconds.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -39,7 +43,8 @@ pub struct HealthMonitor {
     interval: Duration,
     /// How long a check may take: the request deadline, as for KMS's requests.
     budget: Duration,
-    last: RwLock<Checked>,
+    /// One result per EKM (see [`Backend::ekms`]).
+    last: RwLock<Vec<Checked>>,
     shutting_down: AtomicBool,
     metrics: Arc<Metrics>,
 }
@@ -59,25 +64,36 @@ impl HealthMonitor {
             );
         }
         let now = Instant::now();
+        let never = Checked {
+            status: EkmHealth::Unavailable,
+            at: now.checked_sub(MAX_AGE).unwrap_or(now),
+        };
+        let ekms = backend.ekms().len();
         Self {
             backend,
             key,
             interval,
             budget,
-            last: RwLock::new(Checked {
-                status: EkmHealth::Unavailable,
-                at: now.checked_sub(MAX_AGE).unwrap_or(now),
-            }),
+            last: RwLock::new(vec![never; ekms]),
             shutting_down: AtomicBool::new(false),
             metrics,
         }
     }
 
-    /// Runs one check now and caches its result.
+    /// Checks every EKM now and caches the results; returns the best of them.
     pub async fn check(&self) -> EkmHealth {
+        for (i, ekm) in self.backend.ekms().into_iter().enumerate() {
+            let status = self.check_one(i, ekm).await;
+            if let Backend::Fleet(fleet) = &*self.backend {
+                fleet.note_health(i, status);
+            }
+        }
+        self.current()
+    }
+
+    async fn check_one(&self, i: usize, ekm: &Backend) -> EkmHealth {
         let started = Instant::now();
-        let result = self
-            .backend
+        let result = ekm
             .health_check(self.key.as_deref(), started + self.budget)
             .await;
         let elapsed = started.elapsed();
@@ -87,30 +103,29 @@ impl HealthMonitor {
             Err(_) => EkmHealth::Unavailable,
         };
         let previous = std::mem::replace(
-            &mut *self.last.write(),
+            &mut self.last.write()[i],
             Checked {
                 status,
                 at: Instant::now(),
             },
         );
+        let ekm_id = &ekm.ekm_info().id;
         if previous.status != status {
-            let ekm = &self.backend.ekm_info().id;
             let elapsed_us = elapsed.as_micros() as u64;
             match &result {
                 Err(e) => {
-                    tracing::warn!(%ekm, status = status.as_str(), error = %e, elapsed_us, "EKM health changed")
+                    tracing::warn!(ekm = %ekm_id, status = status.as_str(), error = %e, elapsed_us, "EKM health changed")
                 }
                 Ok(()) => {
-                    tracing::info!(%ekm, status = status.as_str(), elapsed_us, "EKM health changed")
+                    tracing::info!(ekm = %ekm_id, status = status.as_str(), elapsed_us, "EKM health changed")
                 }
             }
         }
-        self.publish(status);
+        self.publish(ekm_id, status);
         status
     }
 
-    fn publish(&self, current: EkmHealth) {
-        let ekm = self.backend.ekm_info().id.clone();
+    fn publish(&self, ekm: &str, current: EkmHealth) {
         for status in [
             EkmHealth::Active,
             EkmHealth::Degraded,
@@ -119,7 +134,7 @@ impl HealthMonitor {
             self.metrics
                 .ekm_health
                 .get_or_create(&EkmLabels {
-                    ekm: ekm.clone(),
+                    ekm: ekm.to_owned(),
                     status: status.as_str(),
                 })
                 .set(i64::from(status == current));
@@ -129,23 +144,39 @@ impl HealthMonitor {
     /// Checks every interval, forever (the first check is one interval from now:
     /// the caller checks once at start-up).
     pub async fn run(self: Arc<Self>) {
-        let mut ticker = tokio::time::interval(self.interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticker.tick().await;
+        let quick = self.interval.min(Duration::from_secs(1));
+        let mut wait = self.interval;
         loop {
-            ticker.tick().await;
+            tokio::time::sleep(wait).await;
             self.check().await;
+            let all_active = self.statuses().iter().all(|s| *s == EkmHealth::Active);
+            wait = if all_active { self.interval } else { quick };
         }
     }
 
-    /// The cached status; UNAVAILABLE when it is older than [`MAX_AGE`].
+    /// Each EKM's cached status (in [`Backend::ekms`] order); UNAVAILABLE when older
+    /// than [`MAX_AGE`].
+    pub fn statuses(&self) -> Vec<EkmHealth> {
+        self.last
+            .read()
+            .iter()
+            .map(|last| {
+                if last.at.elapsed() > MAX_AGE {
+                    EkmHealth::Unavailable
+                } else {
+                    last.status
+                }
+            })
+            .collect()
+    }
+
+    /// The best EKM's cached status: the proxy serves while any EKM does.
     pub fn current(&self) -> EkmHealth {
-        let last = *self.last.read();
-        if last.at.elapsed() > MAX_AGE {
-            EkmHealth::Unavailable
-        } else {
-            last.status
-        }
+        let statuses = self.statuses();
+        [EkmHealth::Active, EkmHealth::Degraded]
+            .into_iter()
+            .find(|s| statuses.contains(s))
+            .unwrap_or(EkmHealth::Unavailable)
     }
 
     /// Ready for traffic: not shutting down and the EKM can serve.

@@ -206,7 +206,9 @@ fn serve(config_path: &Path) -> Result<(), Error> {
     apply_environment(&config.environment);
     let metrics = Metrics::new(config.limits.request_deadline);
     let backend = server::backend(&config.backend, &metrics)?;
-    tracing::info!(ekm = ?backend.ekm_info(), "connected to the key manager");
+    for ekm in backend.ekms() {
+        tracing::info!(ekm = ?ekm.ekm_info(), "connected to the key manager");
+    }
     let listen = config.listen;
     let admin = config.admin_listen;
     let app = server::app(config, backend, metrics)?;
@@ -297,12 +299,22 @@ fn keys(action: KeysCommand) -> Result<(), Error> {
     };
     let config = Config::load(config_path)?;
     apply_environment(&config.environment);
-    let BackendConfig::Pkcs11(settings) = &config.backend else {
+    let BackendConfig::Pkcs11(ekms) = &config.backend else {
         return Err(
             "`keys` manages keys on a PKCS#11 token; this configuration uses the software backend"
                 .into(),
         );
     };
+    // HSM clusters replicate keys among their members; on tokens that do not, run the
+    // command against each token's configuration.
+    let settings = &ekms[0];
+    if ekms.len() > 1 {
+        eprintln!(
+            "note: acting on the first of {} EKMs ({}); an HSM cluster replicates the change to the others",
+            ekms.len(),
+            settings.token
+        );
+    }
     let (_pkcs11, _slot, session) =
         pkcs11::open_token(&settings.module, &settings.token, &settings.pin)?;
     match action {

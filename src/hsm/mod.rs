@@ -13,6 +13,8 @@
 //! Every operation takes the request's deadline; the pool ([`pool`]) refuses work that
 //! cannot finish before it.
 
+pub mod faults;
+pub mod fleet;
 pub mod pkcs11;
 mod pool;
 pub mod simulated;
@@ -213,6 +215,9 @@ pub enum Backend {
     Software(software::SoftwareBackend),
     /// A modelled HSM (backpressure tests, capacity planning).
     Simulated(simulated::SimulatedBackend),
+    /// Several EKMs holding the same keys (PKCS#11 configurations are always a fleet,
+    /// of one or more). Its members are never fleets themselves.
+    Fleet(fleet::Fleet),
 }
 
 impl fmt::Debug for Backend {
@@ -221,6 +226,7 @@ impl fmt::Debug for Backend {
             Self::Pkcs11(b) => f.debug_tuple("Pkcs11").field(b).finish(),
             Self::Software(b) => f.debug_tuple("Software").field(b).finish(),
             Self::Simulated(b) => f.debug_tuple("Simulated").field(b).finish(),
+            Self::Fleet(b) => f.debug_tuple("Fleet").field(b).finish(),
         }
     }
 }
@@ -262,6 +268,11 @@ pub(crate) fn health_round_trip<S>(
     }
 }
 
+/// A fleet's members are single EKMs.
+fn nested_fleet() -> HsmError {
+    HsmError::Unavailable("a fleet cannot be an EKM of another fleet".into())
+}
+
 impl Backend {
     /// Encrypts `plaintext` under the key with the HSM's AES-GCM; `aad` is the HSM AAD
     /// (already built by the spec formula).
@@ -273,9 +284,23 @@ impl Backend {
         deadline: Instant,
     ) -> Result<Sealed, HsmError> {
         match self {
+            Self::Fleet(f) => f.encrypt(key_id, plaintext, aad, deadline).await,
+            _ => self.leaf_encrypt(key_id, plaintext, aad, deadline).await,
+        }
+    }
+
+    async fn leaf_encrypt(
+        &self,
+        key_id: &str,
+        plaintext: Plaintext,
+        aad: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<Sealed, HsmError> {
+        match self {
             Self::Pkcs11(b) => b.encrypt(key_id, plaintext, aad, deadline).await,
             Self::Software(b) => b.encrypt(key_id, &plaintext, &aad),
             Self::Simulated(b) => b.encrypt(key_id, plaintext, aad, deadline).await,
+            Self::Fleet(_) => Err(nested_fleet()),
         }
     }
 
@@ -288,9 +313,23 @@ impl Backend {
         deadline: Instant,
     ) -> Result<Plaintext, HsmError> {
         match self {
+            Self::Fleet(f) => f.decrypt(key_id, sealed, aad, deadline).await,
+            _ => self.leaf_decrypt(key_id, sealed, aad, deadline).await,
+        }
+    }
+
+    async fn leaf_decrypt(
+        &self,
+        key_id: &str,
+        sealed: Sealed,
+        aad: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<Plaintext, HsmError> {
+        match self {
             Self::Pkcs11(b) => b.decrypt(key_id, sealed, aad, deadline).await,
             Self::Software(b) => b.decrypt(key_id, &sealed, &aad),
             Self::Simulated(b) => b.decrypt(key_id, sealed, aad, deadline).await,
+            Self::Fleet(_) => Err(nested_fleet()),
         }
     }
 
@@ -299,8 +338,16 @@ impl Backend {
     /// PKCS#11 backend caches it for `key_refresh_seconds`; the others have no versions.
     pub async fn current_version(&self, key_id: &str, deadline: Instant) -> Result<u32, HsmError> {
         match self {
+            Self::Fleet(f) => f.current_version(key_id, deadline).await,
+            _ => self.leaf_current_version(key_id, deadline).await,
+        }
+    }
+
+    async fn leaf_current_version(&self, key_id: &str, deadline: Instant) -> Result<u32, HsmError> {
+        match self {
             Self::Pkcs11(b) => b.current_version(key_id, deadline).await,
             Self::Software(_) | Self::Simulated(_) => Ok(1),
+            Self::Fleet(_) => Err(nested_fleet()),
         }
     }
 
@@ -311,9 +358,52 @@ impl Backend {
         deadline: Instant,
     ) -> Result<KeyMetadata, HsmError> {
         match self {
+            Self::Fleet(f) => f.key_metadata(key_id, deadline).await,
+            _ => self.leaf_key_metadata(key_id, deadline).await,
+        }
+    }
+
+    async fn leaf_key_metadata(
+        &self,
+        key_id: &str,
+        deadline: Instant,
+    ) -> Result<KeyMetadata, HsmError> {
+        match self {
             Self::Pkcs11(b) => b.key_metadata(key_id, deadline).await,
             Self::Software(b) => b.key_metadata(key_id),
             Self::Simulated(b) => b.key_metadata(key_id, deadline).await,
+            Self::Fleet(_) => Err(nested_fleet()),
+        }
+    }
+
+    /// False while the EKM is known to be out of service (its calls would fail at
+    /// once); a fleet is in service while any member is.
+    pub fn in_service(&self) -> bool {
+        match self {
+            Self::Pkcs11(b) => b.in_service(),
+            Self::Software(_) | Self::Simulated(_) => true,
+            Self::Fleet(f) => f.members().iter().any(|m| m.backend().in_service()),
+        }
+    }
+
+    /// Requests admitted and not finished, and the most the EKM admits.
+    pub fn load(&self) -> (usize, usize) {
+        match self {
+            Self::Pkcs11(b) => b.load(),
+            Self::Simulated(b) => b.load(),
+            Self::Software(_) => (0, usize::MAX),
+            Self::Fleet(f) => f.members().iter().fold((0, 0), |(t, c), m| {
+                let (taken, capacity) = m.backend().load();
+                (t + taken, c.saturating_add(capacity))
+            }),
+        }
+    }
+
+    /// The single EKMs behind this backend: a fleet's members, or itself.
+    pub fn ekms(&self) -> Vec<&Self> {
+        match self {
+            Self::Fleet(f) => f.members().iter().map(fleet::Member::backend).collect(),
+            _ => vec![self],
         }
     }
 
@@ -334,6 +424,9 @@ impl Backend {
             ),
             (Self::Software(_), None) => Ok(()),
             (Self::Simulated(b), key) => b.health_check(key, deadline).await,
+            (Self::Fleet(_), _) => Err(HsmError::Unavailable(
+                "check a fleet's members one by one".into(),
+            )),
         }
     }
 
@@ -343,6 +436,7 @@ impl Backend {
             Self::Pkcs11(b) => b.ekm_info(),
             Self::Software(b) => b.ekm_info(),
             Self::Simulated(b) => b.ekm_info(),
+            Self::Fleet(f) => f.members()[0].backend().ekm_info(),
         }
     }
 }

@@ -17,10 +17,11 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::Mechanism;
@@ -28,9 +29,10 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHan
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
-use parking_lot::RwLock;
+use parking_lot::{RwLock, RwLockReadGuard};
 use zeroize::Zeroizing;
 
+use super::faults::{FaultInjector, VendorIv};
 use super::pool::{Pool, PoolSettings};
 use super::{
     health_round_trip, EkmInfo, HsmError, KeyMetadata, KeyUsage, Operation, Plaintext, Sealed,
@@ -57,17 +59,28 @@ impl fmt::Display for TokenSelector {
     }
 }
 
-/// Where the GCM IV comes from.
+/// Where the GCM IV comes from. HSMs differ, and the proxy must hand KMS the IV, the
+/// ciphertext and the tag apart whichever way the HSM returns them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum IvSource {
-    /// The proxy asks the HSM's RNG (C_GenerateRandom) for 12 bytes and passes them in.
+    /// The proxy asks the HSM's RNG (C_GenerateRandom) for 12 bytes and passes them in
+    /// (generic; SoftHSM2).
     #[default]
     HsmRandom,
-    /// The HSM fills a zeroed 12-byte IV buffer itself (HSMs that refuse caller IVs in
-    /// FIPS mode).
+    /// The proxy draws 12 bytes from its own DRBG (AWS-LC) and passes them in: one
+    /// PKCS#11 call per encryption fewer.
+    ProxyRandom,
+    /// The proxy passes a zeroed 12-byte IV buffer and the HSM writes the IV it chose
+    /// into it (Utimaco, Entrust nShield, Marvell-based HSMs).
     HsmGenerated,
+    /// The proxy passes no IV; the HSM picks a 16-byte IV and appends it after the tag
+    /// in the output (Thales Luna in FIPS mode).
+    HsmAppended,
 }
+
+/// The IV length an HSM that appends its IV after the tag uses.
+pub const APPENDED_IV_LEN: usize = 16;
 
 /// Everything needed to reach a token.
 #[derive(Clone)]
@@ -91,6 +104,11 @@ pub struct Pkcs11Settings {
     pub key_refresh: Duration,
     /// Longest one PKCS#11 call may take before the request answers 503.
     pub call_timeout: Duration,
+    /// Open read-write sessions (AWS CloudHSM's SDK 5 refuses read-only ones); the
+    /// proxy itself never modifies token objects.
+    pub read_write_sessions: bool,
+    /// Errors and latency injected on command (tests and chaos drills; normally `None`).
+    pub faults: Option<Arc<FaultInjector>>,
 }
 
 impl fmt::Debug for Pkcs11Settings {
@@ -105,6 +123,8 @@ impl fmt::Debug for Pkcs11Settings {
             .field("session_key_copies", &self.session_key_copies)
             .field("key_refresh", &self.key_refresh)
             .field("call_timeout", &self.call_timeout)
+            .field("read_write_sessions", &self.read_write_sessions)
+            .field("faults", &self.faults.is_some())
             .finish()
     }
 }
@@ -117,23 +137,344 @@ struct CachedKey {
     copied: bool,
     metadata: KeyMetadata,
     read_at: Instant,
+    /// The module generation the handle belongs to (see [`Module`]).
+    generation: u64,
 }
 
-/// What the session threads share.
-struct Shared {
+/// Shortest and longest wait between attempts to bring a failed module or a missing
+/// token back. Doubling from the shortest, an HSM that returns is in service again
+/// within a few seconds, and one that stays away costs one attempt every few seconds.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(4);
+
+/// Why a module or token is out of service, and when to try again.
+#[derive(Debug, Clone)]
+struct Outage {
+    reason: String,
+    retry_at: Instant,
+    /// The wait before `retry_at`; the next one is twice as long.
+    backoff: Duration,
+}
+
+impl Outage {
+    fn after(previous: Option<&Self>, reason: String) -> Self {
+        let backoff = previous.map_or(RETRY_MIN, |o| (o.backoff * 2).min(RETRY_MAX));
+        Self {
+            reason,
+            retry_at: Instant::now() + backoff,
+            backoff,
+        }
+    }
+
+    fn error(&self, what: &str) -> HsmError {
+        let wait = self.retry_at.saturating_duration_since(Instant::now());
+        HsmError::Unavailable(format!(
+            "{what} is out of service ({}); next attempt in {} ms",
+            self.reason,
+            wait.as_millis()
+        ))
+    }
+}
+
+/// How long a replaced session copy of a key lives on: longer than any call using it
+/// can take (calls that outlive their timeout are abandoned by their requests).
+const RETIRE_GRACE: Duration = Duration::from_secs(30);
+
+/// A PKCS#11 module as loaded in this process.
+///
+/// C_Initialize is per process and module, not per token, so every EKM on the same
+/// module shares one `Module`, and re-initializing it after a module-level error
+/// (C_Finalize, C_Initialize) affects all of them: their sessions, slot ids and object
+/// handles belong to the old *generation*. Handle numbers are reused after
+/// re-initialization, so a stale session or object is forgotten, never closed or
+/// destroyed (that could hit a new one with the same number).
+pub(crate) struct Module {
+    path: PathBuf,
+    generation: AtomicU64,
+    /// Re-initializations since the module last served a call; paces them.
+    failures: AtomicU32,
+    /// Held shared by every PKCS#11 call and exclusively by re-initialization, which
+    /// must not finalize the module under a running call.
+    state: RwLock<ModuleState>,
+    /// The tokens (EKMs) using the module, each with its "out of service" flag.
+    tokens: parking_lot::Mutex<Vec<(TokenSelector, std::sync::Weak<AtomicBool>)>>,
+}
+
+struct ModuleState {
     pkcs11: Pkcs11,
-    slot: Slot,
+    /// When it was last re-initialized.
+    last_init: Option<Instant>,
+    /// Set while the module cannot be initialized: calls fail fast until `retry_at`.
+    down: Option<Outage>,
+}
+
+/// The modules loaded so far, by path: one `Module` per library for the whole process.
+static MODULES: parking_lot::Mutex<Vec<std::sync::Weak<Module>>> =
+    parking_lot::Mutex::new(Vec::new());
+
+fn initialize(pkcs11: &Pkcs11) -> Result<(), CkError> {
+    match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+impl Module {
+    /// The module at `path`, loaded and initialized once per process.
+    fn load(path: &std::path::Path) -> Result<Arc<Self>, HsmError> {
+        let mut modules = MODULES.lock();
+        modules.retain(|m| m.strong_count() > 0);
+        if let Some(module) = modules
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .find(|m| m.path == path)
+        {
+            return Ok(module);
+        }
+        let pkcs11 = Pkcs11::new(path).map_err(|e| {
+            HsmError::Unavailable(format!(
+                "cannot load PKCS#11 module {}: {e}",
+                path.display()
+            ))
+        })?;
+        initialize(&pkcs11)
+            .map_err(|e| HsmError::Unavailable(format!("C_Initialize failed: {e}")))?;
+        let module = Arc::new(Self {
+            path: path.to_owned(),
+            generation: AtomicU64::new(0),
+            failures: AtomicU32::new(0),
+            state: RwLock::new(ModuleState {
+                pkcs11,
+                last_init: None,
+                down: None,
+            }),
+            tokens: parking_lot::Mutex::new(Vec::new()),
+        });
+        modules.push(Arc::downgrade(&module));
+        Ok(module)
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Registers a token that uses the module; `out` says when it is out of service.
+    fn register(&self, token: &TokenSelector, out: &Arc<AtomicBool>) {
+        let mut tokens = self.tokens.lock();
+        tokens.retain(|(_, flag)| flag.strong_count() > 0);
+        tokens.push((token.clone(), Arc::downgrade(out)));
+    }
+
+    /// Whether another token on this module serves right now. Re-initializing the
+    /// module would cut it off, so a lost token is then looked for again without.
+    fn others_serving(&self, mine: &TokenSelector) -> bool {
+        self.tokens.lock().iter().any(|(token, out)| {
+            token != mine
+                && out
+                    .upgrade()
+                    .is_some_and(|out| !out.load(Ordering::Relaxed))
+        })
+    }
+
+    /// Whether the module is out of service right now.
+    fn is_down(&self) -> bool {
+        self.state
+            .read()
+            .down
+            .as_ref()
+            .is_some_and(|o| Instant::now() < o.retry_at)
+    }
+
+    /// Admission for a PKCS#11 call: the shared guard, or a fast error while the module
+    /// is down. When the next attempt is due, this call makes it.
+    fn enter(
+        &self,
+        faults: Option<&FaultInjector>,
+    ) -> Result<RwLockReadGuard<'_, ModuleState>, HsmError> {
+        let state = self.state.read();
+        match &state.down {
+            None => Ok(state),
+            Some(outage) if Instant::now() < outage.retry_at => Err(outage.error("PKCS#11 module")),
+            Some(_) => {
+                let generation = self.generation();
+                drop(state);
+                self.reinitialize(generation, "retrying", faults)?;
+                Ok(self.state.read())
+            }
+        }
+    }
+
+    /// A call succeeded: the module serves again.
+    fn served(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Finalizes and initializes the module again, unless that already happened since
+    /// generation `seen`. Re-initializations that do not bring the module back are
+    /// spaced by a doubling backoff; between them the module is down and calls fail
+    /// fast.
+    fn reinitialize(
+        &self,
+        seen: u64,
+        why: &str,
+        faults: Option<&FaultInjector>,
+    ) -> Result<(), HsmError> {
+        let mut state = self.state.write();
+        if self.generation() != seen && state.down.is_none() {
+            return Ok(()); // another thread did it while we waited for the lock
+        }
+        let now = Instant::now();
+        if let Some(outage) = state.down.as_ref().filter(|o| now < o.retry_at) {
+            return Err(outage.error("PKCS#11 module"));
+        }
+        // Failed again right after a re-initialization: pace the next one.
+        let failures = self.failures.load(Ordering::Relaxed);
+        if state.down.is_none() && failures > 0 {
+            let backoff = RETRY_MIN * 2u32.saturating_pow(failures - 1).min(64);
+            let backoff = backoff.min(RETRY_MAX);
+            if let Some(since) = state.last_init.filter(|at| now < *at + backoff) {
+                let outage = Outage {
+                    reason: format!("failed again after re-initialization: {why}"),
+                    retry_at: since + backoff,
+                    backoff,
+                };
+                let error = outage.error("PKCS#11 module");
+                state.down = Some(outage);
+                return Err(error);
+            }
+        }
+        tracing::warn!(module = %self.path.display(), reason = why, "re-initializing the PKCS#11 module");
+        // Fails with CKR_CRYPTOKI_NOT_INITIALIZED when the module was finalized under us.
+        let _ = state.pkcs11.clone().finalize();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        state.last_init = Some(now);
+        let result = faults
+            .map_or(Ok(()), |f| f.before(Function::Initialize))
+            .and_then(|()| initialize(&state.pkcs11));
+        match result {
+            Ok(()) => {
+                state.down = None;
+                tracing::info!(module = %self.path.display(), "PKCS#11 module initialized again");
+                Ok(())
+            }
+            Err(e) => {
+                let outage =
+                    Outage::after(state.down.as_ref(), format!("C_Initialize failed: {e}"));
+                tracing::error!(module = %self.path.display(), error = %e, retry_ms = outage.backoff.as_millis() as u64, "PKCS#11 module is down");
+                let error = outage.error("PKCS#11 module");
+                state.down = Some(outage);
+                Err(error)
+            }
+        }
+    }
+}
+
+/// Where the token is under the module's current generation.
+#[derive(Debug, Default)]
+struct TokenState {
+    slot: Option<(Slot, u64)>,
+    /// Set while the token cannot be found; `u64` is the generation it was missed in.
+    missing: Option<(Outage, u64)>,
+}
+
+/// What the session threads of one EKM share.
+struct Shared {
+    module: Arc<Module>,
+    token: TokenSelector,
+    token_state: parking_lot::Mutex<TokenState>,
     pin: AuthPin,
     /// Handles are per application, not per session, so one cache serves all threads.
     keys: RwLock<HashMap<String, CachedKey>>,
     iv_source: IvSource,
     session_key_copies: bool,
     key_refresh: Duration,
+    read_write_sessions: bool,
+    faults: Option<Arc<FaultInjector>>,
+    /// Set while the token is lost; cleared by the next call that succeeds.
+    out: Arc<AtomicBool>,
+    /// Replaced session copies of keys, destroyed once no call can still use them.
+    retired: parking_lot::Mutex<Vec<(ObjectHandle, u64, Instant)>>,
+    /// Held while a key is looked up in the token.
+    lookup: parking_lot::Mutex<()>,
+}
+
+impl Shared {
+    fn inject(&self, function: Function) -> Result<(), CkError> {
+        self.faults.as_ref().map_or(Ok(()), |f| f.before(function))
+    }
+
+    /// The token's slot under module generation `generation`, looked up once per
+    /// generation (and again after the token was lost). While the token is missing
+    /// this fails fast; when the next attempt is due it looks again, after
+    /// re-initializing the module unless other tokens of the module serve.
+    fn slot(&self, pkcs11: &Pkcs11, generation: u64) -> Result<Slot, Failure> {
+        let mut token = self.token_state.lock();
+        if let Some((slot, g)) = token.slot {
+            if g == generation {
+                return Ok(slot);
+            }
+        }
+        if let Some((outage, g)) = &token.missing {
+            if *g == generation {
+                if Instant::now() < outage.retry_at {
+                    return Err(Failure::Hsm(outage.error(&format!("token {}", self.token))));
+                }
+                if !self.module.others_serving(&self.token) {
+                    // Most modules (SoftHSM2 among them) only see a returned token
+                    // after C_Initialize: ask for it.
+                    return Err(Failure::Call(
+                        CkError::Pkcs11(RvError::TokenNotPresent, Function::GetSlotList),
+                        generation,
+                    ));
+                }
+                // Other tokens of the module serve: look again without re-initializing.
+            }
+        }
+        let found = self
+            .inject(Function::GetSlotList)
+            .map_err(|e| Failure::Call(e, generation))
+            .and_then(|()| find_slot(pkcs11, &self.token).map_err(Failure::Hsm));
+        match found {
+            Ok(slot) => {
+                if token.missing.take().is_some() {
+                    tracing::info!(token = %self.token, "token found again");
+                }
+                token.slot = Some((slot, generation));
+                Ok(slot)
+            }
+            Err(Failure::Hsm(e)) => {
+                let outage = Outage::after(token.missing.as_ref().map(|(o, _)| o), e.to_string());
+                tracing::error!(token = %self.token, error = %e, retry_ms = outage.backoff.as_millis() as u64, "token not found");
+                let error = outage.error(&format!("token {}", self.token));
+                token.missing = Some((outage, generation));
+                Err(Failure::Hsm(error))
+            }
+            Err(call) => Err(call),
+        }
+    }
+
+    /// The token was lost: find it again before the next call.
+    fn lost(&self) {
+        self.out.store(true, Ordering::Relaxed);
+        self.token_state.lock().slot = None;
+    }
+
+    fn is_missing(&self) -> bool {
+        self.token_state
+            .lock()
+            .missing
+            .as_ref()
+            .is_some_and(|(o, _)| Instant::now() < o.retry_at)
+    }
 }
 
 /// The PKCS#11 backend; cheap to share behind an `Arc`.
 pub struct Pkcs11Backend {
     pool: Pool<Worker>,
+    shared: Arc<Shared>,
     info: EkmInfo,
     /// Current version per external key, and when it was read.
     versions: Arc<RwLock<HashMap<String, (u32, Instant)>>>,
@@ -227,12 +568,57 @@ fn ck(function: &'static str) -> impl Fn(CkError) -> HsmError {
     }
 }
 
+/// Like [`ck`], naming the function by its cryptoki [`Function`].
+fn ck_fn(function: Function) -> impl Fn(CkError) -> HsmError {
+    move |e| match e {
+        CkError::Pkcs11(rv, f) => HsmError::Pkcs11 {
+            function: format!("{f:?}"),
+            rv: format!("{rv:?}"),
+        },
+        other => HsmError::Pkcs11 {
+            function: format!("{function:?}"),
+            rv: other.to_string(),
+        },
+    }
+}
+
 impl Pkcs11Backend {
     /// Connects to the token, logs in and starts the session threads.
     pub fn connect(settings: &Pkcs11Settings, metrics: Arc<Metrics>) -> Result<Self, HsmError> {
-        let (pkcs11, slot, first_session) =
-            open_token(&settings.module, &settings.token, &settings.pin)?;
-        let token = pkcs11.get_token_info(slot).map_err(ck("C_GetTokenInfo"))?;
+        let module = Module::load(&settings.module)?;
+        let out = Arc::new(AtomicBool::new(false));
+        module.register(&settings.token, &out);
+        let shared = Arc::new(Shared {
+            module,
+            token: settings.token.clone(),
+            token_state: parking_lot::Mutex::new(TokenState::default()),
+            pin: AuthPin::new(settings.pin.as_str().into()),
+            keys: RwLock::new(HashMap::new()),
+            iv_source: settings.iv_source,
+            session_key_copies: settings.session_key_copies,
+            key_refresh: settings.key_refresh,
+            read_write_sessions: settings.read_write_sessions,
+            faults: settings.faults.clone(),
+            out,
+            retired: parking_lot::Mutex::new(Vec::new()),
+            lookup: parking_lot::Mutex::new(()),
+        });
+        // The first worker opens its session (and logs in) now, so a wrong PIN or a
+        // missing token stops start-up with the reason.
+        let mut first = Worker {
+            shared: Arc::clone(&shared),
+            session: None,
+        };
+        let slot = first
+            .call(|s| s.get_session_info(), Function::GetSessionInfo)?
+            .slot_id();
+        let token = shared
+            .module
+            .state
+            .read()
+            .pkcs11
+            .get_token_info(slot)
+            .map_err(ck("C_GetTokenInfo"))?;
         let fw = token.firmware_version();
         let hw = token.hardware_version();
         let info = EkmInfo {
@@ -248,28 +634,21 @@ impl Pkcs11Backend {
             ),
             vendor: non_empty(token.manufacturer_id().trim(), "unknown"),
         };
-        let shared = Arc::new(Shared {
-            pkcs11,
-            slot,
-            pin: AuthPin::new(settings.pin.as_str().into()),
-            keys: RwLock::new(HashMap::new()),
-            iv_source: settings.iv_source,
-            session_key_copies: settings.session_key_copies,
-            key_refresh: settings.key_refresh,
-        });
-        let mut first_session = Some(first_session);
+        let mut first = Some(first);
         let workers = (0..settings.sessions.max(1))
             .map(|_| {
-                let mut worker = Worker {
-                    shared: Arc::clone(&shared),
-                    session: first_session.take(),
-                };
-                // Open every session now so the first requests don't pay for it; a
-                // failure here is retried on the session's first job.
-                if let Err(e) = worker.session() {
-                    tracing::warn!(error = %e, "could not open a PKCS#11 session yet");
-                }
-                worker
+                first.take().unwrap_or_else(|| {
+                    let mut worker = Worker {
+                        shared: Arc::clone(&shared),
+                        session: None,
+                    };
+                    // Open every session now so the first requests don't pay for it; a
+                    // failure here is retried on the session's first job.
+                    if let Err(e) = worker.call(|_| Ok(()), Function::OpenSession) {
+                        tracing::warn!(error = %e, "could not open a PKCS#11 session yet");
+                    }
+                    worker
+                })
             })
             .collect();
         let pool = Pool::start(
@@ -283,10 +662,28 @@ impl Pkcs11Backend {
         )?;
         Ok(Self {
             pool,
+            shared,
             info,
             versions: Arc::new(RwLock::new(HashMap::new())),
             key_refresh: settings.key_refresh,
         })
+    }
+
+    /// False while the module is down or the token missing: calls fail fast until the
+    /// next attempt to bring it back is due.
+    pub fn in_service(&self) -> bool {
+        !self.shared.module.is_down() && !self.shared.is_missing()
+    }
+
+    /// How many times the module has been re-initialized in this process.
+    pub fn module_generation(&self) -> u64 {
+        self.shared.module.generation()
+    }
+
+    /// Requests admitted and not finished (queued or running), and how many the pool
+    /// takes in all: the EKM's free capacity is the difference.
+    pub fn load(&self) -> (usize, usize) {
+        self.pool.load()
     }
 
     /// The key's current version (see [`super::version_label`]), cached for
@@ -301,7 +698,7 @@ impl Pkcs11Backend {
         let version = self
             .pool
             .run("KeyVersion", deadline, move |w| {
-                w.call(|s| current_version(s, &id), "C_FindObjects")
+                w.call(|s| current_version(s, &id), Function::FindObjects)
             })
             .await?;
         self.versions
@@ -377,7 +774,7 @@ impl Pkcs11Backend {
     pub async fn probe(&self, deadline: Instant) -> Result<(), HsmError> {
         self.pool
             .run("HealthCheck", deadline, |w| {
-                w.call(|s| s.get_session_info(), "C_GetSessionInfo")
+                w.call(|s| s.get_session_info(), Function::GetSessionInfo)
                     .map(|_| ())
             })
             .await
@@ -398,51 +795,227 @@ fn non_empty(s: &str, fallback: &str) -> String {
     if s.is_empty() { fallback } else { s }.to_owned()
 }
 
+/// A session and the module generation it was opened in.
+struct OpenSession {
+    session: Session,
+    generation: u64,
+}
+
 /// A session thread's state.
 struct Worker {
     shared: Arc<Shared>,
-    session: Option<Session>,
+    session: Option<OpenSession>,
 }
 
-/// What to do after a PKCS#11 call failed.
-enum Recovery {
-    /// The key handle is stale: look the key up again.
-    RefindKey,
-    /// The session is gone or logged out: open a new one.
-    ReopenSession,
-    /// Nothing to retry.
-    None,
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.abandon_if_stale();
+    }
 }
 
-fn recovery_for(error: &CkError) -> Recovery {
-    match error {
-        CkError::Pkcs11(RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid, _) => {
-            Recovery::RefindKey
+/// How a PKCS#11 error is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ErrorClass {
+    /// The request's own fault, or a refusal another attempt cannot change: answered
+    /// as it is (bad ciphertext → InvalidCiphertextException, others → 500).
+    Request,
+    /// The key handle is stale: look the key up again and retry.
+    StaleHandle,
+    /// The session is unusable: open another (and log in) and retry. `close`: the old
+    /// handle still exists and must be closed; otherwise it is already gone and its
+    /// number may belong to someone else now.
+    Session {
+        /// Close the old session.
+        close: bool,
+    },
+    /// The token (device) is gone: find it again and rebuild its sessions, after
+    /// re-initializing the module unless other tokens of the module still serve.
+    Token,
+    /// The module lost its initialization: re-initialize it, find the token again,
+    /// rebuild every session and retry.
+    Module,
+}
+
+/// Classifies a PKCS#11 error.
+pub(crate) fn classify(error: &CkError) -> ErrorClass {
+    let CkError::Pkcs11(rv, _) = error else {
+        return ErrorClass::Request;
+    };
+    match rv {
+        RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid => ErrorClass::StaleHandle,
+        RvError::SessionHandleInvalid | RvError::SessionClosed => {
+            ErrorClass::Session { close: false }
         }
-        CkError::Pkcs11(
-            RvError::SessionHandleInvalid
-            | RvError::SessionClosed
-            | RvError::UserNotLoggedIn
-            | RvError::DeviceRemoved
-            | RvError::TokenNotPresent,
-            _,
-        ) => Recovery::ReopenSession,
-        _ => Recovery::None,
+        RvError::UserNotLoggedIn | RvError::OperationActive => ErrorClass::Session { close: true },
+        RvError::DeviceRemoved
+        | RvError::DeviceError
+        | RvError::TokenNotPresent
+        | RvError::TokenNotRecognized
+        | RvError::SlotIdInvalid => ErrorClass::Token,
+        RvError::CryptokiNotInitialized => ErrorClass::Module,
+        _ => ErrorClass::Request,
+    }
+}
+
+/// Why one attempt at a call failed.
+enum Failure {
+    /// The PKCS#11 call (or opening the session for it) failed, under this module
+    /// generation.
+    Call(CkError, u64),
+    /// No call was made: the module or token is out of service, or login was refused.
+    Hsm(HsmError),
+}
+
+/// Logs in, accepting a session of an application that is logged in already.
+fn login_ck(session: &Session, pin: &AuthPin) -> Result<(), CkError> {
+    match session.login(UserType::User, Some(pin)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
 impl Worker {
-    fn session(&mut self) -> Result<&Session, HsmError> {
-        if self.session.is_none() {
-            let session = self
-                .shared
-                .pkcs11
-                .open_ro_session(self.shared.slot)
-                .map_err(ck("C_OpenSession"))?;
-            login(&session, &self.shared.pin)?;
-            self.session = Some(session);
+    /// Forgets a session of an older module generation without closing it.
+    fn abandon_if_stale(&mut self) {
+        if let Some(open) = self.session.take() {
+            if open.generation == self.shared.module.generation() {
+                self.session = Some(open);
+            } else {
+                std::mem::forget(open.session);
+            }
         }
-        Ok(self.session.as_ref().expect("set just above"))
+    }
+
+    /// This thread's session under module generation `generation`, opened and logged
+    /// in if needed.
+    fn session(&mut self, pkcs11: &Pkcs11, generation: u64) -> Result<&Session, Failure> {
+        self.abandon_if_stale();
+        if self.session.is_none() {
+            let call = |e| Failure::Call(e, generation);
+            let slot = self.shared.slot(pkcs11, generation)?;
+            self.shared.inject(Function::OpenSession).map_err(call)?;
+            let session = if self.shared.read_write_sessions {
+                pkcs11.open_rw_session(slot)
+            } else {
+                pkcs11.open_ro_session(slot)
+            }
+            .map_err(call)?;
+            self.shared.inject(Function::Login).map_err(call)?;
+            match login_ck(&session, &self.shared.pin) {
+                Ok(()) => {}
+                Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => {
+                    return Err(Failure::Hsm(HsmError::Unavailable(
+                        "token PIN is incorrect".into(),
+                    )))
+                }
+                Err(CkError::Pkcs11(RvError::PinLocked, _)) => {
+                    return Err(Failure::Hsm(HsmError::Unavailable(
+                        "token PIN is locked".into(),
+                    )))
+                }
+                Err(e) => return Err(call(e)),
+            }
+            self.session = Some(OpenSession {
+                session,
+                generation,
+            });
+        }
+        Ok(&self.session.as_ref().expect("set just above").session)
+    }
+
+    /// One attempt at `f` on this thread's session, inside the module's shared guard.
+    fn attempt<T>(
+        &mut self,
+        function: Function,
+        f: &mut impl FnMut(&Session) -> Result<T, CkError>,
+    ) -> Result<T, Failure> {
+        let module = Arc::clone(&self.shared.module);
+        let guard = module
+            .enter(self.shared.faults.as_deref())
+            .map_err(Failure::Hsm)?;
+        let generation = module.generation();
+        self.shared
+            .inject(function)
+            .map_err(|e| Failure::Call(e, generation))?;
+        let session = self.session(&guard.pkcs11, generation)?;
+        let result = f(session).map_err(|e| Failure::Call(e, generation));
+        if result.is_ok() {
+            module.served();
+            if self.shared.out.load(Ordering::Relaxed) {
+                self.shared.out.store(false, Ordering::Relaxed);
+            }
+        }
+        result
+    }
+
+    /// Recovers from a failed call as its class requires. True when another attempt
+    /// makes sense.
+    fn recover(
+        &mut self,
+        error: &CkError,
+        generation: u64,
+        key_id: Option<&str>,
+    ) -> Result<bool, HsmError> {
+        match classify(error) {
+            ErrorClass::Request => Ok(false),
+            ErrorClass::StaleHandle => match key_id {
+                Some(key_id) => {
+                    tracing::info!(key_id, "stale key handle; looking the key up again");
+                    self.forget(key_id);
+                    Ok(true)
+                }
+                None => Ok(false),
+            },
+            ErrorClass::Session { close } => {
+                tracing::warn!(error = %error, "PKCS#11 session lost; reopening");
+                if let Some(open) = self.session.take() {
+                    if !close || open.generation != generation {
+                        std::mem::forget(open.session);
+                    }
+                }
+                Ok(true)
+            }
+            ErrorClass::Token | ErrorClass::Module => {
+                self.abandon_if_stale();
+                if let Some(open) = self.session.take() {
+                    std::mem::forget(open.session);
+                }
+                self.shared.lost();
+                if classify(error) == ErrorClass::Token
+                    && self.shared.module.others_serving(&self.shared.token)
+                {
+                    tracing::warn!(token = %self.shared.token, error = %error, "token lost; looking for it again");
+                    return Ok(true);
+                }
+                self.shared.module.reinitialize(
+                    generation,
+                    &error.to_string(),
+                    self.shared.faults.as_deref(),
+                )?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Runs a session call, recovering once from a lost session or module.
+    fn call<T>(
+        &mut self,
+        mut f: impl FnMut(&Session) -> Result<T, CkError>,
+        function: Function,
+    ) -> Result<T, HsmError> {
+        let mut retried = false;
+        loop {
+            match self.attempt(function, &mut f) {
+                Ok(value) => return Ok(value),
+                Err(Failure::Hsm(e)) => return Err(e),
+                Err(Failure::Call(e, generation)) => {
+                    if retried || !self.recover(&e, generation, None)? {
+                        return Err(ck_fn(function)(e));
+                    }
+                }
+            }
+            retried = true;
+        }
     }
 
     fn forget(&mut self, key_id: &str) {
@@ -450,22 +1023,55 @@ impl Worker {
         self.discard(old);
     }
 
-    /// Destroys a replaced session copy. Another session may be using it right now: its
-    /// call fails with an invalid handle and looks the key up again.
+    /// Retires a replaced session copy of a key. Another session may be using it right
+    /// now (SoftHSM2 then fails the call with CKR_KEY_TYPE_INCONSISTENT, not an invalid
+    /// handle), so it is destroyed only after [`RETIRE_GRACE`], longer than any call.
     fn discard(&mut self, old: Option<CachedKey>) {
-        if let (Some(old), Some(session)) = (old.filter(|k| k.copied), self.session.as_ref()) {
-            if let Err(e) = session.destroy_object(old.handle) {
+        let Some(old) = old.filter(|k| k.copied) else {
+            return;
+        };
+        let due: Vec<_> = {
+            let mut retired = self.shared.retired.lock();
+            retired.push((old.handle, old.generation, Instant::now()));
+            let (due, keep) = retired
+                .drain(..)
+                .partition(|(_, _, at)| at.elapsed() >= RETIRE_GRACE);
+            *retired = keep;
+            due
+        };
+        if due.is_empty() {
+            return;
+        }
+        let module = Arc::clone(&self.shared.module);
+        let Ok(guard) = module.enter(None) else {
+            return;
+        };
+        let generation = module.generation();
+        let Some(open) = self.session.as_ref().filter(|o| o.generation == generation) else {
+            return;
+        };
+        // Handles of an older generation may be someone else's now: never destroy them.
+        for (handle, _, _) in due.into_iter().filter(|(_, g, _)| *g == generation) {
+            if let Err(e) = open.session.destroy_object(handle) {
                 tracing::debug!(error = %e, "could not destroy a session copy of a key");
             }
         }
+        drop(guard);
     }
 
     /// The key's handle and attributes, from the cache when fresh.
     fn key(&mut self, key_id: &str) -> Result<CachedKey, HsmError> {
-        if let Some(key) = self.shared.keys.read().get(key_id) {
-            if key.read_at.elapsed() < self.shared.key_refresh {
-                return Ok(key.clone());
-            }
+        if let Some(key) = self.cached(key_id) {
+            return Ok(key);
+        }
+        // One lookup at a time per token: the sessions that missed together wait for
+        // the first one's result instead of each copying the key. (SoftHSM2 also lets a
+        // search for token objects see a copy being made, whose CKA_TOKEN is still the
+        // original's, as a second key with the label.)
+        let shared = Arc::clone(&self.shared);
+        let _lookup = shared.lookup.lock();
+        if let Some(key) = self.cached(key_id) {
+            return Ok(key);
         }
         let found = self.find_key(key_id);
         if found.is_err() {
@@ -481,13 +1087,26 @@ impl Worker {
         Ok(key)
     }
 
+    fn cached(&self, key_id: &str) -> Option<CachedKey> {
+        self.shared
+            .keys
+            .read()
+            .get(key_id)
+            .filter(|key| {
+                key.read_at.elapsed() < self.shared.key_refresh
+                    && key.generation == self.shared.module.generation()
+            })
+            .cloned()
+    }
+
     fn find_key(&mut self, key_id: &str) -> Result<CachedKey, HsmError> {
         let template = [
             Attribute::Class(ObjectClass::SECRET_KEY),
             Attribute::Token(true),
             Attribute::Label(key_id.as_bytes().to_vec()),
         ];
-        let handles = self.call(|s| s.find_objects(&template), "C_FindObjects")?;
+        let generation = self.shared.module.generation();
+        let handles = self.call(|s| s.find_objects(&template), Function::FindObjects)?;
         let handle = match handles.as_slice() {
             [handle] => *handle,
             [] => return Err(HsmError::KeyNotFound),
@@ -495,12 +1114,12 @@ impl Worker {
         };
         let attributes = self.call(
             |s| s.get_attributes(handle, &KEY_ATTRIBUTES),
-            "C_GetAttributeValue",
+            Function::GetAttributeValue,
         )?;
         // Disabling applies to the external key, every version of it.
         let disabled = self.call(
             |s| is_disabled(s, super::base_key_id(key_id)),
-            "C_FindObjects",
+            Function::FindObjects,
         )?;
         // A session copy spares modules that re-check token objects on every use
         // (SoftHSM2 stats and locks the object's file in each C_EncryptInit). The copy
@@ -508,7 +1127,7 @@ impl Worker {
         let (handle, copied) = if self.shared.session_key_copies {
             match self.call(
                 |s| s.copy_object(handle, &[Attribute::Token(false)]),
-                "C_CopyObject",
+                Function::CopyObject,
             ) {
                 Ok(copy) => (copy, true),
                 Err(e) => {
@@ -519,59 +1138,48 @@ impl Worker {
         } else {
             (handle, false)
         };
+        if self.shared.module.generation() != generation {
+            // The module was re-initialized between our calls: the handles are dead.
+            return Err(HsmError::Unavailable(
+                "PKCS#11 module re-initialized during key lookup".into(),
+            ));
+        }
         Ok(CachedKey {
             handle,
             copied,
             metadata: metadata_from_attributes(&attributes, disabled),
             read_at: Instant::now(),
+            generation,
         })
     }
 
-    /// Runs a session call, reopening the session once if it was lost.
-    fn call<T>(
-        &mut self,
-        f: impl Fn(&Session) -> Result<T, CkError>,
-        function: &'static str,
-    ) -> Result<T, HsmError> {
-        let first = f(self.session()?);
-        match first {
-            Err(ref e) if matches!(recovery_for(e), Recovery::ReopenSession) => {
-                tracing::warn!(error = ?e, "PKCS#11 session lost; reopening");
-                self.session = None;
-                f(self.session()?).map_err(ck(function))
-            }
-            other => other.map_err(ck(function)),
-        }
-    }
-
-    /// Runs a cryptographic call on a key, recovering once from a stale handle or a lost
-    /// session. `map` turns call errors into client-meaningful [`HsmError`]s.
+    /// Runs a cryptographic call on a key, recovering once from a stale handle, a lost
+    /// session or a lost module. `map` turns call errors into client-meaningful
+    /// [`HsmError`]s.
     fn with_key<T>(
         &mut self,
         key_id: &str,
         operation: Operation,
-        f: impl Fn(&Session, ObjectHandle) -> Result<T, CkError>,
+        function: Function,
+        mut f: impl FnMut(&Session, ObjectHandle) -> Result<T, CkError>,
         map: impl Fn(CkError) -> HsmError,
     ) -> Result<T, HsmError> {
         let mut retried = false;
         loop {
             let key = self.key(key_id)?;
             key.metadata.check(operation)?;
-            let result = f(self.session()?, key.handle);
-            match result {
+            if key.generation != self.shared.module.generation() {
+                retried = true;
+                continue;
+            }
+            match self.attempt(function, &mut |s| f(s, key.handle)) {
                 Ok(value) => return Ok(value),
-                Err(e) if !retried => match recovery_for(&e) {
-                    Recovery::RefindKey => {
-                        tracing::info!(key_id, "stale key handle; looking the key up again");
-                        self.forget(key_id);
+                Err(Failure::Hsm(e)) => return Err(e),
+                Err(Failure::Call(e, generation)) => {
+                    if retried || !self.recover(&e, generation, Some(key_id))? {
+                        return Err(map(e));
                     }
-                    Recovery::ReopenSession => {
-                        tracing::warn!(error = ?e, "PKCS#11 session lost; reopening");
-                        self.session = None;
-                    }
-                    Recovery::None => return Err(map(e)),
-                },
-                Err(e) => return Err(map(e)),
+                }
             }
             retried = true;
         }
@@ -579,42 +1187,46 @@ impl Worker {
 
     fn encrypt(&mut self, key_id: &str, plaintext: &[u8], aad: &[u8]) -> Result<Sealed, HsmError> {
         let iv_source = self.shared.iv_source;
-        let (mut output, iv) = self.with_key(
+        let iv: Vec<u8> = match iv_source {
+            IvSource::HsmRandom => {
+                let mut iv = vec![0u8; IV_LEN];
+                self.call(
+                    |s| s.generate_random_slice(&mut iv),
+                    Function::GenerateRandom,
+                )?;
+                iv
+            }
+            IvSource::ProxyRandom => {
+                let mut iv = vec![0u8; IV_LEN];
+                aws_lc_rs::rand::fill(&mut iv)
+                    .map_err(|_| HsmError::Inconsistent("the proxy's DRBG failed"))?;
+                iv
+            }
+            IvSource::HsmGenerated => vec![0u8; IV_LEN],
+            IvSource::HsmAppended => Vec::new(),
+        };
+        let vendor = self.shared.faults.as_ref().and_then(|f| f.vendor_iv());
+        let (output, iv) = self.with_key(
             key_id,
             Operation::Encrypt,
+            Function::Encrypt,
             |session, handle| {
-                let mut iv = [0u8; IV_LEN];
-                if iv_source == IvSource::HsmRandom {
-                    session.generate_random_slice(&mut iv)?;
-                }
-                let output = {
-                    let params = GcmParams::new(&mut iv, aad, (TAG_LEN as u64 * 8).into())?;
-                    session.encrypt(&Mechanism::AesGcm(params), handle, plaintext)?
+                // Every attempt starts from the IV we chose (or the empty buffer).
+                let mut iv = iv.clone();
+                let output = match vendor {
+                    Some(vendor) => {
+                        emulate_vendor_iv(vendor, session, handle, &mut iv, aad, plaintext)?
+                    }
+                    None => {
+                        let params = GcmParams::new(&mut iv, aad, (TAG_LEN as u64 * 8).into())?;
+                        session.encrypt(&Mechanism::AesGcm(params), handle, plaintext)?
+                    }
                 };
                 Ok((output, iv))
             },
             |e| map_crypto_error(e, Operation::Encrypt),
         )?;
-        if iv == [0u8; IV_LEN] {
-            // A zero IV means the HSM did not fill it in (or the RNG returned zeros):
-            // refuse to hand out a ciphertext whose IV may repeat.
-            return Err(HsmError::Inconsistent("HSM returned an all-zero GCM IV"));
-        }
-        if output.len() != plaintext.len() + TAG_LEN {
-            return Err(HsmError::Inconsistent(
-                "AES-GCM output has the wrong length",
-            ));
-        }
-        // The module appends the tag to the ciphertext; the spec wants them apart.
-        let tag: [u8; TAG_LEN] = output[plaintext.len()..]
-            .try_into()
-            .expect("length checked just above");
-        output.truncate(plaintext.len());
-        Ok(Sealed {
-            iv: iv.to_vec(),
-            ciphertext: output,
-            tag,
-        })
+        split_gcm_output(iv_source, plaintext.len(), output, iv)
     }
 
     fn decrypt(
@@ -629,6 +1241,7 @@ impl Worker {
         let plaintext = self.with_key(
             key_id,
             Operation::Decrypt,
+            Function::Decrypt,
             |session, handle| {
                 let mut iv = sealed.iv.clone();
                 let params = GcmParams::new(&mut iv, aad, (TAG_LEN as u64 * 8).into())?;
@@ -651,6 +1264,91 @@ impl Worker {
             ));
         }
         Ok(plaintext)
+    }
+}
+
+/// Separates what C_Encrypt returned into IV, ciphertext and tag, as the spec wants
+/// them, for each way an HSM may hand back the IV. `iv` is the IV buffer after the call.
+pub(crate) fn split_gcm_output(
+    iv_source: IvSource,
+    plaintext_len: usize,
+    mut output: Vec<u8>,
+    iv: Vec<u8>,
+) -> Result<Sealed, HsmError> {
+    let (iv, expected) = match iv_source {
+        IvSource::HsmRandom | IvSource::ProxyRandom | IvSource::HsmGenerated => {
+            (iv, plaintext_len + TAG_LEN)
+        }
+        IvSource::HsmAppended => {
+            let expected = plaintext_len + TAG_LEN + APPENDED_IV_LEN;
+            if output.len() != expected {
+                return Err(HsmError::Inconsistent(
+                    "AES-GCM output is not ciphertext, tag and a 16-byte IV",
+                ));
+            }
+            let iv = output.split_off(plaintext_len + TAG_LEN);
+            (iv, plaintext_len + TAG_LEN)
+        }
+    };
+    if iv.len() != IV_LEN && iv.len() != APPENDED_IV_LEN {
+        return Err(HsmError::Inconsistent("GCM IV is neither 12 nor 16 bytes"));
+    }
+    if iv.iter().all(|b| *b == 0) {
+        // A zero IV means the HSM did not fill it in (or the RNG returned zeros):
+        // refuse to hand out a ciphertext whose IV may repeat.
+        return Err(HsmError::Inconsistent("HSM returned an all-zero GCM IV"));
+    }
+    if output.len() != expected {
+        return Err(HsmError::Inconsistent(
+            "AES-GCM output has the wrong length",
+        ));
+    }
+    // The module appends the tag to the ciphertext; the spec wants them apart.
+    let tag: [u8; TAG_LEN] = output[plaintext_len..]
+        .try_into()
+        .expect("length checked just above");
+    output.truncate(plaintext_len);
+    Ok(Sealed {
+        iv,
+        ciphertext: output,
+        tag,
+    })
+}
+
+/// What an HSM that picks its own GCM IV does, done with SoftHSM2 underneath (see
+/// [`VendorIv`]). Refuses an IV buffer such an HSM would refuse, so the proxy's side
+/// of each convention is checked too.
+fn emulate_vendor_iv(
+    vendor: VendorIv,
+    session: &Session,
+    handle: ObjectHandle,
+    iv: &mut [u8],
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Result<Vec<u8>, CkError> {
+    let refuse = || CkError::Pkcs11(RvError::MechanismParamInvalid, Function::EncryptInit);
+    let tag_bits = (TAG_LEN as u64 * 8).into();
+    match vendor {
+        VendorIv::FillsZeroedBuffer => {
+            if iv.len() != IV_LEN || iv.iter().any(|b| *b != 0) {
+                return Err(refuse());
+            }
+            session.generate_random_slice(iv)?;
+            let params = GcmParams::new(iv, aad, tag_bits)?;
+            session.encrypt(&Mechanism::AesGcm(params), handle, plaintext)
+        }
+        VendorIv::AppendsAfterTag => {
+            if !iv.is_empty() {
+                return Err(refuse());
+            }
+            let mut own = [0u8; APPENDED_IV_LEN];
+            session.generate_random_slice(&mut own)?;
+            let mut chosen = own;
+            let params = GcmParams::new(&mut chosen, aad, tag_bits)?;
+            let mut output = session.encrypt(&Mechanism::AesGcm(params), handle, plaintext)?;
+            output.extend_from_slice(&own);
+            Ok(output)
+        }
     }
 }
 

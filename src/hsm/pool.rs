@@ -80,8 +80,33 @@ impl Shared {
 
 /// A bounded pool of sessions `S`.
 pub(crate) struct Pool<S> {
-    jobs: Sender<Job<S>>,
+    /// `None` once the pool is being dropped (which disconnects the threads).
+    jobs: Option<Sender<Job<S>>>,
     shared: Arc<Shared>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+/// How long dropping a pool waits for its threads to finish their calls.
+const STOP_WAIT: Duration = Duration::from_secs(2);
+
+impl<S> Drop for Pool<S> {
+    /// Disconnects the session threads and waits (up to [`STOP_WAIT`]) until they have
+    /// ended, and with them their sessions: a module must not be unloaded, nor the
+    /// process exit and run the module's destructors, under a running call.
+    fn drop(&mut self) {
+        self.jobs = None;
+        let give_up = Instant::now() + STOP_WAIT;
+        for thread in self.threads.drain(..) {
+            while !thread.is_finished() && Instant::now() < give_up {
+                thread::sleep(Duration::from_millis(1));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            } else {
+                tracing::warn!("an HSM session thread is still in a call; leaving it behind");
+            }
+        }
+    }
 }
 
 impl<S> fmt::Debug for Pool<S> {
@@ -89,7 +114,7 @@ impl<S> fmt::Debug for Pool<S> {
         f.debug_struct("Pool")
             .field("sessions", &self.shared.sessions)
             .field("busy", &self.shared.busy.load(Ordering::Relaxed))
-            .field("queued", &self.jobs.len())
+            .field("queued", &self.jobs.as_ref().map_or(0, Sender::len))
             .finish()
     }
 }
@@ -137,9 +162,10 @@ impl<S: Send + 'static> Pool<S> {
             call_timeout: settings.call_timeout,
             metrics,
         });
+        let mut threads = Vec::with_capacity(sessions.len());
         for (index, mut session) in sessions.into_iter().enumerate() {
             let queue: Receiver<Job<S>> = queue.clone();
-            thread::Builder::new()
+            let thread = thread::Builder::new()
                 .name(format!("{}-{index}", settings.name))
                 .spawn(move || {
                     // Ends when the pool (every Sender) is dropped.
@@ -152,13 +178,28 @@ impl<S: Send + 'static> Pool<S> {
                     }
                 })
                 .map_err(|e| HsmError::Unavailable(format!("cannot start session thread: {e}")))?;
+            threads.push(thread);
         }
-        Ok(Self { jobs, shared })
+        Ok(Self {
+            jobs: Some(jobs),
+            shared,
+            threads,
+        })
+    }
+
+    /// Requests admitted and not finished (queued or running), and the most the pool
+    /// admits (sessions plus queue places).
+    pub(crate) fn load(&self) -> (usize, usize) {
+        let shared = &*self.shared;
+        (
+            shared.outstanding.load(Ordering::Relaxed),
+            shared.sessions + shared.queue_depth,
+        )
     }
 
     /// Requests waiting for a session.
     pub(crate) fn queued(&self) -> usize {
-        self.jobs.len()
+        self.jobs.as_ref().map_or(0, Sender::len)
     }
 
     /// Takes a place for a request, or says why there is none.
@@ -251,7 +292,10 @@ impl<S: Send + 'static> Pool<S> {
                 .record_stage(Stage::Hsm, operation, service);
             let _ = reply.send(result);
         });
-        match self.jobs.try_send(job) {
+        let Some(jobs) = &self.jobs else {
+            return Err(HsmError::Unavailable("session pool stopped".into()));
+        };
+        match jobs.try_send(job) {
             Ok(()) => std::mem::forget(place), // the job gives the place back now
             Err(TrySendError::Full(_)) => {
                 shared.metrics.shed("queue_full");
@@ -261,7 +305,7 @@ impl<S: Send + 'static> Pool<S> {
                 return Err(HsmError::Unavailable("session pool stopped".into()))
             }
         }
-        shared.metrics.queue_depth.set(self.jobs.len() as i64);
+        shared.metrics.queue_depth.set(self.queued() as i64);
         let _cancel = CancelOnDrop(Arc::clone(&state));
 
         // Wake at the deadline or when a running call's timeout would be up, whichever
@@ -271,7 +315,7 @@ impl<S: Send + 'static> Pool<S> {
         loop {
             match tokio::time::timeout_at(wake.into(), &mut answer).await {
                 Ok(result) => {
-                    shared.metrics.queue_depth.set(self.jobs.len() as i64);
+                    shared.metrics.queue_depth.set(self.queued() as i64);
                     let started_ns = state.started_ns.load(Ordering::Acquire);
                     if started_ns > 0 {
                         let started = shared.epoch + Duration::from_nanos(started_ns);

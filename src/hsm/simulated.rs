@@ -134,6 +134,11 @@ impl fmt::Debug for SimulatedBackend {
 }
 
 impl SimulatedBackend {
+    /// Requests admitted and not finished, and the most the pool admits.
+    pub fn load(&self) -> (usize, usize) {
+        self.pool.load()
+    }
+
     /// Builds the keys and starts `parallelism` session threads.
     pub fn start(settings: SimulatedSettings, metrics: Arc<Metrics>) -> Result<Self, HsmError> {
         let keys = Arc::new(SoftwareBackend::new(settings.keys)?);

@@ -42,6 +42,7 @@ use parking_lot::Mutex;
 use crate::auth::ReplayCache;
 use crate::config::{BackendConfig, Config};
 use crate::health::HealthMonitor;
+use crate::hsm::fleet::Fleet;
 use crate::hsm::pkcs11::Pkcs11Backend;
 use crate::hsm::simulated::SimulatedBackend;
 use crate::hsm::software::SoftwareBackend;
@@ -79,9 +80,13 @@ pub enum StartError {
 pub fn backend(config: &BackendConfig, metrics: &Arc<Metrics>) -> Result<Backend, HsmError> {
     let metrics = Arc::clone(metrics);
     Ok(match config {
-        BackendConfig::Pkcs11(settings) => {
-            Backend::Pkcs11(Pkcs11Backend::connect(settings, metrics)?)
-        }
+        BackendConfig::Pkcs11(ekms) => Backend::Fleet(Fleet::new(
+            ekms.iter()
+                .map(|settings| {
+                    Pkcs11Backend::connect(settings, Arc::clone(&metrics)).map(Backend::Pkcs11)
+                })
+                .collect::<Result<_, _>>()?,
+        )?),
         BackendConfig::Software(keys) => Backend::Software(SoftwareBackend::new(keys.clone())?),
         BackendConfig::Simulated(settings) => {
             Backend::Simulated(SimulatedBackend::start(settings.clone(), metrics)?)

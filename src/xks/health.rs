@@ -50,18 +50,25 @@ pub(crate) fn get_health_status(
         principal: false,
         key_arn: false,
     })?;
-    let health = monitor.current();
-    let ekm = monitor.backend().ekm_info();
+    let ekms = monitor.backend().ekms();
+    let statuses = monitor.statuses();
     let response = HealthResponse {
         xks_proxy_fleet_size: info.fleet_size,
         xks_proxy_vendor: &info.vendor,
         xks_proxy_model: &info.model,
-        ekm_vendor: info.ekm_vendor.as_deref().unwrap_or(&ekm.vendor),
-        ekm_fleet_details: vec![EkmDetails {
-            id: &ekm.id,
-            model: &ekm.model,
-            health_status: health.as_str(),
-        }],
+        ekm_vendor: info
+            .ekm_vendor
+            .as_deref()
+            .unwrap_or(&monitor.backend().ekm_info().vendor),
+        ekm_fleet_details: ekms
+            .iter()
+            .zip(statuses)
+            .map(|(ekm, health)| EkmDetails {
+                id: &ekm.ekm_info().id,
+                model: &ekm.ekm_info().model,
+                health_status: health.as_str(),
+            })
+            .collect(),
     };
     Ok(serde_json::to_vec(&response).expect("serializing strings cannot fail"))
 }

@@ -1,0 +1,174 @@
+//! Fault injection at the PKCS#11 call boundary, on command.
+//!
+//! A [`FaultInjector`] sits between the PKCS#11 backend's session threads and the module:
+//! before every PKCS#11 function the backend calls, the injector may add latency or
+//! answer a CKR_ error instead of the module. The module underneath stays real (the
+//! tests use SoftHSM2), so an injected CKR_DEVICE_REMOVED goes through the backend's
+//! real classification and recovery: the module is finalized and initialized again,
+//! the token found again, sessions reopened and keys looked up again.
+//!
+//! It also stands in for HSMs we cannot run in CI in one respect that matters to the
+//! proxy: how AES-GCM hands back the IV ([`VendorIv`]). The encryption itself is still
+//! SoftHSM2's; the injector only reshapes the call the way such an HSM would.
+//!
+//! The backend holds an injector only when one is given to
+//! [`Pkcs11Settings`](super::pkcs11::Pkcs11Settings) (tests, chaos drills); without one
+//! the hot path pays a single `Option` check.
+
+use std::time::Duration;
+
+use cryptoki::context::Function;
+use cryptoki::error::{Error as CkError, RvError};
+use parking_lot::Mutex;
+
+/// How a simulated HSM returns the GCM IV (the real one, SoftHSM2, takes the caller's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VendorIv {
+    /// Like Utimaco, Entrust nShield and Marvell-based HSMs: the caller passes a zeroed
+    /// 12-byte IV buffer and the HSM writes the IV it chose into it.
+    FillsZeroedBuffer,
+    /// Like Thales Luna in FIPS mode: the caller passes no IV, the HSM picks a 16-byte
+    /// one and appends it after the tag in the output.
+    AppendsAfterTag,
+}
+
+/// One armed error.
+#[derive(Debug, Clone)]
+struct ArmedError {
+    rv: RvError,
+    /// Only calls to this PKCS#11 function fail; `None`: every call.
+    function: Option<Function>,
+    /// Calls left to fail; `None`: until cleared.
+    remaining: Option<u32>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    errors: Vec<ArmedError>,
+    latency: Option<Duration>,
+    vendor_iv: Option<VendorIv>,
+    injected: u64,
+}
+
+/// Errors and latency injected into PKCS#11 calls on command. Share it with `Arc`.
+#[derive(Debug, Default)]
+pub struct FaultInjector {
+    state: Mutex<State>,
+}
+
+impl FaultInjector {
+    /// An injector that injects nothing until told to.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Makes the next `times` calls (every call until [`clear`](Self::clear) when
+    /// `None`) to `function` (any function when `None`) fail with `rv`.
+    pub fn fail(&self, rv: RvError, function: Option<Function>, times: Option<u32>) {
+        self.state.lock().errors.push(ArmedError {
+            rv,
+            function,
+            remaining: times,
+        });
+    }
+
+    /// Adds `latency` before every PKCS#11 call (`None`: none).
+    pub fn set_latency(&self, latency: Option<Duration>) {
+        self.state.lock().latency = latency;
+    }
+
+    /// Makes AES-GCM encryption behave like an HSM that chooses its own IV.
+    pub fn set_vendor_iv(&self, vendor_iv: Option<VendorIv>) {
+        self.state.lock().vendor_iv = vendor_iv;
+    }
+
+    /// Disarms every error and removes the latency (the IV behaviour stays).
+    pub fn clear(&self) {
+        let mut state = self.state.lock();
+        state.errors.clear();
+        state.latency = None;
+    }
+
+    /// Errors injected so far.
+    pub fn injected(&self) -> u64 {
+        self.state.lock().injected
+    }
+
+    pub(crate) fn vendor_iv(&self) -> Option<VendorIv> {
+        self.state.lock().vendor_iv
+    }
+
+    /// Called before the backend calls `function`: sleeps the latency, then answers the
+    /// armed error if one matches.
+    pub(crate) fn before(&self, function: Function) -> Result<(), CkError> {
+        let (latency, rv) = {
+            let mut state = self.state.lock();
+            let position = state
+                .errors
+                .iter()
+                .position(|e| e.function.map_or(true, |f| same(f, function)));
+            let rv = position.map(|i| {
+                let armed = &mut state.errors[i];
+                let rv = armed.rv;
+                if let Some(left) = armed.remaining.as_mut() {
+                    *left -= 1;
+                    if *left == 0 {
+                        state.errors.remove(i);
+                    }
+                }
+                rv
+            });
+            if rv.is_some() {
+                state.injected += 1;
+            }
+            (state.latency, rv)
+        };
+        if let Some(latency) = latency {
+            std::thread::sleep(latency);
+        }
+        match rv {
+            Some(rv) => Err(CkError::Pkcs11(rv, function)),
+            None => Ok(()),
+        }
+    }
+}
+
+fn same(a: Function, b: Function) -> bool {
+    std::mem::discriminant(&a) == std::mem::discriminant(&b)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_armed_for_n_calls_fails_exactly_n_matching_calls() {
+        let faults = FaultInjector::new();
+        faults.fail(RvError::DeviceError, Some(Function::Encrypt), Some(2));
+        assert!(faults.before(Function::Decrypt).is_ok());
+        for _ in 0..2 {
+            match faults.before(Function::Encrypt) {
+                Err(CkError::Pkcs11(RvError::DeviceError, Function::Encrypt)) => {}
+                other => panic!("expected the injected error, got {other:?}"),
+            }
+        }
+        assert!(faults.before(Function::Encrypt).is_ok());
+        assert_eq!(faults.injected(), 2);
+    }
+
+    #[test]
+    fn an_unbounded_error_lasts_until_cleared() {
+        let faults = FaultInjector::new();
+        faults.fail(RvError::TokenNotPresent, None, None);
+        for function in [
+            Function::OpenSession,
+            Function::Encrypt,
+            Function::Initialize,
+        ] {
+            assert!(faults.before(function).is_err());
+        }
+        faults.clear();
+        assert!(faults.before(Function::Encrypt).is_ok());
+    }
+}

@@ -1,0 +1,321 @@
+//! Recovery without restart, on a real SoftHSM2 token: PKCS#11 errors of each class
+//! injected at the call boundary (the module underneath stays real), injected latency,
+//! a real outage (the module finalized under the proxy and the token taken away, then
+//! restored), and the GCM IV conventions of HSMs that choose their own IV.
+//!
+//! Its own test binary: the module is process-wide state, and these tests finalize it.
+//! They run one at a time on one quickstart token.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use cryptoki::context::{Function, Pkcs11};
+use cryptoki::error::RvError;
+use xks_proxy::health::HealthMonitor;
+use xks_proxy::hsm::faults::{FaultInjector, VendorIv};
+use xks_proxy::hsm::pkcs11::{IvSource, Pkcs11Backend, Pkcs11Settings, TokenSelector};
+use xks_proxy::hsm::{Backend, EkmHealth, HsmError, Sealed};
+use xks_proxy::metrics::Metrics;
+
+const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+const AAD: &[u8] = b"recovery-test";
+/// Far longer than any answer the tests expect: a request that waits for it hung.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The one token of this binary, and the lock that runs its tests one at a time.
+fn setup() -> &'static (common::Setup, tokio::sync::Mutex<()>) {
+    static SETUP: OnceLock<(common::Setup, tokio::sync::Mutex<()>)> = OnceLock::new();
+    SETUP.get_or_init(|| {
+        let setup = common::Setup::new();
+        std::env::set_var("SOFTHSM2_CONF", setup.path("softhsm2.conf"));
+        (setup, tokio::sync::Mutex::new(()))
+    })
+}
+
+fn settings(iv_source: IvSource, faults: &Arc<FaultInjector>) -> Pkcs11Settings {
+    let (setup, _) = setup();
+    let pin = std::fs::read_to_string(setup.path("hsm-pin")).unwrap();
+    Pkcs11Settings {
+        module: MODULE.into(),
+        token: TokenSelector::Label("xks-quickstart".into()),
+        pin: pin.trim().to_owned().into(),
+        sessions: 2,
+        queue_depth: 16,
+        iv_source,
+        session_key_copies: true,
+        key_refresh: Duration::from_secs(60),
+        call_timeout: CALL_TIMEOUT,
+        read_write_sessions: false,
+        faults: Some(Arc::clone(faults)),
+    }
+}
+
+fn connect(iv_source: IvSource) -> (Arc<Backend>, Arc<FaultInjector>) {
+    let faults = Arc::new(FaultInjector::new());
+    let backend = Pkcs11Backend::connect(
+        &settings(iv_source, &faults),
+        Metrics::new(Duration::from_millis(100)),
+    )
+    .unwrap();
+    (Arc::new(Backend::Pkcs11(backend)), faults)
+}
+
+fn deadline() -> Instant {
+    Instant::now() + Duration::from_secs(10)
+}
+
+async fn encrypt(backend: &Backend, plaintext: &[u8]) -> Result<Sealed, HsmError> {
+    backend
+        .encrypt("foo", plaintext.to_vec().into(), AAD.to_vec(), deadline())
+        .await
+}
+
+/// Encrypts and decrypts, asserting the round trip.
+async fn round_trip(backend: &Backend) -> Result<Sealed, HsmError> {
+    let sealed = encrypt(backend, b"attack at dawn").await?;
+    let plaintext = backend
+        .decrypt("foo", sealed.clone(), AAD.to_vec(), deadline())
+        .await?;
+    assert_eq!(plaintext.as_slice(), b"attack at dawn");
+    Ok(sealed)
+}
+
+fn generation(backend: &Backend) -> u64 {
+    match backend {
+        Backend::Pkcs11(b) => b.module_generation(),
+        _ => unreachable!(),
+    }
+}
+
+/// Retries `round_trip` until it succeeds; returns how long that took.
+async fn until_served(backend: &Backend, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        match round_trip(backend).await {
+            Ok(_) => return started.elapsed(),
+            Err(e) => assert!(
+                started.elapsed() < within,
+                "not served again within {within:?}: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_error_class_is_handled_as_its_class_requires() {
+    let _one = setup().1.lock().await;
+    let (backend, faults) = connect(IvSource::HsmRandom);
+    round_trip(&backend).await.unwrap();
+
+    // A stale key handle: the key is looked up again and the request succeeds.
+    faults.fail(RvError::KeyHandleInvalid, Some(Function::Encrypt), Some(1));
+    round_trip(&backend).await.unwrap();
+
+    // A lost session: another one is opened and logged in; the request succeeds.
+    faults.fail(
+        RvError::SessionHandleInvalid,
+        Some(Function::Encrypt),
+        Some(1),
+    );
+    round_trip(&backend).await.unwrap();
+    faults.fail(RvError::UserNotLoggedIn, Some(Function::Decrypt), Some(1));
+    round_trip(&backend).await.unwrap();
+
+    // A lost device: the module is finalized and initialized again (a new
+    // generation), the token found again, and the request succeeds.
+    for rv in [
+        RvError::DeviceRemoved,
+        RvError::DeviceError,
+        RvError::TokenNotPresent,
+        RvError::CryptokiNotInitialized,
+    ] {
+        let before = generation(&backend);
+        faults.fail(rv, Some(Function::Encrypt), Some(1));
+        round_trip(&backend)
+            .await
+            .unwrap_or_else(|e| panic!("{rv:?}: {e}"));
+        assert_eq!(generation(&backend), before + 1, "{rv:?}");
+    }
+
+    // The request's own fault: answered as it is, nothing retried or rebuilt.
+    let before = (generation(&backend), faults.injected());
+    faults.fail(
+        RvError::EncryptedDataInvalid,
+        Some(Function::Decrypt),
+        Some(1),
+    );
+    let sealed = encrypt(&backend, b"x").await.unwrap();
+    let refused = backend
+        .decrypt("foo", sealed, AAD.to_vec(), deadline())
+        .await;
+    assert_eq!(refused, Err(HsmError::InvalidCiphertext));
+    assert_eq!(
+        (generation(&backend), faults.injected()),
+        (before.0, before.1 + 1)
+    );
+
+    // Errors that persist after one recovery are answered, not retried forever.
+    faults.fail(RvError::SessionHandleInvalid, Some(Function::Encrypt), None);
+    assert!(matches!(
+        encrypt(&backend, b"x").await,
+        Err(HsmError::Pkcs11 { .. })
+    ));
+    faults.clear();
+    round_trip(&backend).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_that_stays_down_fails_fast_and_health_says_so_until_it_returns() {
+    let _one = setup().1.lock().await;
+    let (backend, faults) = connect(IvSource::HsmRandom);
+    let monitor = HealthMonitor::new(
+        Arc::clone(&backend),
+        Some("xks-health-check".into()),
+        Duration::from_secs(1),
+        Duration::from_secs(2),
+        Metrics::new(Duration::from_millis(100)),
+    );
+    assert_eq!(monitor.check().await, EkmHealth::Active);
+
+    // Every PKCS#11 call fails as if the appliance were unplugged, C_Initialize too.
+    faults.fail(RvError::DeviceRemoved, None, None);
+    for _ in 0..20 {
+        let started = Instant::now();
+        let result = round_trip(&backend).await;
+        assert!(
+            matches!(
+                result,
+                Err(HsmError::Unavailable(_) | HsmError::Pkcs11 { .. })
+            ),
+            "{result:?}"
+        );
+        assert!(started.elapsed() < CALL_TIMEOUT / 10, "a request hung");
+    }
+    assert_eq!(monitor.check().await, EkmHealth::Unavailable);
+    match &*backend {
+        Backend::Pkcs11(b) => assert!(!b.in_service()),
+        _ => unreachable!(),
+    }
+
+    // The device comes back: service resumes by itself (the backoff is at most 4 s).
+    faults.clear();
+    until_served(&backend, Duration::from_secs(10)).await;
+    assert_eq!(monitor.check().await, EkmHealth::Active);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_hsm_answers_503_in_the_call_timeout_and_recovers() {
+    let _one = setup().1.lock().await;
+    let faults = Arc::new(FaultInjector::new());
+    let mut settings = settings(IvSource::HsmRandom, &faults);
+    settings.call_timeout = Duration::from_millis(100);
+    let backend = Backend::Pkcs11(
+        Pkcs11Backend::connect(&settings, Metrics::new(Duration::from_millis(100))).unwrap(),
+    );
+    round_trip(&backend).await.unwrap();
+    faults.set_latency(Some(Duration::from_millis(400)));
+    let started = Instant::now();
+    assert_eq!(encrypt(&backend, b"x").await, Err(HsmError::Timeout));
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "waited for the HSM"
+    );
+    faults.set_latency(None);
+    until_served(&backend, Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_outage_module_finalized_and_token_gone_then_restored() {
+    let _one = setup().1.lock().await;
+    let (backend, _faults) = connect(IvSource::HsmRandom);
+    round_trip(&backend).await.unwrap();
+
+    // The appliance restarts without its token: the token's directory goes away and
+    // the module is finalized under the proxy (same library, same process state).
+    let (setup, _) = setup();
+    let tokens = setup.path("tokens");
+    let token_dir = std::fs::read_dir(&tokens)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_dir())
+        .unwrap();
+    let away = setup.path("token-away");
+    std::fs::rename(&token_dir, &away).unwrap();
+    Pkcs11::new(MODULE).unwrap().finalize().unwrap();
+
+    for _ in 0..20 {
+        let started = Instant::now();
+        let result = round_trip(&backend).await;
+        assert!(
+            matches!(result, Err(HsmError::Unavailable(_))),
+            "{result:?}"
+        );
+        assert!(started.elapsed() < CALL_TIMEOUT / 10, "a request hung");
+    }
+    match &*backend {
+        Backend::Pkcs11(b) => assert!(!b.in_service()),
+        _ => unreachable!(),
+    }
+
+    // The token returns: the proxy finds it at its next attempt, no restart.
+    std::fs::rename(&away, &token_dir).unwrap();
+    until_served(&backend, Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_iv_convention_yields_iv_ciphertext_and_tag_apart() {
+    let _one = setup().1.lock().await;
+    for (iv_source, vendor, iv_len) in [
+        (IvSource::HsmRandom, None, 12),
+        (IvSource::ProxyRandom, None, 12),
+        (
+            IvSource::HsmGenerated,
+            Some(VendorIv::FillsZeroedBuffer),
+            12,
+        ),
+        (IvSource::HsmAppended, Some(VendorIv::AppendsAfterTag), 16),
+    ] {
+        let (backend, faults) = connect(iv_source);
+        faults.set_vendor_iv(vendor);
+        let plaintext = b"thirty-two bytes of plaintext!!!";
+        let sealed = encrypt(&backend, plaintext).await.unwrap();
+        assert_eq!(sealed.iv.len(), iv_len, "{iv_source:?}");
+        assert_eq!(sealed.ciphertext.len(), plaintext.len(), "{iv_source:?}");
+        assert_ne!(sealed.ciphertext, plaintext, "{iv_source:?}");
+        // Decrypt sends the IV back in CK_GCM_PARAMS, 12 or 16 bytes alike.
+        let opened = backend
+            .decrypt("foo", sealed.clone(), AAD.to_vec(), deadline())
+            .await
+            .unwrap();
+        assert_eq!(opened.as_slice(), plaintext, "{iv_source:?}");
+        // The separation is right, not merely consistent: a flipped tag bit fails.
+        let mut tampered = sealed.clone();
+        tampered.tag[0] ^= 1;
+        assert_eq!(
+            backend
+                .decrypt("foo", tampered, AAD.to_vec(), deadline())
+                .await,
+            Err(HsmError::InvalidCiphertext),
+            "{iv_source:?}"
+        );
+        // Two encryptions never share an IV.
+        let again = encrypt(&backend, plaintext).await.unwrap();
+        assert_ne!(again.iv, sealed.iv, "{iv_source:?}");
+    }
+
+    // A proxy that passes a caller IV to an HSM that picks its own is refused by it
+    // (the emulation checks the proxy's side of each convention).
+    for (iv_source, vendor) in [
+        (IvSource::HsmRandom, VendorIv::FillsZeroedBuffer),
+        (IvSource::HsmGenerated, VendorIv::AppendsAfterTag),
+    ] {
+        let (backend, faults) = connect(iv_source);
+        faults.set_vendor_iv(Some(vendor));
+        assert!(encrypt(&backend, b"x").await.is_err(), "{iv_source:?}");
+    }
+}
