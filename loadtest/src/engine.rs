@@ -2,12 +2,16 @@
 //! signed requests open-loop (at a fixed arrival rate) or closed-loop (as fast as the
 //! answers come), and recording latencies into task-local histograms.
 //!
-//! - **Open loop** (`--rate`): request *i* is due at `t0 + i/rate`. A free task claims
-//!   the next index from one shared counter and sleeps until it is due; its latency is
-//!   measured from the due time, not from when it was actually sent, so time spent
-//!   waiting for a free connection counts (coordinated omission corrected, as wrk2
-//!   does). A request claimed more than [`LATE_AFTER`] after it was due is counted as
-//!   late: the generator had no free connection for it.
+//! - **Open loop** (`--rate`): request *i* is due at `t0 + i/rate`. A pacer thread
+//!   releases each request at its due time as a ticket; a free task takes the next
+//!   ticket and sends. Latency is measured from the due time, not from when it was
+//!   actually sent, so time spent waiting for a free connection counts (coordinated
+//!   omission corrected, as wrk2 does). A ticket taken more than [`LATE_AFTER`] after
+//!   it was due is counted as late: the generator had no free connection for it.
+//!   The pacer is a thread, not a tokio timer: tokio's timers round up to whole
+//!   milliseconds, which added up to a millisecond to every open-loop latency. It
+//!   sleeps until just before the due time and, at rates up to [`SPIN_MAX_RATE`],
+//!   spins the last [`SPIN`] so a ticket leaves within microseconds of its time.
 //! - **Closed loop**: each task sends as soon as its previous answer arrived.
 //!
 //! Nothing is shared per request but that counter: each task owns its histograms and
@@ -16,7 +20,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -438,8 +442,39 @@ struct Window {
     end: Instant,
     /// Open loop: requests still unsent by then are given up (see `unsent`).
     hard_end: Instant,
-    next: AtomicU64,
+    /// Open loop: the pacer's tickets (due times), taken by one task at a time.
+    tickets: Option<tokio::sync::Mutex<mpsc::UnboundedReceiver<Instant>>>,
     samples_per_task: usize,
+}
+
+/// How long before a due time the pacer stops sleeping and spins.
+const SPIN: Duration = Duration::from_micros(80);
+/// Above this rate the pacer does not spin (its requests are closer together than a
+/// thread's sleep is precise anyway, and spinning would take a core from the proxy).
+const SPIN_MAX_RATE: f64 = 2000.0;
+
+/// Releases request `i` at `t0 + i/rate` until `end`, on its own thread.
+fn pace(t0: Instant, rate: f64, end: Instant, tickets: mpsc::UnboundedSender<Instant>) {
+    let interval = 1.0 / rate;
+    let spin = rate <= SPIN_MAX_RATE;
+    for i in 0u64.. {
+        let due = t0 + Duration::from_secs_f64(i as f64 * interval);
+        if due >= end {
+            return;
+        }
+        let now = Instant::now();
+        if due > now + SPIN {
+            std::thread::sleep(due - now - SPIN);
+        }
+        if spin {
+            while Instant::now() < due {
+                std::hint::spin_loop();
+            }
+        }
+        if tickets.send(due).is_err() {
+            return;
+        }
+    }
 }
 
 /// What one window produced.
@@ -493,9 +528,19 @@ pub async fn run_window(
         measure_start,
         end: measure_start + settings.duration,
         hard_end: measure_start + settings.duration + settings.timeout.min(DRAIN),
-        next: AtomicU64::new(0),
+        tickets: None,
         samples_per_task: settings.verify_samples.div_ceil(tasks),
     });
+    let mut window = window;
+    if let Some(rate) = settings.rate {
+        let (tickets, receiver) = mpsc::unbounded_channel();
+        Arc::get_mut(&mut window).expect("not shared yet").tickets =
+            Some(tokio::sync::Mutex::new(receiver));
+        let end = window.end;
+        std::thread::Builder::new()
+            .name("pacer".into())
+            .spawn(move || pace(t0, rate, end, tickets))?;
+    }
     let (seconds_tx, seconds_rx) = mpsc::unbounded_channel();
     let mut running = tokio::task::JoinSet::new();
     for sender in senders {
@@ -609,20 +654,18 @@ async fn task(
     let mut rng = SmallRng::from_rng(&mut rand::rng());
     let requests = TaskRequests::new(workload, &mut rng);
     let mut recorder = Recorder::new(seconds);
-    let interval = settings.rate.map(|r| 1.0 / r);
     loop {
         // When is this request due?
-        let due = match interval {
-            Some(interval) => {
-                let i = window.next.fetch_add(1, Ordering::Relaxed);
-                let due = window.t0 + Duration::from_secs_f64(i as f64 * interval);
+        let due = match &window.tickets {
+            Some(tickets) => {
+                let Some(due) = tickets.lock().await.recv().await else {
+                    break; // the schedule is over
+                };
                 let now = Instant::now();
-                if due >= window.end || now >= window.hard_end {
+                if now >= window.hard_end {
                     break;
                 }
-                if due > now {
-                    tokio::time::sleep_until(due.into()).await;
-                } else if now - due > LATE_AFTER && due >= window.measure_start {
+                if now.saturating_duration_since(due) > LATE_AFTER && due >= window.measure_start {
                     recorder.late += 1;
                 }
                 due
