@@ -89,10 +89,25 @@ async fn overload_sheds_with_429_and_recovers() {
         .get(&(429, "ThrottlingException".into()))
         .copied()
         .unwrap_or(0);
+    // A call that was admitted and started but then overran the deadline answers 503
+    // DependencyTimeoutException, which is the truthful answer. The simulated HSM's
+    // 10 ms never overruns by itself, but a shared CI machine can deschedule its thread
+    // past the deadline (seen once in ~2600 requests), so a sliver is tolerated; any
+    // other answer is a defect.
+    let timed_out = seen
+        .get(&(503, "DependencyTimeoutException".into()))
+        .copied()
+        .unwrap_or(0);
+    let total = seen.values().sum::<u64>();
     assert_eq!(
-        ok + throttled,
-        seen.values().sum::<u64>(),
-        "only 200 and 429 ThrottlingException are allowed under overload: {seen:?}"
+        ok + throttled + timed_out,
+        total,
+        "only 200, 429 ThrottlingException and (rarely) 503 DependencyTimeoutException \
+         are allowed under overload: {seen:?}"
+    );
+    assert!(
+        timed_out * 100 <= total,
+        "more than 1% of requests timed out in the HSM: {seen:?}"
     );
     assert!(ok > 0 && throttled > ok, "overload must shed: {seen:?}");
     assert!(deepest_queue <= 64.0, "queue depth {deepest_queue}");
@@ -129,6 +144,16 @@ async fn overload_sheds_with_429_and_recovers() {
             &[("operation", "Encrypt"), ("outcome", "ThrottlingException")]
         ),
         throttled as f64
+    );
+    assert_eq!(
+        metrics.value(
+            "xks_requests_total",
+            &[
+                ("operation", "Encrypt"),
+                ("outcome", "DependencyTimeoutException")
+            ]
+        ),
+        timed_out as f64
     );
     // The HSM part of an admitted request ends by the deadline by construction (or it
     // is a 503); what follows (JSON, the response) is microseconds, but a shared CI
