@@ -627,7 +627,7 @@ async fn send(
     timeout: Duration,
 ) -> Answer {
     let attempt = tokio::time::timeout(timeout, async {
-        if sender.is_none() {
+        if sender.as_ref().map_or(true, Sender::closed) {
             *sender = Some(connector.connect().await?);
         }
         sender

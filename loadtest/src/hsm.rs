@@ -6,7 +6,9 @@
 //! the proxy: a 12-byte IV from the HSM's RNG (C_GenerateRandom, like the proxy's
 //! default `iv_source`), 128-bit tags, and the spec's length-prefixed AAD. Latencies
 //! go into thread-local histograms merged at the end of the step, and the report has
-//! the same format as `run`'s, so proxy overhead = end-to-end minus raw HSM.
+//! the same format as `run`'s, so proxy overhead = end-to-end minus raw HSM. With
+//! `--session-copy` each thread works on a session copy of the key, as the proxy does
+//! with `hsm.session_key_copies`, so the two are measured like for like.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -74,6 +76,11 @@ pub struct HsmArgs {
     /// Where IVs come from: `hsm` (C_GenerateRandom per call, as the proxy) or `host`.
     #[arg(long, default_value = "hsm", value_parser = ["hsm", "host"])]
     pub iv: String,
+    /// Work on a session copy of the key (C_CopyObject with CKA_TOKEN false), as the
+    /// proxy does with `hsm.session_key_copies`: SoftHSM2 re-reads a token object's file
+    /// on every use, so without this the baseline measures a cost the proxy avoids.
+    #[arg(long)]
+    pub session_copy: bool,
     /// Write the JSON report here.
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
@@ -201,6 +208,7 @@ pub fn run_hsm(args: &HsmArgs) -> Result<Report, Error> {
         "plaintext_bytes": args.plaintext_bytes,
         "aad_bytes": args.aad_bytes,
         "iv": args.iv,
+        "session_copy": args.session_copy,
         "histograms_from": "the session count with the highest throughput",
     });
     let mut report = Report::new("hsm", started, None, config, &best, None);
@@ -329,6 +337,13 @@ fn session_loop(
         Err(e) => return Err(format!("C_Login: {e}").into()),
     }
     let key = find_key(&session, &args.key_label)?;
+    let key = if args.session_copy {
+        session
+            .copy_object(key, &[Attribute::Token(false)])
+            .map_err(|e| format!("C_CopyObject of the key into the session: {e}"))?
+    } else {
+        key
+    };
     let mut rng = SmallRng::from_rng(&mut rand::rng());
     let mut plaintext = vec![0u8; args.plaintext_bytes];
     rng.fill(&mut plaintext[..]);

@@ -47,7 +47,7 @@ fn hsm_baseline_and_run_on_a_quickstart_token() {
         "xks-quickstart"
     );
 
-    // The same flags, given directly.
+    // The same flags, given directly, on a session copy of the key (as the proxy).
     loadtest_ok(&[
         "hsm",
         "--quiet",
@@ -68,7 +68,13 @@ fn hsm_baseline_and_run_on_a_quickstart_token() {
         "0.2",
         "--warmup",
         "0",
+        "--session-copy",
+        "--report",
+        &path("hsm-copy.json"),
     ]);
+    let copy = Report::read(prepared.dir.join("hsm-copy.json").as_path()).unwrap();
+    assert!(copy.steps.iter().all(|s| s.requests > 0 && s.errors == 0));
+    assert_eq!(copy.config["session_copy"], true);
 
     // End to end through the proxy on the same token, with the quickstart's
     // test-client.env (its port is 0 here, so --endpoint overrides it).
