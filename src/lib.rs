@@ -17,6 +17,7 @@
 //!   readiness probe read.
 //! - [`metrics`]: latency histograms (sharded hdrhistograms), counters, Prometheus text.
 //! - [`config`]: the TOML configuration and its validation.
+//! - [`logging`]: the log writer that batches lines off the request path.
 //! - [`quickstart`]: a local SoftHSM2 token, keys, credentials, certificates and config
 //!   in one command.
 //!
@@ -31,6 +32,7 @@ pub mod authz;
 pub mod config;
 pub mod health;
 pub mod hsm;
+pub mod logging;
 pub mod metrics;
 pub mod quickstart;
 pub mod router;

@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use xks_proxy::config::{BackendConfig, Config};
 use xks_proxy::hsm::pkcs11::{self, NewKeyUsage};
+use xks_proxy::logging::LogWriter;
 use xks_proxy::metrics::Metrics;
 use xks_proxy::quickstart;
 use xks_proxy::server::{self, Server};
@@ -156,7 +157,7 @@ type Error = Box<dyn std::error::Error>;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let logs = init_logging(cli.log_format);
     let result = match cli.command {
         Command::Serve { config } => serve(&config),
         Command::Keys { action } => keys(action),
@@ -168,6 +169,9 @@ fn main() -> ExitCode {
             setup_only,
         } => run_quickstart(&dir, listen, module.as_deref(), setup_only),
     };
+    if let Some(logs) = logs {
+        logs.close();
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -177,7 +181,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs go to stderr through a [`LogWriter`], which writes them from a thread of its
+/// own (see `xks_proxy::logging`); a panic flushes them before its message.
+fn init_logging(format: LogFormat) -> Option<LogWriter> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // No colour codes unless a person is watching: escape sequences cost formatting
@@ -185,16 +191,37 @@ fn init_logging(format: LogFormat) {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_ansi(ansi);
+    let writer = match LogWriter::start(std::io::stderr()) {
+        Ok(writer) => writer,
+        Err(e) => {
+            // Unlikely (no thread could start); log the old way, one write per line.
+            eprintln!("warning: logging without a writer thread: {e}");
+            let builder = builder.with_writer(std::io::stderr);
+            match format {
+                LogFormat::Text => builder.init(),
+                LogFormat::Json => builder.json().flatten_event(true).init(),
+            }
+            return None;
+        }
+    };
+    let builder = builder.with_writer(writer.clone());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    let on_panic = writer.clone();
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        on_panic.flush_within(Some(std::time::Duration::from_secs(1)));
+        report(info);
+    }));
+    Some(writer)
 }
 
 /// Sets the module's environment (e.g. SOFTHSM2_CONF). Called before the runtime and
-/// the session threads start, while this process has a single thread.
+/// the session threads start: the only other thread then is the log writer, which
+/// never reads the environment.
 fn apply_environment(environment: &BTreeMap<String, String>) {
     for (name, value) in environment {
         std::env::set_var(name, value);

@@ -58,7 +58,7 @@ async fn hung_hsm_call_gets_503_and_others_are_served() {
             assert_eq!(unb64(&decrypted.body["plaintext"]), b"y");
         }
     }
-    assert!(proxy.logs().contains("HSM call exceeded its time"));
+    assert!(proxy.logged("HSM call exceeded its time"));
 }
 
 /// SIGTERM: readiness turns off, new connections are refused, the request in flight

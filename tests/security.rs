@@ -183,9 +183,7 @@ async fn mtls_admits_only_allowed_client_certificates() {
         let result = attempt(&proxy, &server_ca, refused).await;
         assert!(result.is_err(), "{refused:?} got through: {result:?}");
     }
-    assert!(proxy
-        .logs()
-        .contains("client certificate subject is not allowed"));
+    assert!(proxy.logged("client certificate subject is not allowed"));
 
     // curl, a second independent client.
     let curl = |extra: &[&str]| {
@@ -430,11 +428,7 @@ async fn cedar_policies_authorize_requests() {
         .await;
     assert_eq!(denied.status, 403);
     assert_eq!(denied.error_name(), "AccessDeniedException");
-    assert!(
-        proxy.logs().contains("no-decrypt-via-ebs"),
-        "{}",
-        proxy.logs()
-    );
+    assert!(proxy.logged("no-decrypt-via-ebs"), "{}", proxy.logs());
     // Via S3 it is permitted.
     let mut body = decrypt_body(&encrypted.body, None);
     body["requestMetadata"]["kmsViaService"] = json!("s3");
@@ -450,7 +444,7 @@ async fn cedar_policies_authorize_requests() {
         .post(Version::Http1, &key_path("foo", "encrypt"), &body)
         .await;
     assert_eq!(denied.status, 403);
-    assert!(proxy.logs().contains("denied: no policy permits"));
+    assert!(proxy.logged("denied: no policy permits"));
     // GetKeyMetadata has no permit.
     let metadata = client
         .post(
@@ -688,5 +682,5 @@ async fn loose_secret_permissions_are_warned_about() {
     )
     .unwrap();
     let proxy = setup.start();
-    assert!(proxy.logs().contains("readable by group or others"));
+    assert!(proxy.logged("readable by group or others"));
 }
