@@ -36,14 +36,14 @@ fn setup() -> &'static (common::Setup, tokio::sync::Mutex<()>) {
     })
 }
 
-fn settings(iv_source: IvSource, faults: &Arc<FaultInjector>) -> Pkcs11Settings {
+fn settings(iv_source: IvSource, sessions: usize, faults: &Arc<FaultInjector>) -> Pkcs11Settings {
     let (setup, _) = setup();
     let pin = std::fs::read_to_string(setup.path("hsm-pin")).unwrap();
     Pkcs11Settings {
         module: MODULE.into(),
         token: TokenSelector::Label("xks-quickstart".into()),
         pin: pin.trim().to_owned().into(),
-        sessions: 2,
+        sessions,
         queue_depth: 16,
         iv_source,
         session_key_copies: true,
@@ -55,9 +55,13 @@ fn settings(iv_source: IvSource, faults: &Arc<FaultInjector>) -> Pkcs11Settings 
 }
 
 fn connect(iv_source: IvSource) -> (Arc<Backend>, Arc<FaultInjector>) {
+    connect_sessions(iv_source, 2)
+}
+
+fn connect_sessions(iv_source: IvSource, sessions: usize) -> (Arc<Backend>, Arc<FaultInjector>) {
     let faults = Arc::new(FaultInjector::new());
     let backend = Pkcs11Backend::connect(
-        &settings(iv_source, &faults),
+        &settings(iv_source, sessions, &faults),
         Metrics::new(Duration::from_millis(100)),
     )
     .unwrap();
@@ -169,6 +173,30 @@ async fn each_error_class_is_handled_as_its_class_requires() {
     round_trip(&backend).await.unwrap();
 }
 
+/// The session copy of a key lives in the session that made it. With one session, the
+/// session closed after CKR_USER_NOT_LOGGED_IN is the one that holds the copy: the
+/// retry in the new session must not use the dead copy's handle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_session_takes_its_key_copies_with_it() {
+    let _one = setup().1.lock().await;
+    let (backend, faults) = connect_sessions(IvSource::HsmRandom, 1);
+    let sealed = round_trip(&backend).await.unwrap();
+    for function in [Function::Decrypt, Function::Encrypt] {
+        faults.fail(RvError::UserNotLoggedIn, Some(function), Some(1));
+        let injected = faults.injected();
+        round_trip(&backend)
+            .await
+            .unwrap_or_else(|e| panic!("after {function:?} lost its login: {e}"));
+        assert_eq!(faults.injected(), injected + 1, "{function:?}");
+    }
+    // What was sealed under the first copy still opens under the new one.
+    let plaintext = backend
+        .decrypt("foo", sealed, AAD.to_vec(), deadline())
+        .await
+        .unwrap();
+    assert_eq!(plaintext.as_slice(), b"attack at dawn");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_module_that_stays_down_fails_fast_and_health_says_so_until_it_returns() {
     let _one = setup().1.lock().await;
@@ -212,7 +240,7 @@ async fn a_module_that_stays_down_fails_fast_and_health_says_so_until_it_returns
 async fn a_slow_hsm_answers_503_in_the_call_timeout_and_recovers() {
     let _one = setup().1.lock().await;
     let faults = Arc::new(FaultInjector::new());
-    let mut settings = settings(IvSource::HsmRandom, &faults);
+    let mut settings = settings(IvSource::HsmRandom, 2, &faults);
     settings.call_timeout = Duration::from_millis(100);
     let backend = Backend::Pkcs11(
         Pkcs11Backend::connect(&settings, Metrics::new(Duration::from_millis(100))).unwrap(),

@@ -133,8 +133,10 @@ impl fmt::Debug for Pkcs11Settings {
 #[derive(Debug, Clone)]
 struct CachedKey {
     handle: ObjectHandle,
-    /// `handle` is this proxy's session copy of the token key (destroyed when replaced).
-    copied: bool,
+    /// Set when `handle` is this proxy's session copy of the token key (destroyed when
+    /// replaced): the serial of the session that made it. A session object dies with
+    /// the session that created it, so the copy is forgotten when that session goes.
+    owner: Option<u64>,
     metadata: KeyMetadata,
     read_at: Instant,
     /// The module generation the handle belongs to (see [`Module`]).
@@ -399,9 +401,17 @@ struct Shared {
     retired: parking_lot::Mutex<Vec<(ObjectHandle, u64, Instant)>>,
     /// Held while a key is looked up in the token.
     lookup: parking_lot::Mutex<()>,
+    /// Serial numbers for the sessions the workers open.
+    sessions_opened: AtomicU64,
 }
 
 impl Shared {
+    /// Forgets the cached key copies made in session `serial`, which is going or gone
+    /// and has taken them with it. They are not destroyed: their handles are dead.
+    fn forget_copies_of(&self, serial: u64) {
+        self.keys.write().retain(|_, key| key.owner != Some(serial));
+    }
+
     fn inject(&self, function: Function) -> Result<(), CkError> {
         self.faults.as_ref().map_or(Ok(()), |f| f.before(function))
     }
@@ -602,6 +612,7 @@ impl Pkcs11Backend {
             out,
             retired: parking_lot::Mutex::new(Vec::new()),
             lookup: parking_lot::Mutex::new(()),
+            sessions_opened: AtomicU64::new(0),
         });
         // The first worker opens its session (and logs in) now, so a wrong PIN or a
         // missing token stops start-up with the reason.
@@ -799,6 +810,8 @@ fn non_empty(s: &str, fallback: &str) -> String {
 struct OpenSession {
     session: Session,
     generation: u64,
+    /// Unique among this EKM's sessions (see [`CachedKey::owner`]).
+    serial: u64,
 }
 
 /// A session thread's state.
@@ -810,6 +823,9 @@ struct Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         self.abandon_if_stale();
+        if let Some(open) = &self.session {
+            self.shared.forget_copies_of(open.serial);
+        }
     }
 }
 
@@ -918,6 +934,7 @@ impl Worker {
             self.session = Some(OpenSession {
                 session,
                 generation,
+                serial: self.shared.sessions_opened.fetch_add(1, Ordering::Relaxed),
             });
         }
         Ok(&self.session.as_ref().expect("set just above").session)
@@ -969,6 +986,8 @@ impl Worker {
             ErrorClass::Session { close } => {
                 tracing::warn!(error = %error, "PKCS#11 session lost; reopening");
                 if let Some(open) = self.session.take() {
+                    // Closed or lost, the session takes its objects with it.
+                    self.shared.forget_copies_of(open.serial);
                     if !close || open.generation != generation {
                         std::mem::forget(open.session);
                     }
@@ -1027,7 +1046,7 @@ impl Worker {
     /// now (SoftHSM2 then fails the call with CKR_KEY_TYPE_INCONSISTENT, not an invalid
     /// handle), so it is destroyed only after [`RETIRE_GRACE`], longer than any call.
     fn discard(&mut self, old: Option<CachedKey>) {
-        let Some(old) = old.filter(|k| k.copied) else {
+        let Some(old) = old.filter(|k| k.owner.is_some()) else {
             return;
         };
         let due: Vec<_> = {
@@ -1124,19 +1143,20 @@ impl Worker {
         // A session copy spares modules that re-check token objects on every use
         // (SoftHSM2 stats and locks the object's file in each C_EncryptInit). The copy
         // carries the same attributes; a module that refuses to copy keeps the original.
-        let (handle, copied) = if self.shared.session_key_copies {
+        let (handle, owner) = if self.shared.session_key_copies {
             match self.call(
                 |s| s.copy_object(handle, &[Attribute::Token(false)]),
                 Function::CopyObject,
             ) {
-                Ok(copy) => (copy, true),
+                // The call succeeded in the session this worker holds now.
+                Ok(copy) => (copy, self.session.as_ref().map(|open| open.serial)),
                 Err(e) => {
                     tracing::warn!(key_id, error = %e, "cannot copy the key into the session; using the token object");
-                    (handle, false)
+                    (handle, None)
                 }
             }
         } else {
-            (handle, false)
+            (handle, None)
         };
         if self.shared.module.generation() != generation {
             // The module was re-initialized between our calls: the handles are dead.
@@ -1146,7 +1166,7 @@ impl Worker {
         }
         Ok(CachedKey {
             handle,
-            copied,
+            owner,
             metadata: metadata_from_attributes(&attributes, disabled),
             read_at: Instant::now(),
             generation,
