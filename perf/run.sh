@@ -3,7 +3,10 @@
 # SoftHSM2 token and on the in-process software backend, driven by xks-loadtest on the
 # same box (closed loop at 1/8/64 connections, open loop at KMS's default quota of
 # 1800 req/s, a capacity search), and the raw HSM with `xks-loadtest hsm`, so that
-# proxy overhead = end-to-end minus raw HSM.
+# proxy overhead = end-to-end minus raw HSM. Then wrk replays one pre-signed Encrypt
+# (`xks-loadtest presign`) at 64 connections: the setting of the issue's reference
+# numbers (the AWS sample proxy and a bare hyper+rustls server, both driven by wrk),
+# with a generator that spends far less of the two cores than xks-loadtest does.
 #
 # Usage: perf/run.sh [SECONDS_PER_RUN]   (default 10)
 # Writes perf/runs/<UTC time>/ (JSON reports, HTML charts, the console output, the
@@ -24,7 +27,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-./scripts/setup.sh
+./scripts/setup.sh wrk
 cargo build --release -p xks-proxy -p xks-loadtest
 PROXY=target/release/xks-proxy
 LOAD=target/release/xks-loadtest
@@ -90,6 +93,16 @@ run() { # name, then xks-loadtest arguments
   grep -E "^overall|requests in" "$OUT/$name.txt" || true
 }
 
+wrk_run() { # name, connections (wrk has no warm-up: the first second is included)
+  "$LOAD" presign --env "$ENV" --plaintext-bytes 32 --aad-bytes 100 -o "$WORK/encrypt.lua" 2>/dev/null
+  local args=(-t2 -c"$2" -d"${SECONDS_PER_RUN}s" --latency)
+  echo "xks-loadtest presign --plaintext-bytes 32 --aad-bytes 100 -o encrypt.lua; wrk ${args[*]} -s encrypt.lua https://127.0.0.1:18443" >>"$COMMANDS"
+  wrk "${args[@]}" -s "$WORK/encrypt.lua" https://127.0.0.1:18443 >"$OUT/$1.txt" 2>&1 ||
+    echo "(wrk exited with $?)" >>"$OUT/$1.txt"
+  echo "== $1"
+  grep -E "Requests/sec|^ +99%|Non-2xx|Latency " "$OUT/$1.txt" || true
+}
+
 start_proxy "$WORK/q/config.toml" softhsm
 for c in 1 8 64; do
   run "softhsm-closed-$c" run "${COMMON[@]}" --connections "$c" --warmup 2 --duration "$SECONDS_PER_RUN"
@@ -97,6 +110,7 @@ done
 run softhsm-open-1800 run "${COMMON[@]}" --rate 1800 --connections 64 --warmup 2 --duration "$SECONDS_PER_RUN"
 run softhsm-search search "${COMMON[@]}" --connections 64 --slo-p99-ms 2 \
   --start 2000 --factor 1.4 --max 100000 --step-duration 5 --step-warmup 1
+wrk_run softhsm-wrk-64 64
 stop_proxy
 
 start_proxy "$WORK/software.toml" software
@@ -104,6 +118,7 @@ for c in 1 64; do
   run "software-closed-$c" run "${COMMON[@]}" --connections "$c" --warmup 2 --duration "$SECONDS_PER_RUN"
 done
 run software-open-1800 run "${COMMON[@]}" --rate 1800 --connections 64 --warmup 2 --duration "$SECONDS_PER_RUN"
+wrk_run software-wrk-64 64
 stop_proxy
 
 run softhsm-raw hsm --config "$WORK/q/config.toml" --sessions 1,2,4 --duration "$SECONDS_PER_RUN"
@@ -124,7 +139,7 @@ run softhsm-raw-copy hsm --config "$WORK/q/config.toml" --sessions 1,2,4 --sessi
   for f in "$OUT"/*.txt; do
     [ "$(basename "$f")" = commands.txt ] && continue
     echo "== $(basename "$f" .txt)"
-    grep -E "^overall|requests in|^best|sessions:|highest|max rate" "$f" || true
+    grep -E "^overall|requests in|^best|sessions:|highest|max rate|Requests/sec|^ +99%|Non-2xx|Latency " "$f" || true
   done
   echo '```'
   echo

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what xks-proxy's quickstart and tests need beyond Rust, when missing:
 # SoftHSM2 (the PKCS#11 token) and curl (an independent SigV4 signer in the tests).
+# Usage: scripts/setup.sh [PACKAGE ...]   (extra tools, each a package of that name)
 set -euo pipefail
 
 need=()
@@ -10,6 +11,10 @@ for module in /usr/lib/softhsm/libsofthsm2.so /usr/lib/*-linux-gnu/softhsm/libso
 done
 $softhsm_found || need+=(softhsm2)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+# Extra tools a caller asks for by package name (perf/run.sh: wrk).
+for tool in "$@"; do
+  command -v "$tool" >/dev/null 2>&1 || need+=("$tool")
+done
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2

@@ -8,6 +8,7 @@
 //! - [`engine`]: the open- and closed-loop load with task-local histograms.
 //! - [`commands`]: `run` and `search`.
 //! - [`hsm`]: raw PKCS#11 AES-GCM capacity at 1..N sessions.
+//! - [`presign`]: one pre-signed request as a wrk script.
 //! - [`report`]: the JSON report, tables, `merge`, `compare`; [`chart`]: SVG/HTML.
 
 #![forbid(unsafe_code)]
@@ -17,6 +18,7 @@ pub mod client;
 pub mod commands;
 pub mod engine;
 pub mod hsm;
+pub mod presign;
 pub mod report;
 pub mod target;
 pub mod workload;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use xks_loadtest::{chart, commands, hsm, report, Error};
+use xks_loadtest::{chart, commands, hsm, presign, report, Error};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -26,6 +26,8 @@ enum Command {
     Search(commands::SearchArgs),
     /// Raw PKCS#11 AES-256-GCM capacity of a token at 1..N sessions (no proxy).
     Hsm(hsm::HsmArgs),
+    /// Sign one request and write it as a wrk Lua script (valid for five minutes).
+    Presign(presign::PresignArgs),
     /// Add reports of several generator machines that ran at the same time.
     Merge {
         /// Reports to add.
@@ -58,6 +60,7 @@ fn main() -> ExitCode {
         Command::Run(args) => commands::run(&args),
         Command::Search(args) => commands::search(&args),
         Command::Hsm(args) => run_hsm(&args),
+        Command::Presign(args) => presign::presign(&args).map(|()| ExitCode::SUCCESS),
         Command::Merge { reports, output } => merge(&reports, &output),
         Command::Compare { a, b } => compare(&a, &b),
         Command::Chart { report, output } => report::Report::read(&report)

@@ -284,3 +284,100 @@ fn refusals_are_explained_and_fail_the_run() {
         "{stderr}"
     );
 }
+
+/// The value of a Lua string literal as `presign` writes them (`\"`, `\\`, `\ddd`).
+fn lua_value(literal: &str) -> Vec<u8> {
+    let inner = literal
+        .trim()
+        .strip_prefix('"')
+        .unwrap()
+        .strip_suffix('"')
+        .unwrap();
+    let mut out = Vec::new();
+    let mut bytes = inner.bytes();
+    while let Some(b) = bytes.next() {
+        if b != b'\\' {
+            out.push(b);
+            continue;
+        }
+        match bytes.next().unwrap() {
+            d @ b'0'..=b'9' => {
+                let digits = [d, bytes.next().unwrap(), bytes.next().unwrap()];
+                out.push(std::str::from_utf8(&digits).unwrap().parse().unwrap());
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+#[test]
+fn a_presigned_wrk_script_is_accepted_and_can_be_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::software(dir.path());
+    let script_path = dir.path().join("encrypt.lua");
+    loadtest_ok(&with(
+        &proxy,
+        &[
+            "presign",
+            "--aad-bytes",
+            "7",
+            "-o",
+            script_path.to_str().unwrap(),
+        ],
+    ));
+    let script = std::fs::read_to_string(&script_path).unwrap();
+    let (mut path, mut body, mut headers) = (None, None, Vec::new());
+    for line in script.lines().filter(|l| !l.starts_with("--")) {
+        let (left, right) = line.split_once(" = ").unwrap();
+        match left {
+            "wrk.method" => assert_eq!(lua_value(right), b"POST"),
+            "wrk.path" => path = Some(String::from_utf8(lua_value(right)).unwrap()),
+            "wrk.body" => body = Some(lua_value(right)),
+            _ => {
+                let name = left
+                    .strip_prefix("wrk.headers[\"")
+                    .and_then(|n| n.strip_suffix("\"]"))
+                    .unwrap();
+                let value = String::from_utf8(lua_value(right)).unwrap();
+                headers.push(format!("{name}: {value}"));
+            }
+        }
+    }
+    let (path, body) = (path.unwrap(), body.unwrap());
+    assert!(path.ends_with("/keys/foo/encrypt"), "{path}");
+    let request: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        request["additionalAuthenticatedData"]
+            .as_str()
+            .unwrap()
+            .len(),
+        12
+    );
+
+    // curl, not our client, sends exactly what the script says; wrk replays it, so
+    // the second copy must be accepted as well.
+    std::fs::write(dir.path().join("body.json"), &body).unwrap();
+    let before = proxy.requests_total();
+    for _ in 0..2 {
+        let mut curl = std::process::Command::new("curl");
+        curl.args(["-sS", "--cacert"])
+            .arg(dir.path().join("ca.pem"))
+            .args(["--resolve"])
+            .arg(format!("localhost:{}:127.0.0.1", proxy.addr.port()))
+            .args(["-H", "Expect:"]);
+        for header in &headers {
+            curl.args(["-H", header]);
+        }
+        let out = curl
+            .arg("--data-binary")
+            .arg(format!("@{}", dir.path().join("body.json").display()))
+            .arg(format!("https://localhost:{}{path}", proxy.addr.port()))
+            .output()
+            .unwrap();
+        let answer: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+        assert!(answer["ciphertext"].is_string(), "{answer}");
+    }
+    assert_eq!(proxy.requests_total() - before, 2);
+}
