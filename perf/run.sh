@@ -6,7 +6,8 @@
 # proxy overhead = end-to-end minus raw HSM. Then wrk replays one pre-signed Encrypt
 # (`xks-loadtest presign`) at 64 connections: the setting of the issue's reference
 # numbers (the AWS sample proxy and a bare hyper+rustls server, both driven by wrk),
-# with a generator that spends far less of the two cores than xks-loadtest does.
+# with a generator that spends far less of the two cores than xks-loadtest does,
+# and wrk against /livez for the ceiling of the same TLS and HTTP stack.
 #
 # Usage: perf/run.sh [SECONDS_PER_RUN]   (default 10)
 # Writes perf/runs/<UTC time>/ (JSON reports, HTML charts, the console output, the
@@ -93,12 +94,18 @@ run() { # name, then xks-loadtest arguments
   grep -E "^overall|requests in" "$OUT/$name.txt" || true
 }
 
-wrk_run() { # name, connections (wrk has no warm-up: the first second is included)
-  "$LOAD" presign --env "$ENV" --plaintext-bytes 32 --aad-bytes 100 -o "$WORK/encrypt.lua" 2>/dev/null
+wrk_run() { # name, connections, [path]: the pre-signed Encrypt, or a plain GET of path
   local args=(-t2 -c"$2" -d"${SECONDS_PER_RUN}s" --latency)
-  echo "xks-loadtest presign --plaintext-bytes 32 --aad-bytes 100 -o encrypt.lua; wrk ${args[*]} -s encrypt.lua https://127.0.0.1:18443" >>"$COMMANDS"
-  wrk "${args[@]}" -s "$WORK/encrypt.lua" https://127.0.0.1:18443 >"$OUT/$1.txt" 2>&1 ||
-    echo "(wrk exited with $?)" >>"$OUT/$1.txt"
+  if [ -n "${3:-}" ]; then
+    echo "wrk ${args[*]} https://127.0.0.1:18443$3" >>"$COMMANDS"
+    wrk "${args[@]}" "https://127.0.0.1:18443$3" >"$OUT/$1.txt" 2>&1 ||
+      echo "(wrk exited with $?)" >>"$OUT/$1.txt"
+  else
+    "$LOAD" presign --env "$ENV" --plaintext-bytes 32 --aad-bytes 100 -o "$WORK/encrypt.lua" 2>/dev/null
+    echo "xks-loadtest presign --plaintext-bytes 32 --aad-bytes 100 -o encrypt.lua; wrk ${args[*]} -s encrypt.lua https://127.0.0.1:18443" >>"$COMMANDS"
+    wrk "${args[@]}" -s "$WORK/encrypt.lua" https://127.0.0.1:18443 >"$OUT/$1.txt" 2>&1 ||
+      echo "(wrk exited with $?)" >>"$OUT/$1.txt"
+  fi
   echo "== $1"
   grep -E "Requests/sec|^ +99%|Non-2xx|Latency " "$OUT/$1.txt" || true
 }
@@ -111,6 +118,10 @@ run softhsm-open-1800 run "${COMMON[@]}" --rate 1800 --connections 64 --warmup 2
 run softhsm-search search "${COMMON[@]}" --connections 64 --slo-p99-ms 2 \
   --start 2000 --factor 1.4 --max 100000 --step-duration 5 --step-warmup 1
 wrk_run softhsm-wrk-64 64
+# The ceiling of this box at this moment: the same TLS and HTTP stack answering a fixed
+# JSON (/livez: no signature, no body, no key, no audit line). The 121k req/s
+# for a bare hyper+rustls server is this number on a quieter day; compare ratios.
+wrk_run ceiling-livez-wrk-64 64 /livez
 stop_proxy
 
 start_proxy "$WORK/software.toml" software

@@ -19,6 +19,10 @@
 //! - **Flushed on exit.** [`LogWriter::flush`] writes out everything pending; `main`
 //!   calls it on the way out and from the panic hook.
 
+mod text;
+
+pub use text::{TextFields, TextFormat};
+
 use std::io::{self, Write};
 use std::sync::Arc;
 use std::thread;

@@ -207,6 +207,12 @@ fn init_logging(format: LogFormat) -> Option<LogWriter> {
     };
     let builder = builder.with_writer(writer.clone());
     match format {
+        // The same lines as the default text format, written without most of its
+        // `core::fmt` work (xks_proxy::logging::TextFormat).
+        LogFormat::Text if !ansi => builder
+            .fmt_fields(xks_proxy::logging::TextFields)
+            .event_format(xks_proxy::logging::TextFormat)
+            .init(),
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
