@@ -708,7 +708,7 @@ impl Pkcs11Backend {
         let id = key_id.to_owned();
         let version = self
             .pool
-            .run("KeyVersion", deadline, move |w| {
+            .run_control("KeyVersion", deadline, move |w| {
                 w.call(|s| current_version(s, &id), Function::FindObjects)
             })
             .await?;
@@ -759,7 +759,7 @@ impl Pkcs11Backend {
     ) -> Result<KeyMetadata, HsmError> {
         let key_id = key_id.to_owned();
         self.pool
-            .run("GetKeyMetadata", deadline, move |w| {
+            .run_control("GetKeyMetadata", deadline, move |w| {
                 w.forget(&key_id);
                 w.key(&key_id).map(|k| k.metadata)
             })
@@ -770,7 +770,7 @@ impl Pkcs11Backend {
     pub async fn health_check(&self, key_id: &str, deadline: Instant) -> Result<(), HsmError> {
         let key_id = key_id.to_owned();
         self.pool
-            .run("HealthCheck", deadline, move |w| {
+            .run_control("HealthCheck", deadline, move |w| {
                 health_round_trip(
                     w,
                     |w, p| w.encrypt(&key_id, p, b""),
@@ -784,7 +784,7 @@ impl Pkcs11Backend {
     /// for configurations without a health-check key.
     pub async fn probe(&self, deadline: Instant) -> Result<(), HsmError> {
         self.pool
-            .run("HealthCheck", deadline, |w| {
+            .run_control("HealthCheck", deadline, |w| {
                 w.call(|s| s.get_session_info(), Function::GetSessionInfo)
                     .map(|_| ())
             })

@@ -61,21 +61,45 @@ struct Shared {
 impl Shared {
     fn observe_service(&self, service: Duration) {
         let sample = service.as_nanos().min(u128::from(u64::MAX)) as u64;
-        // A weight of 1/8 follows a changing HSM within tens of calls and smooths noise.
         let _ = self
             .service_ewma_ns
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
-                Some(if old == 0 {
-                    sample
-                } else {
-                    old - old / 8 + sample / 8
-                })
+                Some(next_estimate(old, sample))
             });
     }
 
     fn mean_service(&self) -> Duration {
         Duration::from_nanos(self.service_ewma_ns.load(Ordering::Relaxed))
     }
+}
+
+/// The service-time estimate after one more call took `sample` ns (`old` 0: none yet).
+///
+/// An exponentially weighted mean with weight 1/8 follows a changing HSM within tens of
+/// calls and smooths noise. A sample counts for at most [`OUTLIER_CAP`] times the mean:
+/// one call that stalled (a thread preempted on a busy box, a key refresh) must not
+/// move the estimate so far that admission, which multiplies it by the queue ahead,
+/// refuses every request until enough fast calls pull it back, while a real slowdown
+/// still raises it by up to 3/8 per call (from 20 µs to 5 ms in under 20 calls).
+fn next_estimate(old: u64, sample: u64) -> u64 {
+    if old == 0 {
+        return sample;
+    }
+    let sample = sample.min(old.saturating_mul(OUTLIER_CAP));
+    old - old / 8 + sample / 8
+}
+
+/// How many times the current estimate one sample may count for.
+const OUTLIER_CAP: u64 = 4;
+
+/// Whether a call teaches the pool's service-time estimate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Learn {
+    /// A request's call (Encrypt, Decrypt): the work admission predicts.
+    Yes,
+    /// A health check or a key lookup: first calls log in, copy keys or search the
+    /// token and take far longer than the requests queued behind them will.
+    No,
 }
 
 /// A bounded pool of sessions `S`.
@@ -220,10 +244,33 @@ impl<S: Send + 'static> Pool<S> {
         Ok(place)
     }
 
-    /// Runs `f` on a session before `deadline`. `operation` labels the stage timings.
+    /// Runs a request's call `f` (Encrypt, Decrypt) on a session before `deadline`, and
+    /// learns from how long it took. `operation` labels the stage timings.
     pub(crate) async fn run<T: Send + 'static>(
         &self,
         operation: &'static str,
+        deadline: Instant,
+        f: impl FnOnce(&mut S) -> Result<T, HsmError> + Send + 'static,
+    ) -> Result<T, HsmError> {
+        self.run_as(operation, Learn::Yes, deadline, f).await
+    }
+
+    /// Runs `f` like [`Pool::run`], but a call whose time says nothing about the
+    /// requests behind it (a health check, a key lookup) does not teach the
+    /// service-time estimate.
+    pub(crate) async fn run_control<T: Send + 'static>(
+        &self,
+        operation: &'static str,
+        deadline: Instant,
+        f: impl FnOnce(&mut S) -> Result<T, HsmError> + Send + 'static,
+    ) -> Result<T, HsmError> {
+        self.run_as(operation, Learn::No, deadline, f).await
+    }
+
+    async fn run_as<T: Send + 'static>(
+        &self,
+        operation: &'static str,
+        learn: Learn,
         deadline: Instant,
         f: impl FnOnce(&mut S) -> Result<T, HsmError> + Send + 'static,
     ) -> Result<T, HsmError> {
@@ -285,7 +332,9 @@ impl<S: Send + 'static> Pool<S> {
             let service = started.elapsed();
             shared.busy.fetch_sub(1, Ordering::Relaxed);
             shared.metrics.pool_busy.dec();
-            shared.observe_service(service);
+            if learn == Learn::Yes {
+                shared.observe_service(service);
+            }
             shared
                 .metrics
                 .latencies
@@ -504,6 +553,94 @@ mod tests {
         assert_eq!(result, Err(HsmError::Busy));
         busy.await.unwrap();
         queued.await.unwrap().unwrap();
+    }
+
+    /// Sends `count` requests of `each` at once with `budget` to spare, and returns how
+    /// many were refused.
+    async fn burst(pool: &Arc<Pool<()>>, count: usize, each: Duration, budget: Duration) -> usize {
+        let deadline = Instant::now() + budget;
+        let calls: Vec<_> = (0..count)
+            .map(|_| {
+                let pool = Arc::clone(pool);
+                tokio::spawn(async move { pool.run("Test", deadline, sleeper(each)).await })
+            })
+            .collect();
+        let mut refused = 0;
+        for call in calls {
+            match call.await.unwrap() {
+                Ok(()) => {}
+                Err(HsmError::Busy) => refused += 1,
+                Err(e) => panic!("unexpected {e:?}"),
+            }
+        }
+        refused
+    }
+
+    #[test]
+    fn one_outlier_moves_the_estimate_a_little_and_a_slowdown_a_lot() {
+        assert_eq!(next_estimate(0, 5_000), 5_000);
+        // 8 µs steady, then one 10 ms stall: it counts as 32 µs.
+        assert_eq!(next_estimate(8_000, 10_000_000), 7_000 + 4_000);
+        // A call as fast as the mean keeps it.
+        assert_eq!(next_estimate(8_000, 8_000), 8_000);
+        // An HSM that became 250 times slower is followed within 20 calls.
+        let mut estimate = 20_000;
+        for _ in 0..20 {
+            estimate = next_estimate(estimate, 5_000_000);
+        }
+        assert!(estimate > 2_500_000, "{estimate}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_stalled_call_does_not_shut_the_queue_out() {
+        let pool = pool(1, 64, Duration::from_secs(10));
+        let quick = Duration::from_millis(1);
+        for _ in 0..16 {
+            pool.run(
+                "Test",
+                Instant::now() + Duration::from_secs(1),
+                sleeper(quick),
+            )
+            .await
+            .unwrap();
+        }
+        // One call stalls for longer than a request's whole budget.
+        pool.run(
+            "Test",
+            Instant::now() + Duration::from_secs(5),
+            sleeper(Duration::from_millis(600)),
+        )
+        .await
+        .unwrap();
+        // Twenty 1 ms requests fit easily in 500 ms. Had the stall counted in full
+        // (a mean of 76 ms), everyone with five or more ahead would be refused.
+        let refused = burst(&pool, 20, quick, Duration::from_millis(500)).await;
+        assert_eq!(refused, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn control_calls_do_not_teach_the_estimate() {
+        let pool = pool(1, 64, Duration::from_secs(10));
+        // A first health check that logs in and copies keys: slow, and not what
+        // requests will take.
+        pool.run_control(
+            "HealthCheck",
+            Instant::now() + Duration::from_secs(5),
+            sleeper(Duration::from_millis(600)),
+        )
+        .await
+        .unwrap();
+        assert_eq!(pool.shared.mean_service(), Duration::ZERO);
+        let refused = burst(
+            &pool,
+            20,
+            Duration::from_millis(1),
+            Duration::from_millis(500),
+        )
+        .await;
+        assert_eq!(refused, 0);
+        // Requests do teach it.
+        assert!(pool.shared.mean_service() >= Duration::from_millis(1));
     }
 
     #[tokio::test]

@@ -214,7 +214,7 @@ impl SimulatedBackend {
     ) -> Result<KeyMetadata, HsmError> {
         let key_id = key_id.to_owned();
         self.pool
-            .run("GetKeyMetadata", deadline, move |w| {
+            .run_control("GetKeyMetadata", deadline, move |w| {
                 w.serve(&key_id);
                 w.keys.key_metadata(&key_id)
             })
@@ -231,14 +231,14 @@ impl SimulatedBackend {
         let Some(key_id) = key_id.map(str::to_owned) else {
             return self
                 .pool
-                .run("HealthCheck", deadline, |w| {
+                .run_control("HealthCheck", deadline, |w| {
                     w.serve("");
                     Ok(())
                 })
                 .await;
         };
         self.pool
-            .run("HealthCheck", deadline, move |w| {
+            .run_control("HealthCheck", deadline, move |w| {
                 w.serve(&key_id);
                 health_round_trip(
                     w,
