@@ -281,7 +281,8 @@ pub struct HsmSection {
     #[serde(default)]
     pub read_write_sessions: bool,
     /// Seconds a key's cached attributes are trusted (how fast a key disabled in the
-    /// HSM is noticed).
+    /// HSM is noticed: within this, plus the time of one lookup, which one session does
+    /// while the others go on with the cached entry).
     #[serde(default = "default_key_refresh")]
     pub key_refresh_seconds: u64,
     /// Milliseconds one HSM call may take before its request answers 503

@@ -236,6 +236,43 @@ async fn a_module_that_stays_down_fails_fast_and_health_says_so_until_it_returns
     assert_eq!(monitor.check().await, EkmHealth::Active);
 }
 
+/// A cached key due to be re-read is re-read by one session; the others go on with the
+/// entry they have instead of queueing behind the lookup (on SoftHSM2 a lookup and
+/// copy take a millisecond and more, every `key_refresh`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_session_rereads_a_key_while_the_others_serve() {
+    let _one = setup().1.lock().await;
+    let faults = Arc::new(FaultInjector::new());
+    let mut settings = settings(IvSource::HsmRandom, 2, &faults);
+    settings.key_refresh = Duration::from_millis(500);
+    let backend = Arc::new(Backend::Pkcs11(
+        Pkcs11Backend::connect(&settings, Metrics::new(Duration::from_millis(100))).unwrap(),
+    ));
+    round_trip(&backend).await.unwrap();
+    // Past key_refresh (but within twice it): the next use re-reads the key, slowly.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    faults.set_function_latency(Function::FindObjects, Some(Duration::from_millis(1500)));
+    let rereading = {
+        let backend = Arc::clone(&backend);
+        tokio::spawn(async move { encrypt(&backend, b"first").await })
+    };
+    while faults.delayed() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The other session serves from the entry it has.
+    round_trip(&backend).await.unwrap();
+    assert!(
+        !rereading.is_finished(),
+        "the second request waited for the first one's key lookup"
+    );
+    rereading.await.unwrap().unwrap();
+    faults.clear();
+    // Once re-read, the key is fresh again: no more lookups.
+    let delayed = faults.delayed();
+    round_trip(&backend).await.unwrap();
+    assert_eq!(faults.delayed(), delayed);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_hsm_answers_503_in_the_call_timeout_and_recovers() {
     let _one = setup().1.lock().await;

@@ -46,8 +46,11 @@ struct ArmedError {
 struct State {
     errors: Vec<ArmedError>,
     latency: Option<Duration>,
+    /// Latency added to one function only, on top of `latency`.
+    function_latency: Vec<(Function, Duration)>,
     vendor_iv: Option<VendorIv>,
     injected: u64,
+    delayed: u64,
 }
 
 /// Errors and latency injected into PKCS#11 calls on command. Share it with `Arc`.
@@ -77,6 +80,16 @@ impl FaultInjector {
         self.state.lock().latency = latency;
     }
 
+    /// Adds `latency` before every call to `function` (`None`: none), e.g. a slow
+    /// C_FindObjects on a token with many objects.
+    pub fn set_function_latency(&self, function: Function, latency: Option<Duration>) {
+        let mut state = self.state.lock();
+        state.function_latency.retain(|(f, _)| !same(*f, function));
+        if let Some(latency) = latency {
+            state.function_latency.push((function, latency));
+        }
+    }
+
     /// Makes AES-GCM encryption behave like an HSM that chooses its own IV.
     pub fn set_vendor_iv(&self, vendor_iv: Option<VendorIv>) {
         self.state.lock().vendor_iv = vendor_iv;
@@ -87,11 +100,17 @@ impl FaultInjector {
         let mut state = self.state.lock();
         state.errors.clear();
         state.latency = None;
+        state.function_latency.clear();
     }
 
     /// Errors injected so far.
     pub fn injected(&self) -> u64 {
         self.state.lock().injected
+    }
+
+    /// Calls delayed by an injected latency so far (counted as each delay begins).
+    pub fn delayed(&self) -> u64 {
+        self.state.lock().delayed
     }
 
     pub(crate) fn vendor_iv(&self) -> Option<VendorIv> {
@@ -121,7 +140,20 @@ impl FaultInjector {
             if rv.is_some() {
                 state.injected += 1;
             }
-            (state.latency, rv)
+            let own = state
+                .function_latency
+                .iter()
+                .filter(|(f, _)| same(*f, function))
+                .map(|(_, d)| *d)
+                .sum::<Duration>();
+            let latency = match (state.latency, own) {
+                (None, own) if own.is_zero() => None,
+                (latency, own) => Some(latency.unwrap_or_default() + own),
+            };
+            if latency.is_some() {
+                state.delayed += 1;
+            }
+            (latency, rv)
         };
         if let Some(latency) = latency {
             std::thread::sleep(latency);

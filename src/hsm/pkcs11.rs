@@ -8,7 +8,8 @@
 //!
 //! Key object handles are cached by external key id together with the key's attributes;
 //! an entry is re-read after `key_refresh` (so a key disabled in the HSM is noticed) and
-//! dropped at once when the HSM reports the handle stale.
+//! dropped at once when the HSM reports the handle stale. One session re-reads an entry
+//! that is due while the others go on with it, so the lookup never stalls them all.
 //!
 //! We use dedicated threads and a channel rather than deadpool: deadpool hands pooled
 //! objects to async tasks, which would then need `spawn_blocking` per call to get off
@@ -176,6 +177,14 @@ impl Outage {
             wait.as_millis()
         ))
     }
+}
+
+/// Whether a cached key entry is due to be re-read from the token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Age {
+    Fresh,
+    /// Past `key_refresh`: re-read it, or use it while another session does.
+    Stale,
 }
 
 /// How long a replaced session copy of a key lives on: longer than any call using it
@@ -1080,15 +1089,27 @@ impl Worker {
 
     /// The key's handle and attributes, from the cache when fresh.
     fn key(&mut self, key_id: &str) -> Result<CachedKey, HsmError> {
-        if let Some(key) = self.cached(key_id) {
-            return Ok(key);
-        }
+        let stale = match self.cached_entry(key_id) {
+            Some((key, Age::Fresh)) => return Ok(key),
+            Some((key, Age::Stale)) => Some(key),
+            None => None,
+        };
         // One lookup at a time per token: the sessions that missed together wait for
         // the first one's result instead of each copying the key. (SoftHSM2 also lets a
         // search for token objects see a copy being made, whose CKA_TOKEN is still the
         // original's, as a second key with the label.)
         let shared = Arc::clone(&self.shared);
-        let _lookup = shared.lookup.lock();
+        let _lookup = match stale {
+            // While one session re-reads a key that is due for it (a millisecond and
+            // more on SoftHSM2), the others go on with the entry they have instead of
+            // queueing behind the lookup. The replaced copy outlives them
+            // (RETIRE_GRACE).
+            Some(key) => match shared.lookup.try_lock() {
+                Some(guard) => guard,
+                None => return Ok(key),
+            },
+            None => shared.lookup.lock(),
+        };
         if let Some(key) = self.cached(key_id) {
             return Ok(key);
         }
@@ -1107,15 +1128,28 @@ impl Worker {
     }
 
     fn cached(&self, key_id: &str) -> Option<CachedKey> {
-        self.shared
-            .keys
-            .read()
+        match self.cached_entry(key_id) {
+            Some((key, Age::Fresh)) => Some(key),
+            _ => None,
+        }
+    }
+
+    /// The cached entry of the module's current generation, and whether it is due to be
+    /// re-read. An entry more than twice `key_refresh` old is not used at all.
+    fn cached_entry(&self, key_id: &str) -> Option<(CachedKey, Age)> {
+        let keys = self.shared.keys.read();
+        let key = keys
             .get(key_id)
-            .filter(|key| {
-                key.read_at.elapsed() < self.shared.key_refresh
-                    && key.generation == self.shared.module.generation()
-            })
-            .cloned()
+            .filter(|key| key.generation == self.shared.module.generation())?;
+        let age = key.read_at.elapsed();
+        let refresh = self.shared.key_refresh;
+        if age < refresh {
+            Some((key.clone(), Age::Fresh))
+        } else if age < refresh.saturating_mul(2) {
+            Some((key.clone(), Age::Stale))
+        } else {
+            None
+        }
     }
 
     fn find_key(&mut self, key_id: &str) -> Result<CachedKey, HsmError> {
