@@ -6,8 +6,9 @@
 # proxy overhead = end-to-end minus raw HSM. Then wrk replays one pre-signed Encrypt
 # (`xks-loadtest presign`) at 64 connections: the setting of the issue's reference
 # numbers (the AWS sample proxy and a bare hyper+rustls server, both driven by wrk),
-# with a generator that spends far less of the two cores than xks-loadtest does,
-# and wrk against /livez for the ceiling of the same TLS and HTTP stack.
+# with a generator that spends far less of the two cores than xks-loadtest does.
+# For the ceiling, wrk also drives the proxy's /livez and such a bare server
+# (examples/bare.rs), so both references are measured at the same moment.
 #
 # Usage: perf/run.sh [SECONDS_PER_RUN]   (default 10)
 # Writes perf/runs/<UTC time>/ (JSON reports, HTML charts, the console output, the
@@ -30,6 +31,7 @@ trap cleanup EXIT
 
 ./scripts/setup.sh wrk
 cargo build --release -p xks-proxy -p xks-loadtest
+cargo build --release --example bare
 PROXY=target/release/xks-proxy
 LOAD=target/release/xks-loadtest
 
@@ -130,6 +132,14 @@ for c in 1 64; do
 done
 run software-open-1800 run "${COMMON[@]}" --rate 1800 --connections 64 --warmup 2 --duration "$SECONDS_PER_RUN"
 wrk_run software-wrk-64 64
+stop_proxy
+
+# The other reference: hyper 1 + rustls answering a fixed JSON and nothing else
+# (no routing, metrics, timers or logging), on the same port and certificate.
+target/release/examples/bare "$WORK/q/server.pem" "$WORK/q/server-key.pem" 127.0.0.1:18443 2>/dev/null &
+PROXY_PID=$!
+sleep 1
+wrk_run ceiling-bare-wrk-64 64 /
 stop_proxy
 
 run softhsm-raw hsm --config "$WORK/q/config.toml" --sessions 1,2,4 --duration "$SECONDS_PER_RUN"
