@@ -233,12 +233,37 @@ fn check_signed_headers(signed_headers: &str) -> Result<(), AuthError> {
 }
 
 /// Parses `YYYYMMDD'T'HHMMSS'Z'`.
+/// Parses `YYYYMMDDTHHMMSSZ` (SigV4's ISO 8601 basic format, UTC).
+///
+/// By hand rather than with `time`'s format-description parser, which walked a generic
+/// item list and was 1.7 % of the proxy's CPU; a test checks that both agree.
 fn parse_amz_date(value: &str) -> Result<SystemTime, AuthError> {
-    const FORMAT: &[time::format_description::FormatItem<'static>] =
-        time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
-    let parsed =
-        time::PrimitiveDateTime::parse(value, FORMAT).map_err(|_| AuthError::MalformedDate)?;
-    Ok(parsed.assume_utc().into())
+    let b = value.as_bytes();
+    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' {
+        return Err(AuthError::MalformedDate);
+    }
+    let number = |range: std::ops::Range<usize>| -> Result<u32, AuthError> {
+        b[range].iter().try_fold(0u32, |n, &d| {
+            if d.is_ascii_digit() {
+                Ok(n * 10 + u32::from(d - b'0'))
+            } else {
+                Err(AuthError::MalformedDate)
+            }
+        })
+    };
+    let (year, month, day) = (number(0..4)?, number(4..6)?, number(6..8)?);
+    let (hour, minute, second) = (number(9..11)?, number(11..13)?, number(13..15)?);
+    let month = u8::try_from(month)
+        .ok()
+        .and_then(|m| time::Month::try_from(m).ok())
+        .ok_or(AuthError::MalformedDate)?;
+    // Every value fits its type after the digit counts above; the calendar and clock
+    // checks (day of month, leap years, 24 hours) are `time`'s.
+    let date = time::Date::from_calendar_date(year as i32, month, day as u8)
+        .map_err(|_| AuthError::MalformedDate)?;
+    let time = time::Time::from_hms(hour as u8, minute as u8, second as u8)
+        .map_err(|_| AuthError::MalformedDate)?;
+    Ok(time::PrimitiveDateTime::new(date, time).assume_utc().into())
 }
 
 /// Bytes SigV4 leaves unencoded (RFC 3986 unreserved).
@@ -821,6 +846,60 @@ mod tests {
                 v.verify(&p, t0() - Duration::from_secs(offset)),
                 Err(AuthError::RequestTimeSkewed)
             );
+        }
+    }
+
+    /// The hand-written date parser agrees with `time`'s format-description parser.
+    fn reference_amz_date(value: &str) -> Option<SystemTime> {
+        const FORMAT: &[time::format_description::FormatItem<'static>] =
+            time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
+        time::PrimitiveDateTime::parse(value, FORMAT)
+            .ok()
+            .map(|t| t.assume_utc().into())
+    }
+
+    #[test]
+    fn amz_dates_parse_like_the_reference() {
+        for value in [
+            "20231114T221320Z",
+            "20240229T000000Z",
+            "20230229T000000Z",
+            "20231131T120000Z",
+            "20231301T120000Z",
+            "20230001T120000Z",
+            "20231100T120000Z",
+            "20231114T240000Z",
+            "20231114T236000Z",
+            "20231114T235960Z",
+            "20231114T221320z",
+            "20231114t221320Z",
+            "2023111T4221320Z",
+            "+2023114T221320Z",
+            "20231114T22132OZ",
+            "20231114T2213200Z",
+            "2023-11-14T22:13:20Z",
+            "",
+        ] {
+            assert_eq!(
+                parse_amz_date(value).ok(),
+                reference_amz_date(value),
+                "{value:?}"
+            );
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_amz_date_parses_like_the_reference(value in "[0-9+ -]{8}[Tt]?[0-9]{0,7}Z?") {
+            prop_assert_eq!(parse_amz_date(&value).ok(), reference_amz_date(&value));
+        }
+
+        #[test]
+        fn valid_amz_dates_parse_like_the_reference(
+            y in 0u32..10000, mo in 0u32..14, d in 0u32..33, h in 0u32..26, mi in 0u32..61, s in 0u32..62,
+        ) {
+            let value = format!("{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}Z");
+            prop_assert_eq!(parse_amz_date(&value).ok(), reference_amz_date(&value));
         }
     }
 
