@@ -26,6 +26,7 @@ use std::time::{Duration, SystemTime};
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use http::{HeaderMap, Method, StatusCode};
 use xks_proxy::auth::{Credential, RequestParts, Verifier};
+use xks_proxy::logging::{text_subscriber, LogWriter};
 use xks_proxy::router::Router;
 use xks_proxy::xks::aad::hsm_aad;
 use xks_proxy::xks::ApiOperation;
@@ -40,10 +41,14 @@ use common::{
 const WARMUP: u64 = 200;
 
 /// The scenarios and what one iteration is.
-const SCENARIOS: [(&str, &str); 11] = [
+const SCENARIOS: [(&str, &str); 12] = [
     (
         "service-encrypt",
-        "one Encrypt (with CDIV) through the HTTP service: hyper HTTP/1.1 client and server in memory, routing, SigV4, handler, metrics, log line",
+        "one Encrypt (with CDIV) through the HTTP service: hyper HTTP/1.1 client and server in memory, routing, SigV4, handler, metrics, log call (no subscriber)",
+    ),
+    (
+        "service-encrypt-logged",
+        "service-encrypt with the proxy's log subscriber installed: the audit line formatted and handed to the log writer",
     ),
     (
         "service-decrypt",
@@ -102,12 +107,24 @@ fn parts<'a>(path: &'a str, headers: &'a HeaderMap, body: &'a [u8]) -> RequestPa
     }
 }
 
+/// Installs the subscriber `xks-proxy serve` logs through (text, INFO, no colour),
+/// writing to a sink from the log writer's own thread as the proxy writes to stderr.
+fn install_log_subscriber() {
+    let writer = LogWriter::start(std::io::sink()).expect("log writer thread");
+    let filter = tracing_subscriber::EnvFilter::new("info");
+    tracing::subscriber::set_global_default(text_subscriber(filter, writer))
+        .expect("no other subscriber is installed");
+}
+
 /// Builds a scenario's fixture and returns its step.
 fn scenario(name: &str) -> Option<Step> {
     let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600);
     let encrypt_path = api_path(ApiOperation::Encrypt);
     let step: Step = match name {
-        "service-encrypt" | "service-decrypt" | "service-control" => {
+        "service-encrypt" | "service-encrypt-logged" | "service-decrypt" | "service-control" => {
+            if name == "service-encrypt-logged" {
+                install_log_subscriber();
+            }
             let server = if name == "service-control" {
                 Server::Control
             } else {

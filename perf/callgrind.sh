@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 N=${N:-10000}
-ALL="service-encrypt service-decrypt service-control handler-encrypt handler-decrypt
+ALL="service-encrypt service-encrypt-logged service-decrypt service-control handler-encrypt handler-decrypt
 sigv4-cached sigv4-uncached route-hit route-404 route-405 aes-gcm-seal"
 if [ $# -gt 0 ]; then scenarios="$*"; else scenarios=$ALL; fi
 

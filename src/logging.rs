@@ -224,6 +224,23 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
     }
 }
 
+/// The subscriber `xks-proxy serve` logs through in its default format when stderr is
+/// not a terminal: the text format without colour, written by [`TextFormat`] into
+/// `writer`. The instruction-count bench installs the same one, so the audit line's
+/// cost is counted as the proxy pays it.
+pub fn text_subscriber(
+    filter: tracing_subscriber::EnvFilter,
+    writer: LogWriter,
+) -> impl tracing::Subscriber + Send + Sync {
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(writer)
+        .fmt_fields(TextFields)
+        .event_format(TextFormat)
+        .finish()
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -189,15 +189,15 @@ fn init_logging(format: LogFormat) -> Option<LogWriter> {
     // No colour codes unless a person is watching: escape sequences cost formatting
     // time on every audit line and clutter log files.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi);
     let writer = match LogWriter::start(std::io::stderr()) {
         Ok(writer) => writer,
         Err(e) => {
             // Unlikely (no thread could start); log the old way, one write per line.
             eprintln!("warning: logging without a writer thread: {e}");
-            let builder = builder.with_writer(std::io::stderr);
+            let builder = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_ansi(ansi)
+                .with_writer(std::io::stderr);
             match format {
                 LogFormat::Text => builder.init(),
                 LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -205,16 +205,25 @@ fn init_logging(format: LogFormat) -> Option<LogWriter> {
             return None;
         }
     };
-    let builder = builder.with_writer(writer.clone());
     match format {
         // The same lines as the default text format, written without most of its
         // `core::fmt` work (xks_proxy::logging::TextFormat).
-        LogFormat::Text if !ansi => builder
-            .fmt_fields(xks_proxy::logging::TextFields)
-            .event_format(xks_proxy::logging::TextFormat)
+        LogFormat::Text if !ansi => {
+            let subscriber = xks_proxy::logging::text_subscriber(filter, writer.clone());
+            tracing_subscriber::util::SubscriberInitExt::init(subscriber);
+        }
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(true)
+            .with_writer(writer.clone())
             .init(),
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(ansi)
+            .with_writer(writer.clone())
+            .json()
+            .flatten_event(true)
+            .init(),
     }
     let on_panic = writer.clone();
     let report = std::panic::take_hook();

@@ -164,14 +164,14 @@ impl FieldVisitor<'_> {
         if self.first {
             self.first = false;
         } else {
-            self.result = self.writer.write_char(' ');
+            self.result = self.writer.write_str(" ");
         }
         if name != "message" {
             let name = name.strip_prefix("r#").unwrap_or(name);
             self.result = self
                 .result
                 .and_then(|()| self.writer.write_str(name))
-                .and_then(|()| self.writer.write_char('='));
+                .and_then(|()| self.writer.write_str("="));
         }
         self.result.is_ok()
     }
@@ -213,9 +213,9 @@ impl Visit for FieldVisitor<'_> {
         {
             // `Debug` of a string that needs no escaping: the string between quotes.
             self.writer
-                .write_char('"')
+                .write_str("\"")
                 .and_then(|()| self.writer.write_str(value))
-                .and_then(|()| self.writer.write_char('"'))
+                .and_then(|()| self.writer.write_str("\""))
         } else {
             write!(self.writer, "{value:?}")
         };
@@ -361,7 +361,9 @@ mod tests {
 
     /// Every kind of event and field the proxy logs, and the awkward ones.
     fn events() {
+        let long = "arn:aws:iam::123456789012:role/".repeat(12);
         tracing::info!(
+            long = long.as_str(),
             key_store = %"bench",
             operation = "Encrypt",
             key_id = "foo",
