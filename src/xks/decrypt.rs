@@ -19,17 +19,17 @@ use crate::hsm::{version_label, Backend, HsmError, Sealed, TAG_LEN};
 struct DecryptRequest<'a> {
     #[serde(borrow)]
     request_metadata: Option<RequestMetadata<'a>>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "super::request::borrowed")]
     ciphertext: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "super::request::borrowed")]
     ciphertext_metadata: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "super::request::borrowed")]
     encryption_algorithm: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "super::request::borrowed")]
     additional_authenticated_data: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "super::request::borrowed")]
     initialization_vector: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "super::request::borrowed")]
     authentication_tag: Option<Cow<'a, str>>,
 }
 

@@ -20,13 +20,13 @@ use crate::hsm::{version_label, Backend, HsmError};
 struct EncryptRequest<'a> {
     #[serde(borrow)]
     request_metadata: Option<RequestMetadata<'a>>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "super::request::borrowed")]
     plaintext: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "super::request::borrowed")]
     encryption_algorithm: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "super::request::borrowed")]
     additional_authenticated_data: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "super::request::borrowed")]
     ciphertext_data_integrity_value_algorithm: Option<Cow<'a, str>>,
 }
 

@@ -18,25 +18,25 @@ use super::error::XksError;
 #[serde(rename_all = "camelCase")]
 pub struct RequestMetadata<'a> {
     /// The AWS principal that called KMS.
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub aws_principal_arn: Option<Cow<'a, str>>,
     /// The KMS key.
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub kms_key_arn: Option<Cow<'a, str>>,
     /// The KMS API that caused this call.
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub kms_operation: Option<Cow<'a, str>>,
     /// CloudTrail request id; opaque (spec: MUST NOT validate its structure).
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub kms_request_id: Option<Cow<'a, str>>,
     /// The AWS service that called KMS on the customer's behalf.
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub kms_via_service: Option<Cow<'a, str>>,
     /// The VPC of a VPC-endpoint request.
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub aws_source_vpc: Option<Cow<'a, str>>,
     /// The VPC endpoint of a VPC-endpoint request.
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub aws_source_vpce: Option<Cow<'a, str>>,
 }
 
@@ -104,6 +104,19 @@ pub struct Audit {
     pub kms_via_service: Option<String>,
     /// The secondary authorization's decision and the policies that made it.
     pub authorization: Option<String>,
+}
+
+/// Deserializes an optional string field, borrowing it from the body when it has no
+/// escapes. serde borrows a `Cow<str>` only when the field's type is `Cow` itself: in
+/// an `Option`, even with `#[serde(borrow)]`, every value was copied into a `String`
+/// of its own (nine allocations per Encrypt).
+pub(crate) fn borrowed<'de: 'a, 'a, D>(deserializer: D) -> Result<Option<Cow<'a, str>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    struct Borrowed<'a>(#[serde(borrow)] Cow<'a, str>);
+    Ok(Option::<Borrowed<'a>>::deserialize(deserializer)?.map(|b| b.0))
 }
 
 /// Parses a JSON body without echoing any of its content in the error (a serde message
@@ -199,5 +212,27 @@ mod tests {
         assert_eq!(error.name(), ErrorName::Validation);
         assert_eq!(error.message(), "request body is not UTF-8 (byte 35)");
         assert!(parse_json::<Known>(br#"{"plaintext": "AA==", "unknown": "\u00e9"}"#).is_ok());
+    }
+
+    #[test]
+    fn optional_strings_are_borrowed_unless_escaped() {
+        let body = br#"{"requestMetadata": {"kmsRequestId": "id-1", "kmsOperation": "Enc\u0072ypt",
+            "awsPrincipalArn": null}}"#;
+        let parsed: MetadataOnly<'_> = parse_json(body).expect("valid");
+        let metadata = parsed.request_metadata.expect("present");
+        assert!(matches!(
+            metadata.kms_request_id,
+            Some(Cow::Borrowed("id-1"))
+        ));
+        // An escape has to be decoded into a string of its own.
+        assert!(matches!(metadata.kms_operation.as_deref(), Some("Encrypt")));
+        assert!(matches!(metadata.kms_operation, Some(Cow::Owned(_))));
+        // Null and missing are both absent, as with a plain `Option`.
+        assert!(metadata.aws_principal_arn.is_none());
+        assert!(metadata.kms_key_arn.is_none());
+        // A value of the wrong type is still refused.
+        let error = parse_json::<MetadataOnly<'_>>(br#"{"requestMetadata": {"kmsRequestId": 7}}"#)
+            .expect_err("a number is not a string");
+        assert_eq!(error.name(), ErrorName::Validation);
     }
 }
