@@ -52,7 +52,7 @@ count() {
 echo "# xks-proxy instructions per iteration (callgrind Ir), N=$N"
 echo "# commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD 2>/dev/null || echo ' (working tree dirty)')," \
     "$(rustc --version), $(valgrind --version), $(uname -m)"
-printf '%-16s %14s %14s %16s\n' scenario "Ir/iteration" "check" "setup+warm-up"
+printf '%-22s %14s %14s %16s\n' scenario "Ir/iteration" "check" "setup+warm-up"
 measured=(--collect-atstart=no "--toggle-collect=instructions::measured*")
 declare -A per
 for scenario in $scenarios; do
@@ -60,14 +60,14 @@ for scenario in $scenarios; do
     i1=$(count "$scenario" "$N" "${measured[@]}")
     i2=$(count "$scenario" $((2 * N)) "${measured[@]}")
     per[$scenario]=$(((i2 - i1) / N))
-    printf '%-16s %14d %14d %16d\n' "$scenario" "${per[$scenario]}" $((i1 / N)) "$i0"
+    printf '%-22s %14d %14d %16d\n' "$scenario" "${per[$scenario]}" $((i1 / N)) "$i0"
 done
 
 # xks-proxy's own share of a request over HTTP, without hyper's HTTP/1.1 framing
 # (client and server) that the control measures.
 for operation in encrypt decrypt; do
     if [ -n "${per[service-$operation]:-}" ] && [ -n "${per[service-control]:-}" ]; then
-        printf '%-16s %14d   (service-%s minus service-control)\n' "proxy-$operation" \
+        printf '%-22s %14d   (service-%s minus service-control)\n' "proxy-$operation" \
             $((per[service-$operation] - per[service-control])) "$operation"
     fi
 done
