@@ -242,7 +242,12 @@ impl HandlerFixture {
     }
 
     /// Handles one request (no secondary authorization), deadline one second away.
-    pub(crate) fn handle(&self, operation: ApiOperation, key_id: &str, body: &[u8]) -> Outcome {
+    pub(crate) fn handle<'a>(
+        &self,
+        operation: ApiOperation,
+        key_id: &str,
+        body: &'a [u8],
+    ) -> Outcome<'a> {
         let deadline = Instant::now() + Duration::from_secs(1);
         self.runtime.block_on(
             self.handler

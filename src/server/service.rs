@@ -122,7 +122,16 @@ async fn serve(app: Arc<App>, request: Request<Incoming>) -> Response<Full<Bytes
         }
     };
     let store = &live.key_stores[route.key_store];
-    let (result, audit) = authenticated(&app, &live, store, &route, request, deadline).await;
+    let (parts, body) = request.into_parts();
+    // Read here, so that the body outlives the log line, which borrows from it.
+    let read;
+    let (result, audit) = match read_body(body, &parts.headers, app.max_body_bytes).await {
+        Ok(body) => {
+            read = body;
+            authenticated(&app, &live, store, &route, &parts, &read, deadline).await
+        }
+        Err(error) => (Err(error), Audit::default()),
+    };
     let response = match &result {
         Ok(body) => json(StatusCode::OK, body.clone()),
         Err(error) => error_response(error),
@@ -154,26 +163,22 @@ fn count(metrics: &Metrics, operation: &'static str, outcome: &'static str, late
     metrics.latencies.record_total(operation, outcome, latency);
 }
 
-async fn authenticated(
+async fn authenticated<'a>(
     app: &App,
     live: &Live,
     store: &KeyStore,
     route: &RouteMatch<'_>,
-    request: Request<Incoming>,
+    parts: &http::request::Parts,
+    body: &'a Bytes,
     deadline: Instant,
-) -> (Result<Vec<u8>, XksError>, Audit) {
-    let (parts, body) = request.into_parts();
-    let body = match read_body(body, &parts.headers, app.max_body_bytes).await {
-        Ok(body) => body,
-        Err(error) => return (Err(error), Audit::default()),
-    };
+) -> (Result<Vec<u8>, XksError>, Audit<'a>) {
     let request_parts = RequestParts {
         method: parts.method.as_str(),
         path: parts.uri.path(),
         query: parts.uri.query(),
         authority: parts.uri.authority().map(|a| a.as_str()),
         headers: &parts.headers,
-        body: &body,
+        body,
     };
     let auth_started = Instant::now();
     let verified = store.verifier.verify(&request_parts, SystemTime::now());
@@ -204,7 +209,7 @@ async fn authenticated(
             route.operation,
             &store.keys,
             route.key_id,
-            &body,
+            body,
             deadline,
             authz,
         )
@@ -306,7 +311,7 @@ pub fn error_response(error: &XksError) -> Response<Full<Bytes>> {
 fn log_request(
     store: &KeyStore,
     route: &RouteMatch<'_>,
-    audit: &Audit,
+    audit: &Audit<'_>,
     result: &Result<Vec<u8>, XksError>,
     latency: Duration,
 ) {

@@ -39,11 +39,11 @@ struct DecryptResponse {
 }
 
 /// Handles a Decrypt request body for `key`.
-pub(crate) async fn decrypt(
+pub(crate) async fn decrypt<'a>(
     backend: &Backend,
     key: KeyRef<'_>,
-    body: &[u8],
-    audit: &mut Audit,
+    body: &'a [u8],
+    audit: &mut Audit<'a>,
     deadline: Instant,
 ) -> Result<Vec<u8>, XksError> {
     let request: DecryptRequest<'_> = parse_json(body)?;

@@ -43,11 +43,11 @@ struct EncryptResponse {
 }
 
 /// Handles an Encrypt request body for `key`.
-pub(crate) async fn encrypt(
+pub(crate) async fn encrypt<'a>(
     backend: &Backend,
     key: KeyRef<'_>,
-    body: &[u8],
-    audit: &mut Audit,
+    body: &'a [u8],
+    audit: &mut Audit<'a>,
     deadline: Instant,
 ) -> Result<Vec<u8>, XksError> {
     let request: EncryptRequest<'_> = parse_json(body)?;
@@ -84,14 +84,15 @@ pub(crate) async fn encrypt(
     let metadata_bytes: &[u8] = &metadata;
     let hsm_aad = hsm_aad(&aad, metadata_bytes)?;
 
-    // Keep a copy of the plaintext only when the CDIV self-check will need it.
-    let expected = want_cdiv.then(|| plaintext.clone());
+    // Keep copies of the plaintext and the HSM AAD only when the CDIV self-check will
+    // need them.
+    let self_check = want_cdiv.then(|| (plaintext.clone(), hsm_aad.clone()));
     let sealed = backend
-        .encrypt(key_id, plaintext, hsm_aad.clone(), deadline)
+        .encrypt(key_id, plaintext, hsm_aad, deadline)
         .await?;
 
     let integrity_value =
-        if let Some(expected) = expected {
+        if let Some((expected, hsm_aad)) = self_check {
             // spec Appendix C: compute the CDIV first, then prove the output decrypts, so a
             // corruption after this point cannot be covered by a matching CDIV.
             let value = cdiv(

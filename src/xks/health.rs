@@ -35,11 +35,11 @@ struct EkmDetails<'a> {
 }
 
 /// Handles a GetHealthStatus request body.
-pub(crate) fn get_health_status(
+pub(crate) fn get_health_status<'a>(
     monitor: &HealthMonitor,
     info: &HealthInfo,
-    body: &[u8],
-    audit: &mut Audit,
+    body: &'a [u8],
+    audit: &mut Audit<'a>,
 ) -> Result<Vec<u8>, XksError> {
     let request: MetadataOnly<'_> = parse_json(body)?;
     let metadata = request

@@ -18,11 +18,11 @@ struct KeyMetadataResponse<'a> {
 }
 
 /// Handles a GetKeyMetadata request body for `key`.
-pub(crate) async fn get_key_metadata(
+pub(crate) async fn get_key_metadata<'a>(
     backend: &Backend,
     key: KeyRef<'_>,
-    body: &[u8],
-    audit: &mut Audit,
+    body: &'a [u8],
+    audit: &mut Audit<'a>,
     deadline: Instant,
 ) -> Result<Vec<u8>, XksError> {
     let request: MetadataOnly<'_> = parse_json(body)?;

@@ -10,6 +10,7 @@ mod health;
 mod metadata;
 pub mod request;
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
@@ -102,11 +103,11 @@ impl KeySet {
 
 /// The answer to one request: the response body or error, and what to log about it.
 #[derive(Debug)]
-pub struct Outcome {
+pub struct Outcome<'a> {
     /// A JSON body for 200, or the error.
     pub result: Result<Vec<u8>, XksError>,
-    /// Request facts for the log line.
-    pub audit: Audit,
+    /// Request facts for the log line, borrowed from the request body.
+    pub audit: Audit<'a>,
 }
 
 /// Executes XKS operations against a backend.
@@ -140,15 +141,15 @@ impl Handler {
     /// Handles one authenticated request, which must be answered by `deadline`.
     /// `key_id` is empty for GetHealthStatus. With `authz` (the policies and the key
     /// store's name), every operation but GetHealthStatus must be permitted first.
-    pub async fn handle(
+    pub async fn handle<'a>(
         &self,
         operation: ApiOperation,
         keys: &KeySet,
         key_id: &str,
-        body: &[u8],
+        body: &'a [u8],
         deadline: Instant,
         authz: Option<(&Authorizer, &str)>,
-    ) -> Outcome {
+    ) -> Outcome<'a> {
         let mut audit = Audit::default();
         if let (Some((authorizer, key_store)), false) =
             (authz, operation == ApiOperation::GetHealthStatus)
@@ -194,7 +195,7 @@ fn authorize(
     operation: ApiOperation,
     key_id: &str,
     body: &[u8],
-) -> Option<Outcome> {
+) -> Option<Outcome<'static>> {
     #[derive(serde::Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Envelope {
@@ -232,7 +233,7 @@ fn authorize(
     if decision.allowed {
         return None;
     }
-    let own = |name: &str| text(name).map(str::to_owned);
+    let own = |name: &str| text(name).map(|v| Cow::Owned(v.to_owned()));
     Some(Outcome {
         result: Err(XksError::new(
             ErrorName::AccessDenied,

@@ -47,7 +47,7 @@ pub(crate) struct Required {
     pub(crate) key_arn: bool,
 }
 
-impl RequestMetadata<'_> {
+impl<'a> RequestMetadata<'a> {
     /// Checks the fields the operation requires are present (spec: "This field is
     /// REQUIRED"); their content is not validated.
     pub(crate) fn require(&self, required: Required) -> Result<(), XksError> {
@@ -74,34 +74,35 @@ impl RequestMetadata<'_> {
         Ok(())
     }
 
-    /// The facts about this request that go into the log line.
-    pub fn audit(&self) -> Audit {
-        let own = |v: &Option<Cow<'_, str>>| v.as_deref().map(str::to_owned);
+    /// The facts about this request that go into the log line, borrowed from the
+    /// request body like the metadata itself.
+    pub fn audit(&self) -> Audit<'a> {
         Audit {
-            kms_request_id: own(&self.kms_request_id),
-            kms_operation: own(&self.kms_operation),
-            aws_principal_arn: own(&self.aws_principal_arn),
-            kms_key_arn: own(&self.kms_key_arn),
-            kms_via_service: own(&self.kms_via_service),
+            kms_request_id: self.kms_request_id.clone(),
+            kms_operation: self.kms_operation.clone(),
+            aws_principal_arn: self.aws_principal_arn.clone(),
+            kms_key_arn: self.kms_key_arn.clone(),
+            kms_via_service: self.kms_via_service.clone(),
             authorization: None,
         }
     }
 }
 
 /// Request facts for the per-request log line (spec: Logging — request metadata SHOULD
-/// be logged, kmsRequestId in particular). Never plaintext, AAD or ciphertext.
+/// be logged, kmsRequestId in particular). Never plaintext, AAD or ciphertext. The
+/// metadata is borrowed from the request body, which outlives the log line.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Audit {
+pub struct Audit<'a> {
     /// requestMetadata.kmsRequestId.
-    pub kms_request_id: Option<String>,
+    pub kms_request_id: Option<Cow<'a, str>>,
     /// requestMetadata.kmsOperation.
-    pub kms_operation: Option<String>,
+    pub kms_operation: Option<Cow<'a, str>>,
     /// requestMetadata.awsPrincipalArn.
-    pub aws_principal_arn: Option<String>,
+    pub aws_principal_arn: Option<Cow<'a, str>>,
     /// requestMetadata.kmsKeyArn.
-    pub kms_key_arn: Option<String>,
+    pub kms_key_arn: Option<Cow<'a, str>>,
     /// requestMetadata.kmsViaService.
-    pub kms_via_service: Option<String>,
+    pub kms_via_service: Option<Cow<'a, str>>,
     /// The secondary authorization's decision and the policies that made it.
     pub authorization: Option<String>,
 }
