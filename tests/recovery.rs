@@ -10,6 +10,7 @@
 
 mod common;
 
+use std::collections::HashSet;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,7 @@ use cryptoki::context::{Function, Pkcs11};
 use cryptoki::error::RvError;
 use xks_proxy::health::HealthMonitor;
 use xks_proxy::hsm::faults::{FaultInjector, VendorIv};
-use xks_proxy::hsm::pkcs11::{IvSource, Pkcs11Backend, Pkcs11Settings, TokenSelector};
+use xks_proxy::hsm::pkcs11::{IvSource, Pkcs11Backend, Pkcs11Settings, TokenSelector, IV_BATCH};
 use xks_proxy::hsm::{Backend, EkmHealth, HsmError, Sealed};
 use xks_proxy::metrics::Metrics;
 
@@ -382,5 +383,58 @@ async fn every_iv_convention_yields_iv_ciphertext_and_tag_apart() {
         let (backend, faults) = connect(iv_source);
         faults.set_vendor_iv(Some(vendor));
         assert!(encrypt(&backend, b"x").await.is_err(), "{iv_source:?}");
+    }
+}
+
+/// With `hsm_random`, a session draws IV_BATCH IVs per C_GenerateRandom. Proven by
+/// failing that call: once a batch is drawn, the next IV_BATCH - 1 encryptions do not
+/// reach it; the one after does, gets a fast error, and the next refill serves again.
+/// Every IV is distinct, across batches and across sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hsm_random_ivs_come_in_batches_each_used_once() {
+    let _one = setup().1.lock().await;
+    let (backend, faults) = connect_sessions(IvSource::HsmRandom, 1);
+    let mut seen = HashSet::new();
+    // Draws a batch and takes its first IV.
+    seen.insert(round_trip(&backend).await.unwrap().iv);
+
+    faults.fail(RvError::RandomNoRng, Some(Function::GenerateRandom), None);
+    for _ in 1..IV_BATCH {
+        let sealed = round_trip(&backend).await.unwrap();
+        assert_eq!(sealed.iv.len(), 12);
+        assert!(seen.insert(sealed.iv), "an IV came out twice");
+    }
+    let started = Instant::now();
+    let refused = encrypt(&backend, b"attack at dawn").await;
+    match refused {
+        Err(HsmError::Pkcs11 { function, .. }) => assert!(function.contains("GenerateRandom")),
+        other => panic!("the refill failed, yet: {other:?}"),
+    }
+    assert!(started.elapsed() < CALL_TIMEOUT);
+    assert!(faults.injected() >= 1);
+
+    faults.clear();
+    for _ in 0..2 * IV_BATCH {
+        assert!(seen.insert(round_trip(&backend).await.unwrap().iv));
+    }
+
+    // Two sessions, each with its own batches, never hand out the same IV either.
+    let (backend, _faults) = connect_sessions(IvSource::HsmRandom, 2);
+    // Eight clients at once (the queue holds 16), 3 * IV_BATCH encryptions in all.
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let backend = Arc::clone(&backend);
+        tasks.spawn(async move {
+            let mut ivs = Vec::new();
+            for _ in 0..3 * IV_BATCH / 8 {
+                ivs.push(encrypt(&backend, b"attack at dawn").await.unwrap().iv);
+            }
+            ivs
+        });
+    }
+    while let Some(ivs) = tasks.join_next().await {
+        for iv in ivs.unwrap() {
+            assert!(seen.insert(iv), "an IV came out twice");
+        }
     }
 }

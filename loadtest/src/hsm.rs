@@ -3,8 +3,8 @@
 //! For each session count N, N OS threads each open their own logged-in session, look
 //! the key up once (a cached handle, as the proxy does), then call C_Encrypt (and
 //! C_Decrypt, per the mix) in a loop with the same GCM parameters and AAD encoding as
-//! the proxy: a 12-byte IV from the HSM's RNG (C_GenerateRandom, like the proxy's
-//! default `iv_source`), 128-bit tags, and the spec's length-prefixed AAD. Latencies
+//! the proxy: a 12-byte IV from the HSM's RNG (C_GenerateRandom, drawn IV_BATCH IVs
+//! at a time like the proxy's default `iv_source`), 128-bit tags, and the spec's length-prefixed AAD. Latencies
 //! go into thread-local histograms merged at the end of the step, and the report has
 //! the same format as `run`'s, so proxy overhead = end-to-end minus raw HSM. With
 //! `--session-copy` each thread works on a session copy of the key, as the proxy does
@@ -26,14 +26,14 @@ use hdrhistogram::Histogram;
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use serde::Serialize;
-use xks_proxy::hsm::pkcs11::{open_token, TokenSelector};
+use xks_proxy::hsm::pkcs11::{open_token, TokenSelector, IV_BATCH};
+use xks_proxy::hsm::IV_LEN;
 use zeroize::Zeroizing;
 
 use crate::report::{new_histogram, new_second_histogram, Measured, Report};
 use crate::workload::{Mix, Op};
 use crate::Error;
 
-const IV_LEN: usize = 12;
 const TAG_BITS: u64 = 128;
 
 /// Flags of `hsm`.
@@ -73,7 +73,8 @@ pub struct HsmArgs {
     /// Request AAD bytes (the HSM gets the spec's encoding of it, 3 bytes longer).
     #[arg(long, default_value_t = 100)]
     pub aad_bytes: usize,
-    /// Where IVs come from: `hsm` (C_GenerateRandom per call, as the proxy) or `host`.
+    /// Where IVs come from: `hsm` (C_GenerateRandom, a batch of 64 IVs per call, as the
+    /// proxy) or `host`.
     #[arg(long, default_value = "hsm", value_parser = ["hsm", "host"])]
     pub iv: String,
     /// Work on a session copy of the key (C_CopyObject with CKA_TOKEN false), as the
@@ -362,6 +363,8 @@ fn session_loop(
         seconds: Vec::new(),
     };
     std::thread::sleep(start.saturating_duration_since(Instant::now()));
+    let mut ivs = vec![0u8; IV_LEN * IV_BATCH];
+    let mut ivs_taken = ivs.len();
     loop {
         let begin = Instant::now();
         if begin >= end {
@@ -382,9 +385,19 @@ fn session_loop(
                 let random = if host_iv {
                     rng.fill(&mut iv[..]);
                     Ok(())
+                } else if ivs_taken < ivs.len() {
+                    Ok(())
                 } else {
-                    session.generate_random_slice(&mut iv)
+                    // The refill's time counts against the encryption that needs it,
+                    // as in the proxy.
+                    session
+                        .generate_random_slice(&mut ivs)
+                        .map(|()| ivs_taken = 0)
                 };
+                if !host_iv && random.is_ok() {
+                    iv.copy_from_slice(&ivs[ivs_taken..ivs_taken + IV_LEN]);
+                    ivs_taken += IV_LEN;
+                }
                 random
                     .and_then(|()| GcmParams::new(&mut iv, aad, TAG_BITS.into()))
                     .and_then(|params| {
