@@ -8,7 +8,9 @@
 # numbers (the AWS sample proxy and a bare hyper+rustls server, both driven by wrk),
 # with a generator that spends far less of the two cores than xks-loadtest does.
 # For the ceiling, wrk also drives the proxy's /livez and such a bare server
-# (examples/bare.rs), so both references are measured at the same moment.
+# (examples/bare.rs), so both references are measured at the same moment. First,
+# `xks-loadtest stalls` measures how long the idle box stalls a sleeping thread by
+# itself, and every xks-loadtest run reports the same during its window.
 #
 # Usage: perf/run.sh [SECONDS_PER_RUN]   (default 10)
 # Writes perf/runs/<UTC time>/ (JSON reports, HTML charts, the console output, the
@@ -93,7 +95,7 @@ run() { # name, then xks-loadtest arguments
   "$LOAD" "$@" --report "$OUT/$name.json" "${chart[@]}" >"$OUT/$name.txt" 2>&1 ||
     echo "(xks-loadtest exited with $?)" >>"$OUT/$name.txt"
   echo "== $name"
-  grep -E "^overall|requests in" "$OUT/$name.txt" || true
+  grep -E "^overall|requests in|^machine stalls" "$OUT/$name.txt" || true
 }
 
 wrk_run() { # name, connections, [path]: the pre-signed Encrypt, or a plain GET of path
@@ -111,6 +113,12 @@ wrk_run() { # name, connections, [path]: the pre-signed Encrypt, or a plain GET 
   echo "== $1"
   grep -E "Requests/sec|^ +99%|Non-2xx|Latency " "$OUT/$1.txt" || true
 }
+
+# The box's own stalls with nothing of ours running: the floor under every tail below.
+echo "xks-loadtest stalls --duration $SECONDS_PER_RUN" >>"$COMMANDS"
+"$LOAD" stalls --duration "$SECONDS_PER_RUN" --report "$OUT/machine-idle.json" >"$OUT/machine-idle.txt"
+echo "== machine-idle"
+cat "$OUT/machine-idle.txt"
 
 start_proxy "$WORK/q/config.toml" softhsm
 for c in 1 8 64; do
@@ -160,7 +168,7 @@ run softhsm-raw-copy hsm --config "$WORK/q/config.toml" --sessions 1,2,4 --sessi
   for f in "$OUT"/*.txt; do
     [ "$(basename "$f")" = commands.txt ] && continue
     echo "== $(basename "$f" .txt)"
-    grep -E "^overall|requests in|^best|sessions:|highest|max rate|Requests/sec|^ +99%|Non-2xx|Latency " "$f" || true
+    grep -E "^overall|requests in|^machine stalls|^best|sessions:|highest|max rate|Requests/sec|^ +99%|Non-2xx|Latency " "$f" || true
   done
   echo '```'
   echo

@@ -309,11 +309,12 @@ pub fn search(args: &SearchArgs) -> Result<ExitCode, Error> {
         step.met_slo = Some(met);
         if !args.load.quiet {
             eprintln!(
-                "{rate:>10.0} req/s offered: {:.0} achieved, p99 {:.3} ms, {:.3}% errors, {} late: {}",
+                "{rate:>10.0} req/s offered: {:.0} achieved, p99 {:.3} ms, {:.3}% errors, {} late, machine stalls up to {:.3} ms: {}",
                 step.achieved_rps,
                 step.latency_ms.p99,
                 step.error_pct,
                 step.late,
+                step.stalls.as_ref().map_or(0.0, |s| s.late_ms.max),
                 if met { "met" } else { "FAILED" }
             );
         }

@@ -36,6 +36,7 @@ use xks_proxy::auth::SignOptions;
 
 use crate::client::{ClientError, Connector, RequestBuilder, Sender};
 use crate::report::{new_histogram, new_second_histogram, Measured, Percentiles, Verification};
+use crate::stalls::{Meter, DEFAULT_INTERVAL};
 use crate::target::Target;
 use crate::workload::{
     decrypt_body, encrypt_body, metadata_only_body, path, BodySettings, DecryptReply, ErrorReply,
@@ -541,6 +542,7 @@ pub async fn run_window(
             .name("pacer".into())
             .spawn(move || pace(t0, rate, end, tickets))?;
     }
+    let meter = Meter::start(DEFAULT_INTERVAL, window.measure_start, window.end)?;
     let (seconds_tx, seconds_rx) = mpsc::unbounded_channel();
     let mut running = tokio::task::JoinSet::new();
     for sender in senders {
@@ -554,6 +556,7 @@ pub async fn run_window(
         recorders.push(done?);
     }
     let seconds = collector.await?;
+    let stalls = meter.finish()?;
 
     // Totals.
     let mut per_op: Vec<(String, Histogram<u64>, u64)> = Op::ALL
@@ -614,6 +617,7 @@ pub async fn run_window(
             // Until the last answer: an open loop that fell behind is still catching up
             // after the window, and its achieved rate must show that.
             seconds: (last_done - window.measure_start).as_secs_f64(),
+            stalls: Some(stalls),
         },
         verification,
     })

@@ -31,6 +31,7 @@ use xks_proxy::hsm::IV_LEN;
 use zeroize::Zeroizing;
 
 use crate::report::{new_histogram, new_second_histogram, Measured, Report};
+use crate::stalls::{Meter, DEFAULT_INTERVAL};
 use crate::workload::{Mix, Op};
 use crate::Error;
 
@@ -255,6 +256,7 @@ fn step(
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let host_iv = args.iv == "host";
+    let meter = Meter::start(DEFAULT_INTERVAL, measure_start, end)?;
     let results: Vec<Result<ThreadRecords, Error>> = std::thread::scope(|scope| {
         let threads: Vec<_> = (0..sessions)
             .map(|_| {
@@ -279,6 +281,7 @@ fn step(
             })
             .collect()
     });
+    let stalls = meter.finish()?;
     let mut per_op = vec![
         (Op::Encrypt.name().to_owned(), new_histogram(), 0),
         (Op::Decrypt.name().to_owned(), new_histogram(), 0),
@@ -320,6 +323,7 @@ fn step(
             .map(|(i, (h, e))| (measure_unix + i as u64, i as u64, h, e))
             .collect(),
         seconds: duration.as_secs_f64(),
+        stalls: Some(stalls),
     })
 }
 

@@ -10,6 +10,7 @@
 //! - [`hsm`]: raw PKCS#11 AES-GCM capacity at 1..N sessions.
 //! - [`presign`]: one pre-signed request as a wrk script.
 //! - [`report`]: the JSON report, tables, `merge`, `compare`; [`chart`]: SVG/HTML.
+//! - [`stalls`]: how long the generator machine itself stalls a sleeping thread.
 
 #![forbid(unsafe_code)]
 
@@ -20,6 +21,7 @@ pub mod engine;
 pub mod hsm;
 pub mod presign;
 pub mod report;
+pub mod stalls;
 pub mod target;
 pub mod workload;
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use xks_loadtest::{chart, commands, hsm, presign, report, Error};
+use xks_loadtest::{chart, commands, hsm, presign, report, stalls, Error};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -26,6 +26,9 @@ enum Command {
     Search(commands::SearchArgs),
     /// Raw PKCS#11 AES-256-GCM capacity of a token at 1..N sessions (no proxy).
     Hsm(hsm::HsmArgs),
+    /// How long this machine stalls a sleeping thread by itself (run it idle, before
+    /// trusting a tail latency measured here).
+    Stalls(stalls::StallsArgs),
     /// Sign one request and write it as a wrk Lua script (valid for five minutes).
     Presign(presign::PresignArgs),
     /// Add reports of several generator machines that ran at the same time.
@@ -60,6 +63,10 @@ fn main() -> ExitCode {
         Command::Run(args) => commands::run(&args),
         Command::Search(args) => commands::search(&args),
         Command::Hsm(args) => run_hsm(&args),
+        Command::Stalls(args) => stalls::run_stalls(&args).map(|s| {
+            println!("{}", s.line());
+            ExitCode::SUCCESS
+        }),
         Command::Presign(args) => presign::presign(&args).map(|()| ExitCode::SUCCESS),
         Command::Merge { reports, output } => merge(&reports, &output),
         Command::Compare { a, b } => compare(&a, &b),

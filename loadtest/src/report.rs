@@ -14,6 +14,7 @@ use hdrhistogram::serialization::{Deserializer, Serializer, V2DeflateSerializer}
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use crate::stalls::Stalls;
 use crate::target::TargetInfo;
 use crate::Error;
 
@@ -174,7 +175,7 @@ impl SecondPoint {
 }
 
 /// The machine the generator ran on.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Machine {
     /// Host name.
     pub hostname: String,
@@ -182,6 +183,10 @@ pub struct Machine {
     pub cores: usize,
     /// Kernel release.
     pub kernel: String,
+    /// How long the machine itself stalled a sleeping thread during the measured
+    /// window (see [`crate::stalls`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalls: Option<Stalls>,
 }
 
 impl Machine {
@@ -208,6 +213,7 @@ impl Machine {
             hostname,
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             kernel,
+            stalls: None,
         }
     }
 }
@@ -313,6 +319,9 @@ pub struct Step {
     /// Whether the step met the SLO (search).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub met_slo: Option<bool>,
+    /// The generator machine's own stalls during the step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalls: Option<Stalls>,
     /// The step's histogram (µs).
     pub histogram: String,
 }
@@ -407,6 +416,8 @@ pub struct Measured {
     pub series: Vec<(u64, u64, Histogram<u64>, u64)>,
     /// Window length, seconds.
     pub seconds: f64,
+    /// The generator machine's own stalls in the window.
+    pub stalls: Option<Stalls>,
 }
 
 impl Measured {
@@ -435,6 +446,7 @@ impl Measured {
             unsent: self.unsent,
             latency_ms: Percentiles::of(&all),
             met_slo: None,
+            stalls: self.stalls.clone(),
             histogram: encode_histogram(&all),
         }
     }
@@ -500,7 +512,10 @@ impl Report {
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default(),
             start_unix_ms: u64::try_from(started.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
-            machines: vec![Machine::this()],
+            machines: vec![Machine {
+                stalls: measured.stalls.clone(),
+                ..Machine::this()
+            }],
             target,
             hsm: None,
             config,
@@ -631,6 +646,15 @@ impl Report {
                 slo.within_p99_target_pct,
                 slo.p99_ms
             );
+        }
+        for machine in &self.machines {
+            if let Some(stalls) = &machine.stalls {
+                let _ = if self.machines.len() > 1 {
+                    writeln!(out, "{}: {}", machine.hostname, stalls.line())
+                } else {
+                    writeln!(out, "{}", stalls.line())
+                };
+            }
         }
         if let Some(v) = &self.verification {
             let _ = writeln!(
@@ -876,6 +900,7 @@ mod tests {
             unsent: 0,
             series: vec![(t0, 0, second, errors)],
             seconds: 1.0,
+            stalls: None,
         }
     }
 

@@ -82,6 +82,10 @@ fn closed_loop_run_counts_every_request_the_proxy_saw() {
         .endpoint
         .starts_with("https://localhost:"));
     assert!(report.machines[0].cores > 0);
+    // The machine's own stalls were measured beside the load, and said.
+    let stalls = report.machines[0].stalls.as_ref().unwrap();
+    assert!(stalls.samples > 0, "{stalls:?}");
+    assert!(out.contains("machine stalls"), "{out}");
 
     // The proxy answered exactly: the pre-flight check of each operation but Decrypt
     // (3), the pool (8), the measured requests (no warm-up) and the sample decrypts.
@@ -176,7 +180,7 @@ fn merge_compare_and_chart() {
             ],
         ));
     }
-    loadtest_ok(&[
+    let merged = loadtest_ok(&[
         "merge",
         &path("a.json"),
         &path("b.json"),
@@ -193,10 +197,14 @@ fn merge_compare_and_chart() {
         a.operations["Encrypt"].count + b.operations["Encrypt"].count
     );
     assert_eq!(m.machines.len(), 2);
+    assert!(m.machines.iter().all(|machine| machine.stalls.is_some()));
     assert_eq!(
         m.series.iter().map(|p| p.count).sum::<u64>(),
         m.summary.requests
     );
+
+    // Each generator machine's stalls stay its own, named by host.
+    assert_eq!(merged.matches(": machine stalls").count(), 2, "{merged}");
 
     let text = loadtest_ok(&["compare", &path("a.json"), &path("b.json")]);
     for expected in ["overall", "req/s", "p99 ms", "B/A"] {
@@ -251,6 +259,10 @@ fn search_reports_the_curve() {
         .collect();
     assert_eq!(offered, [50.0, 100.0]);
     assert!(report.steps.iter().all(|s| s.met_slo == Some(true)));
+    assert!(report
+        .steps
+        .iter()
+        .all(|s| s.stalls.as_ref().is_some_and(|st| st.samples > 0)));
     assert_eq!(report.max_rate_meeting_slo, Some(100.0));
     assert!(report.slo.is_some());
 }
@@ -380,4 +392,33 @@ fn a_presigned_wrk_script_is_accepted_and_can_be_replayed() {
         assert!(answer["ciphertext"].is_string(), "{answer}");
     }
     assert_eq!(proxy.requests_total() - before, 2);
+}
+
+#[test]
+fn stalls_measures_the_idle_machine() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stalls.json");
+    let out = loadtest_ok(&[
+        "stalls",
+        "--duration",
+        "0.3",
+        "--interval-us",
+        "500",
+        "--report",
+        path.to_str().unwrap(),
+    ]);
+    assert!(
+        out.contains("machine stalls (a thread sleeping 500 µs"),
+        "{out}"
+    );
+    let stalls: xks_loadtest::stalls::Stalls =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(stalls.interval_us, 500);
+    // At most one wake-up per interval in 0.3 s.
+    assert!(stalls.samples > 0 && stalls.samples <= 600, "{stalls:?}");
+    assert!(stalls.late_ms.max >= stalls.late_ms.p50);
+
+    let refused = loadtest(&["stalls", "--duration", "0"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--duration must be above 0"));
 }

@@ -40,6 +40,8 @@ fn hsm_baseline_and_run_on_a_quickstart_token() {
     let sessions: Vec<usize> = report.steps.iter().map(|s| s.sessions.unwrap()).collect();
     assert_eq!(sessions, [1, 2]);
     assert!(report.steps.iter().all(|s| s.requests > 0 && s.errors == 0));
+    assert!(report.steps.iter().all(|s| s.stalls.is_some()));
+    assert!(report.machines[0].stalls.is_some());
     assert!(report.operations["Encrypt"].count > 0);
     assert!(report.operations["Decrypt"].count > 0);
     assert_eq!(
