@@ -454,24 +454,29 @@ const SPIN: Duration = Duration::from_micros(80);
 /// thread's sleep is precise anyway, and spinning would take a core from the proxy).
 const SPIN_MAX_RATE: f64 = 2000.0;
 
+/// Blocks the calling thread until `due`: sleeps until just before it and, for a
+/// thread pacing at most [`SPIN_MAX_RATE`] events a second, spins the rest.
+pub fn wait_until(due: Instant, rate: f64) {
+    let now = Instant::now();
+    if due > now + SPIN {
+        std::thread::sleep(due - now - SPIN);
+    }
+    if rate <= SPIN_MAX_RATE {
+        while Instant::now() < due {
+            std::hint::spin_loop();
+        }
+    }
+}
+
 /// Releases request `i` at `t0 + i/rate` until `end`, on its own thread.
 fn pace(t0: Instant, rate: f64, end: Instant, tickets: mpsc::UnboundedSender<Instant>) {
     let interval = 1.0 / rate;
-    let spin = rate <= SPIN_MAX_RATE;
     for i in 0u64.. {
         let due = t0 + Duration::from_secs_f64(i as f64 * interval);
         if due >= end {
             return;
         }
-        let now = Instant::now();
-        if due > now + SPIN {
-            std::thread::sleep(due - now - SPIN);
-        }
-        if spin {
-            while Instant::now() < due {
-                std::hint::spin_loop();
-            }
-        }
+        wait_until(due, rate);
         if tickets.send(due).is_err() {
             return;
         }

@@ -30,6 +30,7 @@ use xks_proxy::hsm::pkcs11::{open_token, TokenSelector, IV_BATCH};
 use xks_proxy::hsm::IV_LEN;
 use zeroize::Zeroizing;
 
+use crate::engine::wait_until;
 use crate::report::{new_histogram, new_second_histogram, Measured, Report};
 use crate::stalls::{Meter, DEFAULT_INTERVAL};
 use crate::workload::{Mix, Op};
@@ -83,6 +84,11 @@ pub struct HsmArgs {
     /// on every use, so without this the baseline measures a cost the proxy avoids.
     #[arg(long)]
     pub session_copy: bool,
+    /// Open loop: this many operations a second in all, spread evenly over the
+    /// sessions, each timed from when it was due (so a call that waits for a busy
+    /// session counts its wait). Without it, every session calls as fast as it can.
+    #[arg(long)]
+    pub rate: Option<f64>,
     /// Write the JSON report here.
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
@@ -161,6 +167,9 @@ pub fn run_hsm(args: &HsmArgs) -> Result<Report, Error> {
     if args.sessions.is_empty() || args.sessions.contains(&0) {
         return Err("--sessions needs counts above 0".into());
     }
+    if args.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+        return Err("--rate must be above 0".into());
+    }
     let token = resolve(args)?;
     let selector = TokenSelector::Label(token.label.clone());
     let (pkcs11, slot, first) = open_token(&token.module, &selector, &token.pin)?;
@@ -183,6 +192,7 @@ pub fn run_hsm(args: &HsmArgs) -> Result<Report, Error> {
         let measured = step(args, &pkcs11, slot, &token.pin, sessions, &aad)?;
         let mut summary = measured.step();
         summary.sessions = Some(sessions);
+        summary.offered_rps = args.rate;
         if !args.quiet {
             eprintln!(
                 "{sessions} sessions: {:.0} ops/s, p50 {:.3} ms, p99 {:.3} ms, {} errors",
@@ -211,6 +221,8 @@ pub fn run_hsm(args: &HsmArgs) -> Result<Report, Error> {
         "aad_bytes": args.aad_bytes,
         "iv": args.iv,
         "session_copy": args.session_copy,
+        "mode": if args.rate.is_some() { "open loop" } else { "closed loop" },
+        "rate_rps": args.rate,
         "histograms_from": "the session count with the highest throughput",
     });
     let mut report = Report::new("hsm", started, None, config, &best, None);
@@ -220,8 +232,11 @@ pub fn run_hsm(args: &HsmArgs) -> Result<Report, Error> {
 }
 
 fn find_key(session: &Session, label: &str) -> Result<ObjectHandle, Error> {
+    // Token objects only: with --session-copy, another thread's copy of the key (a
+    // session object with the same label) is visible to this session too.
     let handles = session.find_objects(&[
         Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::Token(true),
         Attribute::Label(label.as_bytes().to_vec()),
     ])?;
     match handles.as_slice() {
@@ -259,7 +274,13 @@ fn step(
     let meter = Meter::start(DEFAULT_INTERVAL, measure_start, end)?;
     let results: Vec<Result<ThreadRecords, Error>> = std::thread::scope(|scope| {
         let threads: Vec<_> = (0..sessions)
-            .map(|_| {
+            .map(|index| {
+                // Session `index` of N takes operations index, index + N, index + 2N…
+                let pace = args.rate.map(|rate| Pace {
+                    rate,
+                    first: index as u64,
+                    every: sessions as u64,
+                });
                 scope.spawn(move || {
                     session_loop(
                         args,
@@ -268,6 +289,7 @@ fn step(
                         pin,
                         aad,
                         host_iv,
+                        pace,
                         (start, measure_start, end),
                     )
                 })
@@ -327,6 +349,23 @@ fn step(
     })
 }
 
+/// Open loop: operation `i` of all sessions is due at `start + i/rate`; one session
+/// takes `first`, `first + every`, `first + 2·every`…
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    rate: f64,
+    first: u64,
+    every: u64,
+}
+
+impl Pace {
+    /// When this session's `n`-th operation is due.
+    fn due(&self, start: Instant, n: u64) -> Instant {
+        start + Duration::from_secs_f64((self.first + n * self.every) as f64 / self.rate)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn session_loop(
     args: &HsmArgs,
     pkcs11: &Pkcs11,
@@ -334,6 +373,7 @@ fn session_loop(
     pin: &str,
     aad: &[u8],
     host_iv: bool,
+    pace: Option<Pace>,
     (start, measure_start, end): (Instant, Instant, Instant),
 ) -> Result<ThreadRecords, Error> {
     let session = pkcs11.open_ro_session(slot)?;
@@ -369,10 +409,18 @@ fn session_loop(
     std::thread::sleep(start.saturating_duration_since(Instant::now()));
     let mut ivs = vec![0u8; IV_LEN * IV_BATCH];
     let mut ivs_taken = ivs.len();
-    loop {
-        let begin = Instant::now();
+    for n in 0u64.. {
+        // Closed loop: from the call. Open loop: from when the operation was due, so
+        // that a session still busy with the last one counts the wait.
+        let begin = match pace {
+            None => Instant::now(),
+            Some(pace) => pace.due(start, n),
+        };
         if begin >= end {
             break;
+        }
+        if let Some(pace) = pace {
+            wait_until(begin, pace.rate / pace.every as f64);
         }
         let op = args.mix.pick(&mut rng);
         let result: Result<(), CkError> = match op {

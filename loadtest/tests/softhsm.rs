@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{loadtest_ok, Proxy};
+use common::{loadtest, loadtest_ok, Proxy};
 use xks_loadtest::report::Report;
 
 #[test]
@@ -77,6 +77,37 @@ fn hsm_baseline_and_run_on_a_quickstart_token() {
     let copy = Report::read(prepared.dir.join("hsm-copy.json").as_path()).unwrap();
     assert!(copy.steps.iter().all(|s| s.requests > 0 && s.errors == 0));
     assert_eq!(copy.config["session_copy"], true);
+
+    // Open loop at a fixed rate over two sessions, each copying the key (so each sees
+    // the other's copy, a session object with the same label): exactly the operations
+    // due in the measured window run, however long they take.
+    loadtest_ok(&[
+        "hsm",
+        "--quiet",
+        "--config",
+        &path("config.toml"),
+        "--sessions",
+        "1,2",
+        "--session-copy",
+        "--rate",
+        "400",
+        "--duration",
+        "0.5",
+        "--warmup",
+        "0.1",
+        "--report",
+        &path("hsm-rate.json"),
+    ]);
+    let paced = Report::read(prepared.dir.join("hsm-rate.json").as_path()).unwrap();
+    assert_eq!(paced.config["mode"], "open loop");
+    for step in &paced.steps {
+        assert_eq!(step.offered_rps, Some(400.0));
+        assert_eq!(step.errors, 0);
+        // 400/s for 0.5 s: operations 40..240 of the schedule.
+        assert!((199..=201).contains(&step.requests), "{step:?}");
+    }
+    let refused = loadtest(&["hsm", "--config", &path("config.toml"), "--rate", "0"]);
+    assert!(!refused.status.success());
 
     // End to end through the proxy on the same token, with the quickstart's
     // test-client.env (its port is 0 here, so --endpoint overrides it).
