@@ -36,51 +36,14 @@ cargo build --release -p xks-proxy -p xks-loadtest
 cargo build --release --example bare
 PROXY=target/release/xks-proxy
 LOAD=target/release/xks-loadtest
+. perf/lib.sh
 
 # A SoftHSM2 token, keys, credential, certificates and config (the quickstart's).
 "$PROXY" quickstart --setup-only --dir "$WORK/q" --listen 127.0.0.1:18443 >/dev/null
 ENV="$WORK/q/test-client.env"
 
 # The same credential and certificate in front of the software backend.
-cat >"$WORK/software.toml" <<EOF
-[server]
-listen = "127.0.0.1:18443"
-tls_certificate = "$WORK/q/server.pem"
-tls_private_key = "$WORK/q/server-key.pem"
-
-[hsm]
-backend = "software"
-[[hsm.software_key]]
-id = "foo"
-usage = ["ENCRYPT", "DECRYPT"]
-
-[[key_store]]
-name = "bench"
-uri_prefix = "example/uri/path/prefix"
-region = "us-east-1"
-keys = ["foo"]
-[[key_store.credential]]
-access_key_id = "$(cat "$WORK/q/sigv4-access-key-id")"
-secret_access_key_file = "$WORK/q/sigv4-secret"
-EOF
-
-start_proxy() {
-  # The per-request audit lines (hundreds of MB per run) are dropped; start-up,
-  # warnings and the per-interval latency summaries are kept with the reports.
-  "$PROXY" serve --config "$1" 2> >(grep -av --line-buffered ' xks request ' >"$OUT/proxy-$2.log") >/dev/null &
-  PROXY_PID=$!
-  for _ in $(seq 100); do
-    grep -q "serving the XKS API" "$OUT/proxy-$2.log" 2>/dev/null && return
-    sleep 0.1
-  done
-  echo "the proxy did not start; see $OUT/proxy-$2.log" >&2
-  exit 1
-}
-stop_proxy() {
-  kill "$PROXY_PID"
-  wait "$PROXY_PID" || true
-  PROXY_PID=""
-}
+write_software_config "$WORK/q" "$WORK/software.toml"
 
 # Every run: Encrypt, 32-byte plaintext, 100-byte AAD, HTTP/1.1 keep-alive.
 COMMON=(--env "$ENV" --mix encrypt=1 --plaintext-bytes 32 --aad-bytes 100 -q)
@@ -120,7 +83,7 @@ echo "xks-loadtest stalls --duration $SECONDS_PER_RUN" >>"$COMMANDS"
 echo "== machine-idle"
 cat "$OUT/machine-idle.txt"
 
-start_proxy "$WORK/q/config.toml" softhsm
+start_proxy "$WORK/q/config.toml" "$OUT/proxy-softhsm.log"
 for c in 1 8 64; do
   run "softhsm-closed-$c" run "${COMMON[@]}" --connections "$c" --warmup 2 --duration "$SECONDS_PER_RUN"
 done
@@ -134,7 +97,7 @@ wrk_run softhsm-wrk-64 64
 wrk_run ceiling-livez-wrk-64 64 /livez
 stop_proxy
 
-start_proxy "$WORK/software.toml" software
+start_proxy "$WORK/software.toml" "$OUT/proxy-software.log"
 for c in 1 64; do
   run "software-closed-$c" run "${COMMON[@]}" --connections "$c" --warmup 2 --duration "$SECONDS_PER_RUN"
 done

@@ -1,0 +1,52 @@
+# Shared by perf/run.sh and perf/tail.sh (sourced, not run). Needs PROXY (the xks-proxy
+# binary); start_proxy sets PROXY_PID.
+
+# write_software_config QUICKSTART_DIR FILE: the quickstart's credential and
+# certificate in front of the in-process software backend, on the same port.
+write_software_config() {
+  cat >"$2" <<EOF
+[server]
+listen = "127.0.0.1:18443"
+tls_certificate = "$1/server.pem"
+tls_private_key = "$1/server-key.pem"
+
+[hsm]
+backend = "software"
+[[hsm.software_key]]
+id = "foo"
+usage = ["ENCRYPT", "DECRYPT"]
+
+[[key_store]]
+name = "bench"
+uri_prefix = "example/uri/path/prefix"
+region = "us-east-1"
+keys = ["foo"]
+[[key_store.credential]]
+access_key_id = "$(cat "$1/sigv4-access-key-id")"
+secret_access_key_file = "$1/sigv4-secret"
+EOF
+}
+
+# start_proxy CONFIG LOG [audit]: serves CONFIG in the background and waits until it
+# listens. The per-request audit lines (hundreds of MB per run) are dropped from LOG
+# unless the third argument is `audit`.
+start_proxy() {
+  if [ "${3:-}" = audit ]; then
+    "$PROXY" serve --config "$1" 2>"$2" >/dev/null &
+  else
+    "$PROXY" serve --config "$1" 2> >(grep -av --line-buffered ' xks request ' >"$2") >/dev/null &
+  fi
+  PROXY_PID=$!
+  for _ in $(seq 100); do
+    grep -q "serving the XKS API" "$2" 2>/dev/null && return
+    sleep 0.1
+  done
+  echo "the proxy did not start; see $2" >&2
+  exit 1
+}
+
+stop_proxy() {
+  kill "$PROXY_PID"
+  wait "$PROXY_PID" || true
+  PROXY_PID=""
+}
