@@ -868,12 +868,48 @@ pub fn compare(a: &Report, b: &Report, a_name: &str, b_name: &str) -> String {
             );
         }
     }
+    // The machines' own stalls: a worse tail in B on a machine that stalled more is
+    // not the proxy's doing.
+    if let (Some(x), Some(y)) = (worst_stalls(a), worst_stalls(b)) {
+        let rows = [
+            ("p99.9 ms", x.late_ms.p99_9, y.late_ms.p99_9),
+            ("max ms", x.late_ms.max, y.late_ms.max),
+            ("≥1ms", x.over_1ms as f64, y.over_1ms as f64),
+            (
+                "stolen %",
+                x.stolen_pct.unwrap_or(0.0),
+                y.stolen_pct.unwrap_or(0.0),
+            ),
+        ];
+        for (metric, va, vb) in rows {
+            let ratio = if va > 0.0 {
+                format!("{:.3}", vb / va)
+            } else {
+                "-".into()
+            };
+            let _ = writeln!(
+                out,
+                "{:<16} {metric:<10} {va:>12.3} {vb:>12.3} {ratio:>8} {:>12.3}",
+                "machine stalls",
+                vb - va
+            );
+        }
+    }
     let _ = writeln!(
         out,
         "errors: A {} ({:.3}%), B {} ({:.3}%)",
         a.summary.errors, a.summary.error_pct, b.summary.errors, b.summary.error_pct
     );
     out
+}
+
+/// Of a report's generator machines, the one whose meter saw the worst stall.
+fn worst_stalls(report: &Report) -> Option<&Stalls> {
+    report
+        .machines
+        .iter()
+        .filter_map(|m| m.stalls.as_ref())
+        .max_by(|x, y| x.late_ms.max.total_cmp(&y.late_ms.max))
 }
 
 #[cfg(test)]
@@ -970,5 +1006,63 @@ mod tests {
         let text = compare(&a, &b, "a.json", "b.json");
         assert!(text.contains("p50 ms"), "{text}");
         assert!(text.contains("2.000"), "{text}");
+        assert!(
+            !text.contains("machine stalls"),
+            "neither measured them: {text}"
+        );
+    }
+
+    fn stalls(max_us: u64, over_1ms: u64) -> Stalls {
+        let mut late = new_histogram();
+        late.record(60).unwrap();
+        for _ in 0..over_1ms {
+            late.record(max_us).unwrap();
+        }
+        Stalls {
+            interval_us: 1000,
+            samples: late.len(),
+            late_ms: Percentiles::of(&late),
+            over_1ms,
+            stolen_pct: Some(0.5),
+            histogram: encode_histogram(&late),
+        }
+    }
+
+    #[test]
+    fn stalls_are_kept_per_machine_and_compared() {
+        let mut m = measured(&[1_000], 0, 100);
+        m.stalls = Some(stalls(4_000, 3));
+        let a = Report::new(
+            "run",
+            time::OffsetDateTime::now_utc(),
+            None,
+            serde_json::json!({}),
+            &m,
+            None,
+        );
+        assert_eq!(a.machines[0].stalls.as_ref().unwrap().over_1ms, 3);
+        assert!(a.text().contains("machine stalls"), "{}", a.text());
+        let back: Report = serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
+        assert_eq!(back.machines[0].stalls, a.machines[0].stalls);
+
+        m.stalls = Some(stalls(8_000, 6));
+        let b = Report::new(
+            "run",
+            time::OffsetDateTime::now_utc(),
+            None,
+            serde_json::json!({}),
+            &m,
+            None,
+        );
+        let text = compare(&a, &b, "a", "b");
+        let row = text
+            .lines()
+            .find(|l| l.starts_with("machine stalls") && l.contains("≥1ms"))
+            .unwrap();
+        assert!(row.contains("2.000"), "{row}");
+
+        // Several machines: the worst one is compared.
+        let merged = merge(&[a.clone(), b.clone()]).unwrap();
+        assert_eq!(worst_stalls(&merged).unwrap().over_1ms, 6);
     }
 }
