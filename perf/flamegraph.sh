@@ -19,13 +19,8 @@ if ! [ -x "$TOOLS/bin/inferno-flamegraph" ]; then
 fi
 command -v perf >/dev/null || { echo "perf is not installed (Debian: linux-perf)" >&2; exit 1; }
 
-WORK="$(mktemp -d)"
-PROXY_PID=""
-cleanup() {
-  [ -n "$PROXY_PID" ] && kill "$PROXY_PID" 2>/dev/null && wait "$PROXY_PID" 2>/dev/null
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+# WORK, a temporary directory; the proxy is stopped and WORK removed on exit.
+. perf/lib.sh
 
 ./scripts/setup.sh
 # Line tables let perf unwind and name inlined frames; the code is the release code.
@@ -35,12 +30,7 @@ LOAD=target/release/xks-loadtest
 
 "$PROXY" quickstart --setup-only --dir "$WORK/q" --listen 127.0.0.1:18443 >/dev/null
 sed -i "s/^session_key_copies = true/session_key_copies = true\niv_source = \"$IV_SOURCE\"/" "$WORK/q/config.toml"
-"$PROXY" serve --config "$WORK/q/config.toml" 2>"$WORK/proxy.log" >/dev/null &
-PROXY_PID=$!
-for _ in $(seq 100); do
-  grep -q "serving the XKS API" "$WORK/proxy.log" 2>/dev/null && break
-  sleep 0.1
-done
+start_proxy "$WORK/q/config.toml" "$WORK/proxy.log" audit
 
 LOAD_SECONDS=$((SECONDS_TO_PROFILE + 3))
 "$LOAD" run --env "$WORK/q/test-client.env" --mix encrypt=1 --plaintext-bytes 32 \

@@ -1,5 +1,14 @@
-# Shared by perf/run.sh and perf/tail.sh (sourced, not run). Needs PROXY (the xks-proxy
-# binary); start_proxy sets PROXY_PID.
+# Shared by the perf/ scripts (sourced from the repository root, not run). Sourcing it
+# makes WORK, a temporary directory, and stops the proxy and removes WORK on exit.
+# start_proxy needs PROXY (the xks-proxy binary) and sets PROXY_PID.
+
+WORK="$(mktemp -d)"
+PROXY_PID=""
+cleanup() {
+  [ -n "$PROXY_PID" ] && kill "$PROXY_PID" 2>/dev/null && wait "$PROXY_PID" 2>/dev/null
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
 
 # write_software_config QUICKSTART_DIR FILE: the quickstart's credential and
 # certificate in front of the in-process software backend, on the same port.

@@ -23,20 +23,14 @@ SECONDS_PER_RUN="${1:-10}"
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 OUT="perf/runs/$STAMP"
 mkdir -p "$OUT"
-WORK="$(mktemp -d)"
-PROXY_PID=""
-cleanup() {
-  [ -n "$PROXY_PID" ] && kill "$PROXY_PID" 2>/dev/null && wait "$PROXY_PID" 2>/dev/null
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+# WORK, a temporary directory; the proxy is stopped and WORK removed on exit.
+. perf/lib.sh
 
 ./scripts/setup.sh wrk
 cargo build --release -p xks-proxy -p xks-loadtest
 cargo build --release --example bare
 PROXY=target/release/xks-proxy
 LOAD=target/release/xks-loadtest
-. perf/lib.sh
 
 # A SoftHSM2 token, keys, credential, certificates and config (the quickstart's).
 "$PROXY" quickstart --setup-only --dir "$WORK/q" --listen 127.0.0.1:18443 >/dev/null

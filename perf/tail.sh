@@ -25,18 +25,12 @@ ROUNDS="${ROUNDS:-3}"
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 OUT="perf/runs/$STAMP-tail"
 mkdir -p "$OUT"
-WORK="$(mktemp -d)"
-PROXY_PID=""
-cleanup() {
-  [ -n "$PROXY_PID" ] && kill "$PROXY_PID" 2>/dev/null && wait "$PROXY_PID" 2>/dev/null
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+# WORK, a temporary directory; the proxy is stopped and WORK removed on exit.
+. perf/lib.sh
 
 cargo build --release -p xks-proxy -p xks-loadtest
 PROXY=target/release/xks-proxy
 LOAD=target/release/xks-loadtest
-. perf/lib.sh
 
 "$PROXY" quickstart --setup-only --dir "$WORK/q" --listen 127.0.0.1:18443 >/dev/null
 write_software_config "$WORK/q" "$WORK/software.toml"

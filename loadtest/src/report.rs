@@ -855,18 +855,7 @@ pub fn compare(a: &Report, b: &Report, a_name: &str, b_name: &str) -> String {
             ("max ms", x.latency_ms.max, y.latency_ms.max),
             ("mean ms", x.latency_ms.mean, y.latency_ms.mean),
         ];
-        for (metric, va, vb) in rows {
-            let ratio = if va > 0.0 {
-                format!("{:.3}", vb / va)
-            } else {
-                "-".into()
-            };
-            let _ = writeln!(
-                out,
-                "{name:<16} {metric:<10} {va:>12.3} {vb:>12.3} {ratio:>8} {:>12.3}",
-                vb - va
-            );
-        }
+        compare_rows(&mut out, name, &rows);
     }
     // The machines' own stalls: a worse tail in B on a machine that stalled more is
     // not the proxy's doing.
@@ -881,19 +870,7 @@ pub fn compare(a: &Report, b: &Report, a_name: &str, b_name: &str) -> String {
                 y.stolen_pct.unwrap_or(0.0),
             ),
         ];
-        for (metric, va, vb) in rows {
-            let ratio = if va > 0.0 {
-                format!("{:.3}", vb / va)
-            } else {
-                "-".into()
-            };
-            let _ = writeln!(
-                out,
-                "{:<16} {metric:<10} {va:>12.3} {vb:>12.3} {ratio:>8} {:>12.3}",
-                "machine stalls",
-                vb - va
-            );
-        }
+        compare_rows(&mut out, "machine stalls", &rows);
     }
     let _ = writeln!(
         out,
@@ -901,6 +878,22 @@ pub fn compare(a: &Report, b: &Report, a_name: &str, b_name: &str) -> String {
         a.summary.errors, a.summary.error_pct, b.summary.errors, b.summary.error_pct
     );
     out
+}
+
+/// Rows of `compare`: `name`, then per metric A, B, B/A and B−A.
+fn compare_rows(out: &mut String, name: &str, rows: &[(&str, f64, f64)]) {
+    for &(metric, va, vb) in rows {
+        let ratio = if va > 0.0 {
+            format!("{:.3}", vb / va)
+        } else {
+            "-".into()
+        };
+        let _ = writeln!(
+            out,
+            "{name:<16} {metric:<10} {va:>12.3} {vb:>12.3} {ratio:>8} {:>12.3}",
+            vb - va
+        );
+    }
 }
 
 /// Of a report's generator machines, the one whose meter saw the worst stall.
@@ -1028,32 +1021,28 @@ mod tests {
         }
     }
 
-    #[test]
-    fn stalls_are_kept_per_machine_and_compared() {
+    fn report_with_stalls(max_us: u64, over_1ms: u64) -> Report {
         let mut m = measured(&[1_000], 0, 100);
-        m.stalls = Some(stalls(4_000, 3));
-        let a = Report::new(
+        m.stalls = Some(stalls(max_us, over_1ms));
+        Report::new(
             "run",
             time::OffsetDateTime::now_utc(),
             None,
             serde_json::json!({}),
             &m,
             None,
-        );
+        )
+    }
+
+    #[test]
+    fn stalls_are_kept_per_machine_and_compared() {
+        let a = report_with_stalls(4_000, 3);
         assert_eq!(a.machines[0].stalls.as_ref().unwrap().over_1ms, 3);
         assert!(a.text().contains("machine stalls"), "{}", a.text());
         let back: Report = serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
         assert_eq!(back.machines[0].stalls, a.machines[0].stalls);
 
-        m.stalls = Some(stalls(8_000, 6));
-        let b = Report::new(
-            "run",
-            time::OffsetDateTime::now_utc(),
-            None,
-            serde_json::json!({}),
-            &m,
-            None,
-        );
+        let b = report_with_stalls(8_000, 6);
         let text = compare(&a, &b, "a", "b");
         let row = text
             .lines()
