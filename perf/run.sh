@@ -57,6 +57,9 @@ run() { # name, then xks-loadtest arguments
 
 wrk_run() { # name, connections, [path]: the pre-signed Encrypt, or a plain GET of path
   local args=(-t2 -c"$2" -d"${SECONDS_PER_RUN}s" --latency)
+  # wrk does not measure the box's stalls; the meter runs beside it.
+  "$LOAD" stalls --duration "$SECONDS_PER_RUN" >"$OUT/$1-stalls.txt" &
+  local meter=$!
   if [ -n "${3:-}" ]; then
     echo "wrk ${args[*]} https://127.0.0.1:18443$3" >>"$COMMANDS"
     wrk "${args[@]}" "https://127.0.0.1:18443$3" >"$OUT/$1.txt" 2>&1 ||
@@ -67,8 +70,11 @@ wrk_run() { # name, connections, [path]: the pre-signed Encrypt, or a plain GET 
     wrk "${args[@]}" -s "$WORK/encrypt.lua" https://127.0.0.1:18443 >"$OUT/$1.txt" 2>&1 ||
       echo "(wrk exited with $?)" >>"$OUT/$1.txt"
   fi
+  wait "$meter" || true
+  cat "$OUT/$1-stalls.txt" >>"$OUT/$1.txt"
+  rm -f "$OUT/$1-stalls.txt"
   echo "== $1"
-  grep -E "Requests/sec|^ +99%|Non-2xx|Latency " "$OUT/$1.txt" || true
+  grep -E "Requests/sec|^ +99%|Non-2xx|Latency |^machine stalls" "$OUT/$1.txt" || true
 }
 
 # The box's own stalls with nothing of ours running: the floor under every tail below.
