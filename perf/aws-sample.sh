@@ -19,7 +19,10 @@
 #
 # Usage: [ROUNDS=n] perf/aws-sample.sh [SECONDS_PER_RUN]   (defaults 2 and 10)
 # Needs network the first time: clones the sample at a pinned commit into
-# perf/.tools/ and builds it (a few minutes). Writes perf/runs/<UTC time>-aws-sample/
+# $SAMPLE_HOME (default ~/.cache/xks-proxy/aws-sample: outside this repository, whose
+# workspace would otherwise claim the sample's crate) and builds it (a few minutes).
+# SAMPLE_REPO=<url or path> clones from elsewhere (a local mirror, on a machine that
+# cannot reach GitHub). Writes perf/runs/<UTC time>-aws-sample/
 # and appends a summary to perf/RESULTS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +32,7 @@ SECONDS_PER_RUN="${1:-10}"
 ROUNDS="${ROUNDS:-2}"
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 OUT="perf/runs/$STAMP-aws-sample"
-TOOLS="$PWD/perf/.tools"
+TOOLS="${SAMPLE_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/xks-proxy/aws-sample}"
 mkdir -p "$OUT" "$TOOLS"
 WORK="$(mktemp -d)"
 PID=""
@@ -51,7 +54,7 @@ LOAD="$PWD/target/release/xks-loadtest"
 SAMPLE_SRC="$TOOLS/aws-kms-xks-proxy"
 SAMPLE_BIN="$TOOLS/aws-sample-target/release/xks-proxy"
 if [ ! -x "$SAMPLE_BIN" ]; then
-  [ -d "$SAMPLE_SRC/.git" ] || git clone -q https://github.com/aws-samples/aws-kms-xks-proxy "$SAMPLE_SRC"
+  [ -d "$SAMPLE_SRC/.git" ] || git clone -q "${SAMPLE_REPO:-https://github.com/aws-samples/aws-kms-xks-proxy}" "$SAMPLE_SRC"
   git -C "$SAMPLE_SRC" checkout -q "$SAMPLE_COMMIT"
   (cd "$SAMPLE_SRC/xks-axum" && CARGO_TARGET_DIR="$TOOLS/aws-sample-target" cargo build --release)
 fi
