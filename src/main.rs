@@ -17,6 +17,17 @@ use xks_proxy::metrics::Metrics;
 use xks_proxy::quickstart;
 use xks_proxy::server::{self, Server};
 
+/// The process's allocator, the PKCS#11 module's included: mimalloc, built with its
+/// `override` feature, which defines `malloc`, `free` and the rest in this executable.
+/// glibc refers to those names, so the linker exports them from the executable, and the
+/// module, loaded later with `dlopen`, binds its allocations (and OpenSSL's and the C++
+/// runtime's under it) to them (`tests/cli.rs` checks every binding). On SoftHSM2 this
+/// took a tenth off the CPU per Encrypt, most of it glibc's `malloc` and `free` on the
+/// session threads and arena-lock hand-offs between them and the tokio workers
+/// (perf/RESULTS.md step 25). Replacing only Rust's allocator did not show.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     version,

@@ -268,3 +268,82 @@ fn quickstart_serves_and_its_test_client_env_works() {
         assert_eq!(mode & 0o077, 0, "{secret_file} is readable by others");
     }
 }
+
+/// The PKCS#11 module (and the libraries under it) allocate through the binary's
+/// allocator, never glibc's: the executable defines and exports mimalloc's `malloc`
+/// family, and the dynamic linker binds the module's references to it. One
+/// allocation function left to glibc would let a block from one allocator be freed by
+/// the other, so every binding of every allocation function is checked.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+fn the_pkcs11_module_allocates_through_the_binarys_allocator() {
+    let setup = Setup::new();
+    let trace = setup.dir.path().join("ld-bindings");
+    let out = Command::new(BIN)
+        .args(["keys", "list", "--config"])
+        .arg(setup.config())
+        .env("LD_DEBUG", "bindings")
+        .env("LD_DEBUG_OUTPUT", &trace)
+        .output()
+        .unwrap();
+    let listing = stdout(&out);
+    assert!(
+        listing.contains("foo\t"),
+        "the token was not read:\n{listing}"
+    );
+    // The dynamic linker writes its trace to <LD_DEBUG_OUTPUT>.<pid>.
+    let mut lines = String::new();
+    for entry in std::fs::read_dir(setup.dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("ld-bindings.") {
+            lines.push_str(&std::fs::read_to_string(&path).unwrap());
+        }
+    }
+    let allocation = [
+        "malloc",
+        "free",
+        "calloc",
+        "realloc",
+        "reallocarray",
+        "posix_memalign",
+        "aligned_alloc",
+        "memalign",
+        "valloc",
+        "pvalloc",
+        "malloc_usable_size",
+        "cfree",
+    ];
+    let binary = std::path::Path::new(BIN)
+        .file_name()
+        .unwrap()
+        .to_string_lossy();
+    let mut module_binds = Vec::new();
+    for line in lines.lines().filter(|l| l.contains("binding file")) {
+        // `binding file A [0] to B [0]: normal symbol `malloc' [GLIBC_2.2.5]`
+        let Some((_, symbol)) = line.split_once("symbol `") else {
+            continue;
+        };
+        let symbol = symbol.split('\'').next().unwrap();
+        if !allocation.contains(&symbol) {
+            continue;
+        }
+        let (from, to) = line
+            .split_once("binding file ")
+            .and_then(|(_, rest)| rest.split_once(" to "))
+            .unwrap();
+        assert!(
+            to.contains(&*binary),
+            "{symbol} of {from} is bound to {to}, not to the binary:\n{line}"
+        );
+        if from.contains("softhsm") {
+            module_binds.push(symbol.to_owned());
+        }
+    }
+    for symbol in ["malloc", "free"] {
+        assert!(
+            module_binds.iter().any(|s| s == symbol),
+            "the module's {symbol} was never bound: {module_binds:?}"
+        );
+    }
+}

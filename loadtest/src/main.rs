@@ -8,6 +8,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use xks_loadtest::{chart, commands, hsm, presign, report, stalls, Error};
 
+/// The proxy's allocator, the PKCS#11 module's included (see the proxy's `main.rs`), so
+/// that `hsm` measures the module as the proxy runs it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     version,
