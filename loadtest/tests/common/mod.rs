@@ -17,12 +17,28 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_xks-loadtest");
 pub const PREFIX: &str = "example/uri/path/prefix";
 pub const ACCESS_KEY_ID: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAA";
 
-/// A proxy running on its own thread and runtime until the test process ends.
+/// A proxy running on its own thread and runtime until it is dropped.
 pub struct Proxy {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub dir: PathBuf,
-    _shutdown: tokio::sync::oneshot::Sender<()>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Proxy {
+    /// Stops the proxy and waits until its runtime, backend and PKCS#11 sessions are
+    /// gone. Left running, they were torn down on their own thread while the test
+    /// process exited, and SoftHSM2's C_CloseSession then ran into its own exit-time
+    /// destructors (a crash in about one run in four).
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl Proxy {
@@ -36,7 +52,7 @@ impl Proxy {
         let app = server::app(config_value, backend, metrics).unwrap();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (shutdown, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-        std::thread::spawn(move || {
+        let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .enable_all()
@@ -63,7 +79,8 @@ impl Proxy {
             addr,
             admin,
             dir: config.parent().unwrap().to_owned(),
-            _shutdown: shutdown,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
         }
     }
 
