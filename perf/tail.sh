@@ -8,11 +8,15 @@
 #   - xks-proxy on the quickstart's SoftHSM2 token, then on the software backend, at
 #     1800 req/s open loop (Encrypt, 32-byte plaintext, 100-byte AAD, 64 connections):
 #     the latency the client sees (xks-loadtest, from the intended send time), the
-#     machine's stalls during the same window (xks-loadtest's meter), and the latency
+#     machine's stalls during the same window (xks-loadtest's meter), how late the
+#     generator itself sent the requests (its open-loop schedule), and the latency
 #     the proxy itself measured from parsed headers to a ready response (`latency_us`
-#     of its audit lines).
+#     of its audit lines);
+#   - the ceiling: the bare hyper+rustls server (examples/bare.rs) at the same rate
+#     over the same 64 connections, answering a fixed JSON to GetHealthStatus.
 # A tail the client sees but the proxy does not, in a window where the box stalled a
-# sleeping thread for as long, is the box's.
+# sleeping thread for as long, is the box's; one the bare server shows too is not the
+# proxy's to remove.
 #
 # Usage: [ROUNDS=n] perf/tail.sh [SECONDS_PER_RUN]   (defaults 3 and 10)
 # Writes perf/runs/<UTC time>-tail/ (reports and console output; the audit lines are
@@ -29,6 +33,7 @@ mkdir -p "$OUT"
 . perf/lib.sh
 
 cargo build --release -p xks-proxy -p xks-loadtest
+cargo build --release --example bare
 PROXY=target/release/xks-proxy
 LOAD=target/release/xks-loadtest
 
@@ -42,6 +47,10 @@ HSM_ARGS=(hsm --config "$WORK/q/config.toml" --sessions 2 --session-copy --rate 
   --warmup 2 --duration "$SECONDS_PER_RUN" --quiet)
 echo "xks-loadtest ${HSM_ARGS[*]}" >>"$COMMANDS"
 echo "xks-loadtest ${LOAD_ARGS[*]}" >>"$COMMANDS"
+BARE_ARGS=(run --env "$WORK/q/test-client.env" --mix health=1 --pool-size 0 --verify-samples 0
+  --rate 1800 --connections 64 --warmup 2 --duration "$SECONDS_PER_RUN" -q)
+echo "examples/bare $WORK/q/server.pem $WORK/q/server-key.pem 127.0.0.1:18443" >>"$COMMANDS"
+echo "xks-loadtest ${BARE_ARGS[*]}" >>"$COMMANDS"
 
 # server_ms LOG SKIP: p50, p99, p99.9 and max of the audit lines' latency_us after the
 # first SKIP lines, in ms.
@@ -62,14 +71,20 @@ stall_fields() {
   sed -n 's/^machine stalls.*p99\.9 \([0-9.]*\) ms, max \([0-9.]*\) ms, \([0-9]*\) of [0-9]* wake-ups.*; \([0-9.]*\)% of CPU.*/\1 \2 \3 \4/p' "$1"
 }
 
+# generator_p999 FILE: p99.9 of how late the generator's connections took requests
+# after their due time (its "open-loop schedule" line), in ms.
+generator_p999() {
+  sed -n 's/^open-loop schedule.*taken by a connection p99 [0-9.]* ms, p99\.9 \([0-9.]*\) ms.*/\1/p' "$1"
+}
+
 ROWS="$OUT/rows.txt"
 : >"$ROWS"
 for round in $(seq "$ROUNDS"); do
   "$LOAD" stalls --duration "$SECONDS_PER_RUN" >"$OUT/idle-$round.txt"
-  echo "$round idle - - - - - $(stall_fields "$OUT/idle-$round.txt")" >>"$ROWS"
+  echo "$round idle - - - - - $(stall_fields "$OUT/idle-$round.txt") -" >>"$ROWS"
   "$LOAD" "${HSM_ARGS[@]}" --report "$OUT/raw-$round.json" >"$OUT/raw-$round.txt" 2>&1 ||
     echo "(xks-loadtest exited with $?)" >>"$OUT/raw-$round.txt"
-  echo "$round raw-hsm $(awk '/^overall/ { print $7, $8, $10 }' "$OUT/raw-$round.txt") - - $(stall_fields "$OUT/raw-$round.txt")" >>"$ROWS"
+  echo "$round raw-hsm $(awk '/^overall/ { print $7, $8, $10 }' "$OUT/raw-$round.txt") - - $(stall_fields "$OUT/raw-$round.txt") -" >>"$ROWS"
   for backend in softhsm software; do
     config="$WORK/q/config.toml"
     [ "$backend" = software ] && config="$WORK/software.toml"
@@ -81,9 +96,17 @@ for round in $(seq "$ROUNDS"); do
     client="$(awk '/^overall/ { print $7, $8, $10 }' "$OUT/$backend-$round.txt")"
     # Leave out the pool of ciphertexts and the warm-up (1800/s for 2 s) made first.
     server="$(server_ms "$WORK/proxy.log" 3700 | awk '{ print $3, $4 }')"
-    echo "$round $backend ${client:-- - -} $server $(stall_fields "$OUT/$backend-$round.txt")" >>"$ROWS"
+    echo "$round $backend ${client:-- - -} $server $(stall_fields "$OUT/$backend-$round.txt") $(generator_p999 "$OUT/$backend-$round.txt")" >>"$ROWS"
     rm -f "$WORK/proxy.log"
   done
+  target/release/examples/bare "$WORK/q/server.pem" "$WORK/q/server-key.pem" 127.0.0.1:18443 2>/dev/null &
+  PROXY_PID=$! # so that lib.sh's cleanup stops it too
+  sleep 0.5
+  "$LOAD" "${BARE_ARGS[@]}" --report "$OUT/bare-$round.json" >"$OUT/bare-$round.txt" 2>&1 ||
+    echo "(xks-loadtest exited with $?)" >>"$OUT/bare-$round.txt"
+  stop_proxy
+  client="$(awk '/^overall/ { print $7, $8, $10 }' "$OUT/bare-$round.txt")"
+  echo "$round bare-server ${client:-- - -} - - $(stall_fields "$OUT/bare-$round.txt") $(generator_p999 "$OUT/bare-$round.txt")" >>"$ROWS"
   echo "round $round of $ROUNDS done"
 done
 
@@ -99,9 +122,12 @@ done
   echo "own \`latency_us\` after the warm-up. Stalls: how"
   echo "late a thread sleeping 1 ms woke during the same window (idle: with nothing of"
   echo "ours running); ≥1 ms: such wake-ups in the window; stolen: the hypervisor's share."
+  echo "Generator: p99.9 of how late xks-loadtest's connections took the requests after"
+  echo "their due time (its pacer's wake-up plus the hand-over to a connection), already"
+  echo "part of the client's latency. bare-server: examples/bare.rs, the ceiling."
   echo
-  echo "| round | run | client p99 | client p99.9 | client max | server p99.9 | server max | stall p99.9 | stall max | stalls ≥ 1 ms | stolen % |"
-  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  echo "| round | run | client p99 | client p99.9 | client max | server p99.9 | server max | stall p99.9 | stall max | stalls ≥ 1 ms | stolen % | generator p99.9 |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
   awk '{ printf "| %s |", $1; for (i = 2; i <= NF; i++) printf " %s |", $i; printf "\n" }' "$ROWS"
   echo
   echo "Commands:"

@@ -7,7 +7,9 @@
 //!   ticket and sends. Latency is measured from the due time, not from when it was
 //!   actually sent, so time spent waiting for a free connection counts (coordinated
 //!   omission corrected, as wrk2 does). A ticket taken more than [`LATE_AFTER`] after
-//!   it was due is counted as late: the generator had no free connection for it.
+//!   it was due is counted as late. Each ticket carries when the pacer released it,
+//!   so the report's [`Schedule`] tells the generator's own lateness (the pacer thread
+//!   woke late: the machine) from waiting for a free connection.
 //!   The pacer is a thread, not a tokio timer: tokio's timers round up to whole
 //!   milliseconds, which added up to a millisecond to every open-loop latency. It
 //!   sleeps until just before the due time and, at rates up to [`SPIN_MAX_RATE`],
@@ -35,7 +37,9 @@ use tokio::sync::mpsc;
 use xks_proxy::auth::SignOptions;
 
 use crate::client::{ClientError, Connector, RequestBuilder, Sender};
-use crate::report::{new_histogram, new_second_histogram, Measured, Percentiles, Verification};
+use crate::report::{
+    new_histogram, new_second_histogram, Measured, Percentiles, Schedule, Verification,
+};
 use crate::stalls::{Meter, DEFAULT_INTERVAL};
 use crate::target::Target;
 use crate::workload::{
@@ -356,6 +360,12 @@ struct Recorder {
     status: HashMap<u16, u64>,
     error_names: HashMap<String, u64>,
     late: u64,
+    /// Open loop: how late the pacer released each measured request (µs).
+    released_late: Option<Histogram<u64>>,
+    /// Open loop: how late a connection took each measured request (µs).
+    sent_late: Option<Histogram<u64>>,
+    /// Late requests the pacer had already released late.
+    late_released: u64,
     second: u64,
     second_histogram: Histogram<u64>,
     second_errors: u64,
@@ -369,13 +379,21 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn new(seconds: mpsc::UnboundedSender<SecondMsg>) -> Self {
+    /// A recorder whose histograms for `mix` (and, open loop, for the schedule) exist
+    /// already: made lazily, 64 tasks would each allocate and zero some 140 KB per
+    /// histogram on their first measured request, all within the window's first few
+    /// milliseconds, and that burst held up the open-loop schedule by up to 30 ms.
+    fn new(seconds: mpsc::UnboundedSender<SecondMsg>, mix: &Mix, open_loop: bool) -> Self {
+        let histogram = |wanted: bool| wanted.then(new_histogram);
         Self {
-            per_op: Default::default(),
+            per_op: Op::ALL.map(|op| histogram(mix.uses(op))),
             errors: [0; 4],
             status: HashMap::new(),
             error_names: HashMap::new(),
             late: 0,
+            released_late: histogram(open_loop),
+            sent_late: histogram(open_loop),
+            late_released: 0,
             second: 0,
             second_histogram: new_second_histogram(),
             second_errors: 0,
@@ -407,6 +425,24 @@ impl Recorder {
     fn finish(&mut self) {
         self.flush_second();
         self.seconds = None;
+    }
+
+    /// Open loop: a measured request that the pacer released `released` and a
+    /// connection took `sent` after its due time.
+    fn schedule(&mut self, released: Duration, sent: Duration) {
+        let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.released_late
+            .get_or_insert_with(new_histogram)
+            .saturating_record(us(released));
+        self.sent_late
+            .get_or_insert_with(new_histogram)
+            .saturating_record(us(sent));
+        if sent > LATE_AFTER {
+            self.late += 1;
+            if released > LATE_AFTER {
+                self.late_released += 1;
+            }
+        }
     }
 
     fn record(&mut self, op: Op, latency: Duration, offset: u64, error: Option<&str>) {
@@ -443,8 +479,8 @@ struct Window {
     end: Instant,
     /// Open loop: requests still unsent by then are given up (see `unsent`).
     hard_end: Instant,
-    /// Open loop: the pacer's tickets (due times), taken by one task at a time.
-    tickets: Option<tokio::sync::Mutex<mpsc::UnboundedReceiver<Instant>>>,
+    /// Open loop: the pacer's tickets, taken by one task at a time.
+    tickets: Option<tokio::sync::Mutex<mpsc::UnboundedReceiver<Ticket>>>,
     samples_per_task: usize,
 }
 
@@ -468,8 +504,14 @@ pub fn wait_until(due: Instant, rate: f64) {
     }
 }
 
+/// Open loop: a request's due time, and when the pacer released it.
+struct Ticket {
+    due: Instant,
+    released: Instant,
+}
+
 /// Releases request `i` at `t0 + i/rate` until `end`, on its own thread.
-fn pace(t0: Instant, rate: f64, end: Instant, tickets: mpsc::UnboundedSender<Instant>) {
+fn pace(t0: Instant, rate: f64, end: Instant, tickets: mpsc::UnboundedSender<Ticket>) {
     let interval = 1.0 / rate;
     for i in 0u64.. {
         let due = t0 + Duration::from_secs_f64(i as f64 * interval);
@@ -477,7 +519,11 @@ fn pace(t0: Instant, rate: f64, end: Instant, tickets: mpsc::UnboundedSender<Ins
             return;
         }
         wait_until(due, rate);
-        if tickets.send(due).is_err() {
+        let ticket = Ticket {
+            due,
+            released: Instant::now(),
+        };
+        if tickets.send(ticket).is_err() {
             return;
         }
     }
@@ -520,6 +566,12 @@ pub async fn run_window(
         }
     }
     senders.resize_with(tasks, || None);
+    // The tasks' recorders, made before the clock starts (see `Recorder::new`).
+    let (seconds_tx, seconds_rx) = mpsc::unbounded_channel();
+    let fresh: Vec<Recorder> = (0..tasks)
+        .map(|_| Recorder::new(seconds_tx.clone(), &settings.mix, settings.rate.is_some()))
+        .collect();
+    drop(seconds_tx);
 
     let t0 = Instant::now();
     let unix0 = SystemTime::now();
@@ -548,12 +600,10 @@ pub async fn run_window(
             .spawn(move || pace(t0, rate, end, tickets))?;
     }
     let meter = Meter::start(DEFAULT_INTERVAL, window.measure_start, window.end)?;
-    let (seconds_tx, seconds_rx) = mpsc::unbounded_channel();
     let mut running = tokio::task::JoinSet::new();
-    for sender in senders {
-        running.spawn(task(Arc::clone(&window), sender, seconds_tx.clone()));
+    for (sender, recorder) in senders.into_iter().zip(fresh) {
+        running.spawn(task(Arc::clone(&window), sender, recorder));
     }
-    drop(seconds_tx);
     let collector = tokio::spawn(collect(seconds_rx, Arc::clone(&window)));
 
     let mut recorders = Vec::with_capacity(tasks);
@@ -575,6 +625,8 @@ pub async fn run_window(
         ..Verification::default()
     };
     let mut late = 0;
+    let (mut released_late, mut sent_late, mut late_released) =
+        (new_histogram(), new_histogram(), 0);
     let mut samples = Vec::new();
     let mut last_done = window.end;
     for recorder in recorders {
@@ -593,6 +645,11 @@ pub async fn run_window(
         }
         verification.add(&recorder.verification);
         late += recorder.late;
+        late_released += recorder.late_released;
+        if let (Some(r), Some(s)) = (&recorder.released_late, &recorder.sent_late) {
+            released_late.add(r)?;
+            sent_late.add(s)?;
+        }
         samples.extend(recorder.samples);
     }
     check_samples(workload, &samples, &mut verification).await?;
@@ -623,6 +680,9 @@ pub async fn run_window(
             // after the window, and its achieved rate must show that.
             seconds: (last_done - window.measure_start).as_secs_f64(),
             stalls: Some(stalls),
+            schedule: settings
+                .rate
+                .map(|_| Schedule::new(&released_late, &sent_late, late_released)),
         },
         verification,
     })
@@ -653,29 +713,27 @@ async fn send(
     answer
 }
 
-async fn task(
-    window: Arc<Window>,
-    mut sender: Option<Sender>,
-    seconds: mpsc::UnboundedSender<SecondMsg>,
-) -> Recorder {
+async fn task(window: Arc<Window>, mut sender: Option<Sender>, mut recorder: Recorder) -> Recorder {
     let workload = &*window.workload;
     let settings = &window.settings;
     let mut rng = SmallRng::from_rng(&mut rand::rng());
     let requests = TaskRequests::new(workload, &mut rng);
-    let mut recorder = Recorder::new(seconds);
     loop {
         // When is this request due?
         let due = match &window.tickets {
             Some(tickets) => {
-                let Some(due) = tickets.lock().await.recv().await else {
+                let Some(Ticket { due, released }) = tickets.lock().await.recv().await else {
                     break; // the schedule is over
                 };
                 let now = Instant::now();
                 if now >= window.hard_end {
                     break;
                 }
-                if now.saturating_duration_since(due) > LATE_AFTER && due >= window.measure_start {
-                    recorder.late += 1;
+                if due >= window.measure_start {
+                    recorder.schedule(
+                        released.saturating_duration_since(due),
+                        now.saturating_duration_since(due),
+                    );
                 }
                 due
             }

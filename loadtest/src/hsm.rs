@@ -346,6 +346,7 @@ fn step(
             .collect(),
         seconds: duration.as_secs_f64(),
         stalls: Some(stalls),
+        schedule: None,
     })
 }
 

@@ -187,6 +187,52 @@ pub struct Machine {
     /// window (see [`crate::stalls`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stalls: Option<Stalls>,
+    /// Open loop: how late this machine's generator sent requests after their due
+    /// time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
+}
+
+/// Open loop: how late requests left the generator after their due time. Their
+/// latency counts from the due time either way (coordinated omission corrected); this
+/// says how much of it the generator added before the target saw anything.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Schedule {
+    /// How late the pacer thread released each request: its own wake-up, so the
+    /// machine's doing, ms.
+    pub released_late_ms: Percentiles,
+    /// How late a connection took each request: the pacer's lateness plus the wait for
+    /// a free connection and for a generator thread to run, ms.
+    pub sent_late_ms: Percentiles,
+    /// Requests sent more than 2 ms late (the summary's `late`) that the pacer had
+    /// already released more than 2 ms late.
+    pub late_released: u64,
+    /// The pacer's lateness (µs), V2 deflate, Base64.
+    pub released_histogram: String,
+    /// The sending lateness (µs), V2 deflate, Base64.
+    pub sent_histogram: String,
+}
+
+impl Schedule {
+    /// From histograms of the pacer's and the sending lateness, in µs.
+    pub fn new(released: &Histogram<u64>, sent: &Histogram<u64>, late_released: u64) -> Self {
+        Self {
+            released_late_ms: Percentiles::of(released),
+            sent_late_ms: Percentiles::of(sent),
+            late_released,
+            released_histogram: encode_histogram(released),
+            sent_histogram: encode_histogram(sent),
+        }
+    }
+
+    /// One line for a report's text.
+    pub fn line(&self) -> String {
+        let (r, s) = (&self.released_late_ms, &self.sent_late_ms);
+        format!(
+            "open-loop schedule (how late requests left the generator): released by the pacer p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms; taken by a connection p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms",
+            r.p99, r.p99_9, r.max, s.p99, s.p99_9, s.max
+        )
+    }
 }
 
 impl Machine {
@@ -214,6 +260,7 @@ impl Machine {
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             kernel,
             stalls: None,
+            schedule: None,
         }
     }
 }
@@ -309,7 +356,7 @@ pub struct Step {
     pub errors: u64,
     /// errors / requests, percent.
     pub error_pct: f64,
-    /// Requests sent late because no connection was free (open loop).
+    /// Open loop: requests sent more than 2 ms after they were due.
     pub late: u64,
     /// Requests due in the step that were never sent (open loop).
     #[serde(default)]
@@ -322,6 +369,9 @@ pub struct Step {
     /// The generator machine's own stalls during the step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stalls: Option<Stalls>,
+    /// Open loop: how late the generator sent the step's requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
     /// The step's histogram (µs).
     pub histogram: String,
 }
@@ -339,8 +389,9 @@ pub struct Summary {
     pub error_pct: f64,
     /// requests / measured seconds.
     pub throughput_rps: f64,
-    /// Open loop: requests that could not be sent at their intended time because no
-    /// connection was free (their latency still counts from the intended time).
+    /// Open loop: requests sent more than 2 ms after their intended time, because no
+    /// connection was free or the generator itself was held up (their latency still
+    /// counts from the intended time; see [`Schedule`]).
     pub late: u64,
     /// Open loop: requests due in the measured window that were never sent (the
     /// generator gave up on its backlog a few seconds after the window).
@@ -418,6 +469,8 @@ pub struct Measured {
     pub seconds: f64,
     /// The generator machine's own stalls in the window.
     pub stalls: Option<Stalls>,
+    /// Open loop: how late the generator sent requests.
+    pub schedule: Option<Schedule>,
 }
 
 impl Measured {
@@ -447,6 +500,7 @@ impl Measured {
             latency_ms: Percentiles::of(&all),
             met_slo: None,
             stalls: self.stalls.clone(),
+            schedule: self.schedule.clone(),
             histogram: encode_histogram(&all),
         }
     }
@@ -514,6 +568,7 @@ impl Report {
             start_unix_ms: u64::try_from(started.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
             machines: vec![Machine {
                 stalls: measured.stalls.clone(),
+                schedule: measured.schedule.clone(),
                 ..Machine::this()
             }],
             target,
@@ -625,11 +680,19 @@ impl Report {
             );
         }
         if s.late > 0 {
+            let released: u64 = self
+                .machines
+                .iter()
+                .filter_map(|m| m.schedule.as_ref())
+                .map(|sc| sc.late_released)
+                .sum();
             let _ = writeln!(
                 out,
-                "{} requests ({:.2}%) could not be sent on time (no free connection): add --connections",
+                "{} requests ({:.2}%) were sent over 2 ms after their due time: {} already released that late by the pacer (the generator's machine held it up), {} waiting for a free connection or generator thread (if these are many, add --connections)",
                 s.late,
-                pct(s.late, s.requests)
+                pct(s.late, s.requests),
+                released,
+                s.late.saturating_sub(released)
             );
         }
         let _ = writeln!(out, "status: {}", counts(&self.status_counts));
@@ -648,11 +711,12 @@ impl Report {
             );
         }
         for machine in &self.machines {
-            if let Some(stalls) = &machine.stalls {
+            let lines = machine.stalls.as_ref().map(Stalls::line).into_iter();
+            for line in lines.chain(machine.schedule.as_ref().map(Schedule::line)) {
                 let _ = if self.machines.len() > 1 {
-                    writeln!(out, "{}: {}", machine.hostname, stalls.line())
+                    writeln!(out, "{}: {line}", machine.hostname)
                 } else {
-                    writeln!(out, "{}", stalls.line())
+                    writeln!(out, "{line}")
                 };
             }
         }
@@ -930,6 +994,7 @@ mod tests {
             series: vec![(t0, 0, second, errors)],
             seconds: 1.0,
             stalls: None,
+            schedule: None,
         }
     }
 
@@ -1032,6 +1097,64 @@ mod tests {
             &m,
             None,
         )
+    }
+
+    /// An open-loop report in which `late` requests left over 2 ms late, `by_pacer` of
+    /// them already released that late.
+    fn report_with_schedule(late: u64, by_pacer: u64) -> Report {
+        let (mut released, mut sent) = (new_histogram(), new_histogram());
+        for i in 0..10 {
+            let (r, s) = match i {
+                i if i < by_pacer => (3_000, 3_100),
+                i if i < late => (20, 4_000),
+                _ => (20, 40),
+            };
+            released.record(r).unwrap();
+            sent.record(s).unwrap();
+        }
+        let mut m = measured(&[1_000; 10], 0, 100);
+        m.late = late;
+        m.schedule = Some(Schedule::new(&released, &sent, by_pacer));
+        Report::new(
+            "run",
+            time::OffsetDateTime::now_utc(),
+            None,
+            serde_json::json!({}),
+            &m,
+            None,
+        )
+    }
+
+    #[test]
+    fn the_schedule_tells_the_pacer_from_waiting_and_survives_merge() {
+        let a = report_with_schedule(3, 1);
+        let schedule = a.machines[0].schedule.as_ref().unwrap();
+        assert!(
+            (schedule.released_late_ms.max - 3.0).abs() < 0.01,
+            "{schedule:?}"
+        );
+        assert!(
+            (schedule.sent_late_ms.max - 4.0).abs() < 0.01,
+            "{schedule:?}"
+        );
+        let text = a.text();
+        assert!(
+            text.contains("3 requests (30.00%) were sent over 2 ms after their due time: 1 already released that late by the pacer"),
+            "{text}"
+        );
+        assert!(text.contains(", 2 waiting for a free connection"), "{text}");
+        assert!(text.contains("open-loop schedule"), "{text}");
+        let back: Report = serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
+        assert_eq!(back.machines[0].schedule, a.machines[0].schedule);
+
+        // Each generator keeps its own schedule, and the late counts add up.
+        let b = report_with_schedule(2, 2);
+        let merged = merge(&[a, b]).unwrap();
+        assert_eq!(merged.summary.late, 5);
+        assert_eq!(merged.machines.len(), 2);
+        let text = merged.text();
+        assert!(text.contains("3 already released that late"), "{text}");
+        assert_eq!(text.matches("open-loop schedule").count(), 2, "{text}");
     }
 
     #[test]

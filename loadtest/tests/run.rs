@@ -130,6 +130,78 @@ fn open_loop_over_http2_sends_what_was_due() {
 }
 
 #[test]
+fn open_loop_reports_how_late_the_generator_sent() {
+    // One connection to an HSM that takes 20 ms a call, offered a request every 5 ms:
+    // the second request cannot leave before the first is answered, 15 ms after it was
+    // due, while the pacer releases it on time. The report must tell the two apart.
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::simulated(dir.path(), 20);
+    let report_path = dir.path().join("late.json");
+    let out = loadtest_ok(&with(
+        &proxy,
+        &[
+            "run",
+            "--quiet",
+            "--rate",
+            "200",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0",
+            "--connections",
+            "1",
+            "--pool-size",
+            "1",
+            "--mix",
+            "encrypt=1",
+            "--report",
+            report_path.to_str().unwrap(),
+        ],
+    ));
+    let report = Report::read(&report_path).unwrap();
+    let schedule = report.machines[0].schedule.as_ref().unwrap();
+    assert!(schedule.sent_late_ms.max >= 15.0, "{schedule:?}");
+    // A request is taken by a connection no earlier than the pacer released it.
+    let (r, s) = (&schedule.released_late_ms, &schedule.sent_late_ms);
+    for (released, sent) in [(r.p50, s.p50), (r.p99, s.p99), (r.max, s.max)] {
+        assert!(released <= sent, "{schedule:?}");
+    }
+    assert!(report.summary.late > 0, "{:?}", report.summary);
+    assert!(schedule.late_released <= report.summary.late);
+    // Whatever was sent late still counts its latency from when it was due.
+    assert!(report.operations["overall"].latency_ms.max >= schedule.sent_late_ms.max);
+    assert!(out.contains("open-loop schedule"), "{out}");
+    assert!(
+        out.contains("were sent over 2 ms after their due time"),
+        "{out}"
+    );
+
+    // Closed loop has no schedule to report.
+    let closed_path = dir.path().join("closed.json");
+    loadtest_ok(&with(
+        &proxy,
+        &[
+            "run",
+            "--quiet",
+            "--duration",
+            "0.3",
+            "--warmup",
+            "0",
+            "--connections",
+            "1",
+            "--pool-size",
+            "1",
+            "--mix",
+            "encrypt=1",
+            "--report",
+            closed_path.to_str().unwrap(),
+        ],
+    ));
+    let closed = Report::read(&closed_path).unwrap();
+    assert!(closed.machines[0].schedule.is_none());
+}
+
+#[test]
 fn new_connection_per_request_works() {
     let dir = tempfile::tempdir().unwrap();
     let proxy = Proxy::software(dir.path());

@@ -87,6 +87,24 @@ impl Proxy {
     /// A proxy on the software backend, with a fresh CA, certificate and credential
     /// in `dir`.
     pub fn software(dir: &Path) -> Self {
+        Self::with_hsm(dir, r#"backend = "software""#)
+    }
+
+    /// A proxy on the simulated HSM whose every call takes `service_ms`.
+    pub fn simulated(dir: &Path, service_ms: u32) -> Self {
+        Self::with_hsm(
+            dir,
+            &format!(
+                r#"backend = "simulated"
+[hsm.simulated]
+distribution = "fixed"
+mean_ms = {service_ms}"#
+            ),
+        )
+    }
+
+    /// A proxy whose `[hsm]` section (up to its software keys) is `hsm`.
+    fn with_hsm(dir: &Path, hsm: &str) -> Self {
         certificates(dir);
         std::fs::write(dir.join("sigv4-secret"), SECRET).unwrap();
         std::fs::write(
@@ -101,7 +119,7 @@ tls_private_key = "server-key.pem"
 listen = "127.0.0.1:0"
 
 [hsm]
-backend = "software"
+{hsm}
 
 [[hsm.software_key]]
 id = "foo"
