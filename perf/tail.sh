@@ -74,7 +74,7 @@ stall_fields() {
 # generator_p999 FILE: p99.9 of how late the generator's connections took requests
 # after their due time (its "open-loop schedule" line), in ms.
 generator_p999() {
-  sed -n 's/^open-loop schedule.*taken by a connection p99 [0-9.]* ms, p99\.9 \([0-9.]*\) ms.*/\1/p' "$1"
+  sed -n 's/^open-loop schedule.*; sent p99 [0-9.]* ms, p99\.9 \([0-9.]*\) ms.*/\1/p' "$1"
 }
 
 ROWS="$OUT/rows.txt"
@@ -84,7 +84,7 @@ for round in $(seq "$ROUNDS"); do
   echo "$round idle - - - - - $(stall_fields "$OUT/idle-$round.txt") -" >>"$ROWS"
   "$LOAD" "${HSM_ARGS[@]}" --report "$OUT/raw-$round.json" >"$OUT/raw-$round.txt" 2>&1 ||
     echo "(xks-loadtest exited with $?)" >>"$OUT/raw-$round.txt"
-  echo "$round raw-hsm $(awk '/^overall/ { print $7, $8, $10 }' "$OUT/raw-$round.txt") - - $(stall_fields "$OUT/raw-$round.txt") -" >>"$ROWS"
+  echo "$round raw-hsm $(awk '/^overall/ { print $7, $8, $10 }' "$OUT/raw-$round.txt") - - $(stall_fields "$OUT/raw-$round.txt") $(generator_p999 "$OUT/raw-$round.txt")" >>"$ROWS"
   for backend in softhsm software; do
     config="$WORK/q/config.toml"
     [ "$backend" = software ] && config="$WORK/software.toml"
@@ -122,9 +122,10 @@ done
   echo "own \`latency_us\` after the warm-up. Stalls: how"
   echo "late a thread sleeping 1 ms woke during the same window (idle: with nothing of"
   echo "ours running); ≥1 ms: such wake-ups in the window; stolen: the hypervisor's share."
-  echo "Generator: p99.9 of how late xks-loadtest's connections took the requests after"
-  echo "their due time (its pacer's wake-up plus the hand-over to a connection), already"
-  echo "part of the client's latency. bare-server: examples/bare.rs, the ceiling."
+  echo "Generator: p99.9 of how late xks-loadtest sent the requests after their due time"
+  echo "(its pacer's wake-up plus the hand-over to a connection; raw-hsm: the session"
+  echo "thread's own wake-up), already part of the client's latency. bare-server:"
+  echo "examples/bare.rs, the ceiling."
   echo
   echo "| round | run | client p99 | client p99.9 | client max | server p99.9 | server max | stall p99.9 | stall max | stalls ≥ 1 ms | stolen % | generator p99.9 |"
   echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"

@@ -30,8 +30,8 @@ use xks_proxy::hsm::pkcs11::{open_token, TokenSelector, IV_BATCH};
 use xks_proxy::hsm::IV_LEN;
 use zeroize::Zeroizing;
 
-use crate::engine::wait_until;
-use crate::report::{new_histogram, new_second_histogram, Measured, Report};
+use crate::engine::{wait_until, LATE_AFTER};
+use crate::report::{new_histogram, new_second_histogram, Measured, Report, Schedule};
 use crate::stalls::{Meter, DEFAULT_INTERVAL};
 use crate::workload::{Mix, Op};
 use crate::Error;
@@ -252,6 +252,10 @@ struct ThreadRecords {
     errors: [u64; 2],
     error_names: BTreeMap<String, u64>,
     seconds: Vec<(Histogram<u64>, u64)>,
+    /// Open loop: how late each measured call started after it was due (µs), and how
+    /// many started over [`LATE_AFTER`] late.
+    started_late: Option<Histogram<u64>>,
+    late: u64,
 }
 
 fn step(
@@ -310,8 +314,13 @@ fn step(
     ];
     let mut error_counts = BTreeMap::new();
     let mut seconds: Vec<(Histogram<u64>, u64)> = Vec::new();
+    let (mut started_late, mut late) = (None::<Histogram<u64>>, 0);
     for result in results {
         let records = result?;
+        if let Some(h) = &records.started_late {
+            started_late.get_or_insert_with(new_histogram).add(h)?;
+            late += records.late;
+        }
         for (i, (_, histogram, errors)) in per_op.iter_mut().enumerate() {
             histogram.add(&records.per_op[i])?;
             *errors += records.errors[i];
@@ -336,7 +345,7 @@ fn step(
             .filter(|(_, n)| *n > 0)
             .collect(),
         error_counts,
-        late: 0,
+        late,
         unsent: 0,
         series: seconds
             .into_iter()
@@ -346,7 +355,8 @@ fn step(
             .collect(),
         seconds: duration.as_secs_f64(),
         stalls: Some(stalls),
-        schedule: None,
+        // The session threads pace themselves: released and sent are one moment.
+        schedule: started_late.map(|h| Schedule::new(&h, &h, late)),
     })
 }
 
@@ -406,6 +416,8 @@ fn session_loop(
         errors: [0; 2],
         error_names: BTreeMap::new(),
         seconds: Vec::new(),
+        started_late: pace.map(|_| new_histogram()),
+        late: 0,
     };
     std::thread::sleep(start.saturating_duration_since(Instant::now()));
     let mut ivs = vec![0u8; IV_LEN * IV_BATCH];
@@ -420,9 +432,11 @@ fn session_loop(
         if begin >= end {
             break;
         }
-        if let Some(pace) = pace {
+        // Open loop: how late this thread, its own pacer, woke for the call.
+        let started_late = pace.map(|pace| {
             wait_until(begin, pace.rate / pace.every as f64);
-        }
+            Instant::now().saturating_duration_since(begin)
+        });
         let op = args.mix.pick(&mut rng);
         let result: Result<(), CkError> = match op {
             Op::Decrypt => {
@@ -463,6 +477,12 @@ fn session_loop(
         let done = Instant::now();
         if begin < measure_start {
             continue;
+        }
+        if let (Some(late), Some(h)) = (started_late, &mut records.started_late) {
+            h.saturating_record(u64::try_from(late.as_micros()).unwrap_or(u64::MAX));
+            if late > LATE_AFTER {
+                records.late += 1;
+            }
         }
         let i = usize::from(op == Op::Decrypt);
         let us = u64::try_from((done - begin).as_micros())

@@ -201,8 +201,10 @@ pub struct Schedule {
     /// How late the pacer thread released each request: its own wake-up, so the
     /// machine's doing, ms.
     pub released_late_ms: Percentiles,
-    /// How late a connection took each request: the pacer's lateness plus the wait for
-    /// a free connection and for a generator thread to run, ms.
+    /// How late each request was sent: for `run` and `search`, when a connection
+    /// took it (the pacer's lateness plus the wait for a free connection and for a
+    /// generator thread to run); for `hsm`, whose session threads pace themselves,
+    /// the same as the pacer's, ms.
     pub sent_late_ms: Percentiles,
     /// Requests sent more than 2 ms late (the summary's `late`) that the pacer had
     /// already released more than 2 ms late.
@@ -229,7 +231,7 @@ impl Schedule {
     pub fn line(&self) -> String {
         let (r, s) = (&self.released_late_ms, &self.sent_late_ms);
         format!(
-            "open-loop schedule (how late requests left the generator): released by the pacer p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms; taken by a connection p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms",
+            "open-loop schedule (how late requests left the generator): released by the pacer p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms; sent p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms",
             r.p99, r.p99_9, r.max, s.p99, s.p99_9, s.max
         )
     }

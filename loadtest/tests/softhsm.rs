@@ -9,7 +9,7 @@
 mod common;
 
 use common::{loadtest, loadtest_ok, Proxy};
-use xks_loadtest::report::Report;
+use xks_loadtest::report::{decode_histogram, Report};
 
 #[test]
 fn hsm_baseline_and_run_on_a_quickstart_token() {
@@ -105,6 +105,12 @@ fn hsm_baseline_and_run_on_a_quickstart_token() {
         assert_eq!(step.errors, 0);
         // 400/s for 0.5 s: operations 40..240 of the schedule.
         assert!((199..=201).contains(&step.requests), "{step:?}");
+        // Each measured call says how late its thread woke for it.
+        let schedule = step.schedule.as_ref().unwrap();
+        let woke = decode_histogram(&schedule.sent_histogram).unwrap();
+        assert_eq!(woke.len(), step.requests, "{schedule:?}");
+        assert_eq!(schedule.released_late_ms, schedule.sent_late_ms);
+        assert!(schedule.late_released <= step.late);
     }
     let refused = loadtest(&["hsm", "--config", &path("config.toml"), "--rate", "0"]);
     assert!(!refused.status.success());
