@@ -938,6 +938,13 @@ pub fn compare(a: &Report, b: &Report, a_name: &str, b_name: &str) -> String {
         ];
         compare_rows(&mut out, "machine stalls", &rows);
     }
+    if let (Some(x), Some(y)) = (worst_schedule(a), worst_schedule(b)) {
+        let rows = [
+            ("p99.9 ms", x.sent_late_ms.p99_9, y.sent_late_ms.p99_9),
+            ("max ms", x.sent_late_ms.max, y.sent_late_ms.max),
+        ];
+        compare_rows(&mut out, "generator sent late", &rows);
+    }
     let _ = writeln!(
         out,
         "errors: A {} ({:.3}%), B {} ({:.3}%)",
@@ -969,6 +976,15 @@ fn worst_stalls(report: &Report) -> Option<&Stalls> {
         .iter()
         .filter_map(|m| m.stalls.as_ref())
         .max_by(|x, y| x.late_ms.max.total_cmp(&y.late_ms.max))
+}
+
+/// Of a report's generator machines, the one that sent requests the latest.
+fn worst_schedule(report: &Report) -> Option<&Schedule> {
+    report
+        .machines
+        .iter()
+        .filter_map(|m| m.schedule.as_ref())
+        .max_by(|x, y| x.sent_late_ms.max.total_cmp(&y.sent_late_ms.max))
 }
 
 #[cfg(test)]
@@ -1151,6 +1167,18 @@ mod tests {
 
         // Each generator keeps its own schedule, and the late counts add up.
         let b = report_with_schedule(2, 2);
+        let text = compare(&a, &b, "a", "b");
+        let row = text
+            .lines()
+            .find(|l| l.starts_with("generator sent late") && l.contains("max ms"))
+            .unwrap();
+        assert!(
+            row.contains("4.001") && row.contains("3.101") && row.contains("0.775"),
+            "{row}"
+        );
+        assert!(
+            !compare(&a, &report(&[1_000], 0, 100), "a", "closed").contains("generator sent late")
+        );
         let merged = merge(&[a, b]).unwrap();
         assert_eq!(merged.summary.late, 5);
         assert_eq!(merged.machines.len(), 2);
