@@ -1104,17 +1104,31 @@ mod tests {
         }
     }
 
-    fn report_with_stalls(max_us: u64, over_1ms: u64) -> Report {
-        let mut m = measured(&[1_000], 0, 100);
-        m.stalls = Some(stalls(max_us, over_1ms));
+    /// A `run` report of `m` without an SLO.
+    fn run_report(m: &Measured) -> Report {
         Report::new(
             "run",
             time::OffsetDateTime::now_utc(),
             None,
             serde_json::json!({}),
-            &m,
+            m,
             None,
         )
+    }
+
+    fn report_with_stalls(max_us: u64, over_1ms: u64) -> Report {
+        let mut m = measured(&[1_000], 0, 100);
+        m.stalls = Some(stalls(max_us, over_1ms));
+        run_report(&m)
+    }
+
+    /// The row of `compare(a, b)` for `metric` of the section `name`.
+    fn compare_row(a: &Report, b: &Report, name: &str, metric: &str) -> String {
+        let text = compare(a, b, "a", "b");
+        text.lines()
+            .find(|l| l.starts_with(name) && l.contains(metric))
+            .unwrap_or_else(|| panic!("no {name} {metric} in {text}"))
+            .to_owned()
     }
 
     /// An open-loop report in which `late` requests left over 2 ms late, `by_pacer` of
@@ -1133,14 +1147,7 @@ mod tests {
         let mut m = measured(&[1_000; 10], 0, 100);
         m.late = late;
         m.schedule = Some(Schedule::new(&released, &sent, by_pacer));
-        Report::new(
-            "run",
-            time::OffsetDateTime::now_utc(),
-            None,
-            serde_json::json!({}),
-            &m,
-            None,
-        )
+        run_report(&m)
     }
 
     #[test]
@@ -1167,11 +1174,7 @@ mod tests {
 
         // Each generator keeps its own schedule, and the late counts add up.
         let b = report_with_schedule(2, 2);
-        let text = compare(&a, &b, "a", "b");
-        let row = text
-            .lines()
-            .find(|l| l.starts_with("generator sent late") && l.contains("max ms"))
-            .unwrap();
+        let row = compare_row(&a, &b, "generator sent late", "max ms");
         assert!(
             row.contains("4.001") && row.contains("3.101") && row.contains("0.775"),
             "{row}"
@@ -1196,11 +1199,7 @@ mod tests {
         assert_eq!(back.machines[0].stalls, a.machines[0].stalls);
 
         let b = report_with_stalls(8_000, 6);
-        let text = compare(&a, &b, "a", "b");
-        let row = text
-            .lines()
-            .find(|l| l.starts_with("machine stalls") && l.contains("≥1ms"))
-            .unwrap();
+        let row = compare_row(&a, &b, "machine stalls", "≥1ms");
         assert!(row.contains("2.000"), "{row}");
 
         // Several machines: the worst one is compared.

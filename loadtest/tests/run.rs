@@ -137,27 +137,15 @@ fn open_loop_reports_how_late_the_generator_sent() {
     let dir = tempfile::tempdir().unwrap();
     let proxy = Proxy::simulated(dir.path(), 20);
     let report_path = dir.path().join("late.json");
-    let out = loadtest_ok(&with(
-        &proxy,
-        &[
-            "run",
-            "--quiet",
-            "--rate",
-            "200",
-            "--duration",
-            "0.5",
-            "--warmup",
-            "0",
-            "--connections",
-            "1",
-            "--pool-size",
-            "1",
-            "--mix",
-            "encrypt=1",
-            "--report",
-            report_path.to_str().unwrap(),
-        ],
-    ));
+    // Encrypt over one connection, with these settings, into `path`.
+    let one_connection = |settings: &[&str], path: &std::path::Path| {
+        let mut args = vec!["run", "--quiet", "--warmup", "0", "--connections", "1"];
+        args.extend(["--pool-size", "1", "--mix", "encrypt=1"]);
+        args.extend(settings);
+        args.extend(["--report", path.to_str().unwrap()]);
+        loadtest_ok(&with(&proxy, &args))
+    };
+    let out = one_connection(&["--rate", "200", "--duration", "0.5"], &report_path);
     let report = Report::read(&report_path).unwrap();
     let schedule = report.machines[0].schedule.as_ref().unwrap();
     assert!(schedule.sent_late_ms.max >= 15.0, "{schedule:?}");
@@ -178,25 +166,7 @@ fn open_loop_reports_how_late_the_generator_sent() {
 
     // Closed loop has no schedule to report.
     let closed_path = dir.path().join("closed.json");
-    loadtest_ok(&with(
-        &proxy,
-        &[
-            "run",
-            "--quiet",
-            "--duration",
-            "0.3",
-            "--warmup",
-            "0",
-            "--connections",
-            "1",
-            "--pool-size",
-            "1",
-            "--mix",
-            "encrypt=1",
-            "--report",
-            closed_path.to_str().unwrap(),
-        ],
-    ));
+    one_connection(&["--duration", "0.3"], &closed_path);
     let closed = Report::read(&closed_path).unwrap();
     assert!(closed.machines[0].schedule.is_none());
 }
