@@ -179,15 +179,8 @@ fn parse_authorization(value: &str) -> Result<Authorization<'_>, AuthError> {
     if date.len() != 8 || !date.bytes().all(|b| b.is_ascii_digit()) {
         return Err(Malformed("Credential date must be YYYYMMDD"));
     }
-    let mut decoded = [0u8; 32];
-    if signature.len() != 64
-        || !signature
-            .bytes()
-            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        || hex::decode_to_slice(signature, &mut decoded).is_err()
-    {
-        return Err(Malformed("Signature must be 64 lowercase hex digits"));
-    }
+    let decoded = decode_signature(signature)
+        .ok_or(Malformed("Signature must be 64 lowercase hex digits"))?;
     Ok(Authorization {
         access_key_id,
         date,
@@ -593,6 +586,25 @@ impl Verifier {
     }
 }
 
+/// The 32 bytes of a signature in 64 lowercase hex digits (SigV4's form; anything
+/// else is malformed).
+fn decode_signature(hex: &str) -> Option<[u8; 32]> {
+    let digits = hex.as_bytes();
+    if digits.len() != 64 {
+        return None;
+    }
+    let nibble = |b: u8| match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        _ => None,
+    };
+    let mut bytes = [0u8; 32];
+    for (byte, pair) in bytes.iter_mut().zip(digits.chunks_exact(2)) {
+        *byte = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(bytes)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -962,6 +974,30 @@ mod tests {
             changed.insert("authorization", auth.replace(from, to).parse().unwrap());
             assert_eq!(verify(&changed), Err(expected), "{to}");
         }
+    }
+
+    #[test]
+    fn signatures_decode_from_lowercase_hex_only() {
+        // Every byte value, in every position of a signature.
+        for start in [0u8, 32, 64, 96, 128, 160, 192, 224] {
+            let bytes: [u8; 32] = std::array::from_fn(|i| start.wrapping_add(i as u8));
+            assert_eq!(decode_signature(&hex::encode(bytes)), Some(bytes));
+        }
+        let good = hex::encode([0xa5u8; 32]);
+        assert_eq!(decode_signature(&good[..62]), None);
+        assert_eq!(decode_signature(&format!("{good}00")), None);
+        assert_eq!(decode_signature(&good.to_uppercase()), None);
+        // The characters just outside the digit ranges, in either nibble.
+        for bad in ['/', ':', '`', 'g', 'A', 'F', ' '] {
+            for at in [0, 1, 63] {
+                let mut s = good.clone().into_bytes();
+                s[at] = bad as u8;
+                let s = String::from_utf8(s).unwrap();
+                assert_eq!(decode_signature(&s), None, "{s}");
+            }
+        }
+        // A multi-byte character where two digits belong.
+        assert_eq!(decode_signature(&format!("é{}", &good[2..])), None);
     }
 
     #[test]
