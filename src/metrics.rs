@@ -6,8 +6,8 @@
 //! and gauges are prometheus-client's atomics. [`Metrics::encode`] renders everything
 //! in the OpenMetrics text format.
 
+use foldhash::HashMap;
 use std::cell::Cell;
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -5,7 +5,7 @@
 //! contain `/`), then looks the remaining prefix up in a hash map: one pass over the
 //! path and one lookup, whatever the number of key stores.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 
 use http::Method;
 

@@ -5,7 +5,7 @@
 //! region and service. Derived signing keys are cached per credential and date, so the
 //! hot path costs two SHA-256s and one HMAC. Signatures are compared in constant time.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::fmt;
 use std::time::{Duration, SystemTime};
 

@@ -15,7 +15,7 @@
 //! objects to async tasks, which would then need `spawn_blocking` per call to get off
 //! the tokio workers. A thread that owns its session needs no handoff of the session.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};

@@ -4,7 +4,7 @@
 //! the HTTP layer can run without a token. It is not for production: key material lives
 //! in ordinary memory and, unless given in the configuration, is random per process.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::fmt;
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
