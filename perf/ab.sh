@@ -28,15 +28,9 @@ SECONDS_PER_RUN="$1"
 shift
 VARIANTS=("$@")
 ROUNDS="${ROUNDS:-3}"
-STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
-OUT="perf/runs/$STAMP-ab"
-mkdir -p "$OUT"
 # WORK, a temporary directory; the proxy is stopped and WORK removed on exit.
 . perf/lib.sh
-
-cargo build --release -p xks-proxy -p xks-loadtest
-LOAD=target/release/xks-loadtest
-target/release/xks-proxy quickstart --setup-only --dir "$WORK/q" --listen 127.0.0.1:18443 >/dev/null
+prepare_run -ab
 TICK=$(getconf CLK_TCK)
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }

@@ -10,6 +10,22 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# prepare_run SUFFIX: sets STAMP (the UTC time) and OUT, perf/runs/<STAMP><SUFFIX>
+# (created); builds xks-proxy, xks-loadtest and the bare server (examples/bare.rs),
+# sets PROXY and LOAD to them, and writes the quickstart's SoftHSM2 token, keys,
+# credential, certificates and config to $WORK/q (the config at $WORK/q/config.toml,
+# the client's settings at $WORK/q/test-client.env).
+prepare_run() {
+  STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
+  OUT="perf/runs/$STAMP$1"
+  mkdir -p "$OUT"
+  cargo build --release -p xks-proxy -p xks-loadtest
+  cargo build --release --example bare
+  PROXY=target/release/xks-proxy
+  LOAD=target/release/xks-loadtest
+  "$PROXY" quickstart --setup-only --dir "$WORK/q" --listen 127.0.0.1:18443 >/dev/null
+}
+
 # write_software_config QUICKSTART_DIR FILE: the quickstart's credential and
 # certificate in front of the in-process software backend, on the same port.
 write_software_config() {

@@ -20,20 +20,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SECONDS_PER_RUN="${1:-10}"
-STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
-OUT="perf/runs/$STAMP"
-mkdir -p "$OUT"
 # WORK, a temporary directory; the proxy is stopped and WORK removed on exit.
 . perf/lib.sh
 
 ./scripts/setup.sh wrk
-cargo build --release -p xks-proxy -p xks-loadtest
-cargo build --release --example bare
-PROXY=target/release/xks-proxy
-LOAD=target/release/xks-loadtest
-
 # A SoftHSM2 token, keys, credential, certificates and config (the quickstart's).
-"$PROXY" quickstart --setup-only --dir "$WORK/q" --listen 127.0.0.1:18443 >/dev/null
+prepare_run ""
 ENV="$WORK/q/test-client.env"
 
 # The same credential and certificate in front of the software backend.

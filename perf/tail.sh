@@ -26,18 +26,9 @@ cd "$(dirname "$0")/.."
 
 SECONDS_PER_RUN="${1:-10}"
 ROUNDS="${ROUNDS:-3}"
-STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
-OUT="perf/runs/$STAMP-tail"
-mkdir -p "$OUT"
 # WORK, a temporary directory; the proxy is stopped and WORK removed on exit.
 . perf/lib.sh
-
-cargo build --release -p xks-proxy -p xks-loadtest
-cargo build --release --example bare
-PROXY=target/release/xks-proxy
-LOAD=target/release/xks-loadtest
-
-"$PROXY" quickstart --setup-only --dir "$WORK/q" --listen 127.0.0.1:18443 >/dev/null
+prepare_run -tail
 write_software_config "$WORK/q" "$WORK/software.toml"
 COMMANDS="$OUT/commands.txt"
 LOAD_ARGS=(run --env "$WORK/q/test-client.env" --mix encrypt=1 --plaintext-bytes 32 --aad-bytes 100
