@@ -237,6 +237,41 @@ async fn a_module_that_stays_down_fails_fast_and_health_says_so_until_it_returns
     assert_eq!(monitor.check().await, EkmHealth::Active);
 }
 
+/// GetKeyMetadata reads the token afresh but makes no session copy of the key: each
+/// copy lives until its retire grace is over, and a steady stream of GetKeyMetadata
+/// used to pile thousands of them into SoftHSM2, slowing every search with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_metadata_reads_the_token_without_copying_the_key() {
+    let _one = setup().1.lock().await;
+    let (backend, faults) = connect(IvSource::HsmRandom);
+    round_trip(&backend).await.unwrap();
+    // Count the calls that copy a key and those that search the token.
+    faults.set_function_latency(Function::CopyObject, Some(Duration::from_micros(1)));
+    let copies = faults.delayed();
+    for _ in 0..20 {
+        let metadata = backend.key_metadata("foo", deadline()).await.unwrap();
+        assert!(metadata.enabled && metadata.is_aes_256(), "{metadata:?}");
+    }
+    assert_eq!(faults.delayed(), copies, "GetKeyMetadata copied the key");
+    faults.clear();
+    faults.set_function_latency(Function::FindObjects, Some(Duration::from_micros(1)));
+    let searches = faults.delayed();
+    backend.key_metadata("foo", deadline()).await.unwrap();
+    assert!(
+        faults.delayed() > searches,
+        "GetKeyMetadata did not read the token"
+    );
+    // The cached copy still serves: no new search for Encrypt or Decrypt.
+    let searches = faults.delayed();
+    round_trip(&backend).await.unwrap();
+    assert_eq!(faults.delayed(), searches, "the cached key was dropped");
+    faults.clear();
+    assert_eq!(
+        backend.key_metadata("no-such-key", deadline()).await,
+        Err(HsmError::KeyNotFound)
+    );
+}
+
 /// A cached key due to be re-read is re-read by one session; the others go on with the
 /// entry they have instead of queueing behind the lookup (on SoftHSM2 a lookup and
 /// copy take a millisecond and more, every `key_refresh`).

@@ -188,6 +188,8 @@ impl fmt::Debug for Pkcs11Settings {
 #[derive(Debug, Clone)]
 struct CachedKey {
     handle: ObjectHandle,
+    /// The token object `handle` was copied from (`handle` itself without a copy).
+    source: ObjectHandle,
     /// Set when `handle` is this proxy's session copy of the token key (destroyed when
     /// replaced): the serial of the session that made it. A session object dies with
     /// the session that created it, so the copy is forgotten when that session goes.
@@ -825,8 +827,7 @@ impl Pkcs11Backend {
         let key_id = key_id.to_owned();
         self.pool
             .run_control("GetKeyMetadata", deadline, move |w| {
-                w.forget(&key_id);
-                w.key(&key_id).map(|k| k.metadata)
+                w.fresh_metadata(&key_id)
             })
             .await
     }
@@ -1230,13 +1231,13 @@ impl Worker {
         }
     }
 
-    fn find_key(&mut self, key_id: &str) -> Result<CachedKey, HsmError> {
+    /// The key's token object and its metadata as the token holds them now.
+    fn read_token_key(&mut self, key_id: &str) -> Result<(ObjectHandle, KeyMetadata), HsmError> {
         let template = [
             Attribute::Class(ObjectClass::SECRET_KEY),
             Attribute::Token(true),
             Attribute::Label(key_id.as_bytes().to_vec()),
         ];
-        let generation = self.shared.module.generation();
         let handles = self.call(|s| s.find_objects(&template), Function::FindObjects)?;
         let handle = match handles.as_slice() {
             [handle] => *handle,
@@ -1252,6 +1253,48 @@ impl Worker {
             |s| is_disabled(s, super::base_key_id(key_id)),
             Function::FindObjects,
         )?;
+        Ok((handle, metadata_from_attributes(&attributes, disabled)))
+    }
+
+    /// The key's metadata read fresh from the token (GetKeyMetadata must reflect the key
+    /// as it is now), without a new session copy: GetKeyMetadata may come often, and
+    /// each copy is an object the module keeps until [`RETIRE_GRACE`] is over (on
+    /// SoftHSM2, every search then walks them all). The cached entry stays while it
+    /// still matches the token; a key replaced or changed is re-read at its next use.
+    fn fresh_metadata(&mut self, key_id: &str) -> Result<KeyMetadata, HsmError> {
+        // Under the lookup lock, like [`Self::key`]: a search while another session
+        // copies the key can see the copy as a second key with the label.
+        let shared = Arc::clone(&self.shared);
+        let _lookup = shared.lookup.lock();
+        let generation = self.shared.module.generation();
+        let (source, metadata) = match self.read_token_key(key_id) {
+            Ok(read) => read,
+            Err(e) => {
+                if e == HsmError::KeyNotFound {
+                    self.forget(key_id);
+                }
+                return Err(e);
+            }
+        };
+        let stale = {
+            let mut keys = self.shared.keys.write();
+            let matches = keys.get(key_id).is_some_and(|k| {
+                k.source == source && k.generation == generation && k.metadata == metadata
+            });
+            if matches {
+                None
+            } else {
+                keys.remove(key_id)
+            }
+        };
+        self.discard(stale);
+        Ok(metadata)
+    }
+
+    fn find_key(&mut self, key_id: &str) -> Result<CachedKey, HsmError> {
+        let generation = self.shared.module.generation();
+        let (handle, metadata) = self.read_token_key(key_id)?;
+        let source = handle;
         // A session copy spares modules that re-check token objects on every use
         // (SoftHSM2 stats and locks the object's file in each C_EncryptInit). The copy
         // carries the same attributes; a module that refuses to copy keeps the original.
@@ -1278,8 +1321,9 @@ impl Worker {
         }
         Ok(CachedKey {
             handle,
+            source,
             owner,
-            metadata: metadata_from_attributes(&attributes, disabled),
+            metadata,
             read_at: Instant::now(),
             generation,
         })
