@@ -86,7 +86,7 @@ pub struct RequestLabels {
 /// Why a request was shed with 429.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ShedLabels {
-    /// `queue_full`, `expected_wait`, `expired_in_queue`, `quota`.
+    /// `queue_full`, `expected_wait`, `expired_in_queue`, `expired_in_call`, `quota`.
     pub reason: &'static str,
 }
 

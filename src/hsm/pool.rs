@@ -14,7 +14,12 @@
 //!   usual length, is never sent to the HSM;
 //! - a call that runs past its call timeout (or the request's deadline) answers
 //!   [`HsmError::Timeout`] (→ 503) at once, while its thread finishes the call: the
-//!   session only returns to the pool when the HSM lets go of it.
+//!   session only returns to the pool when the HSM lets go of it. The fleet takes an
+//!   EKM whose call timed out out of service, so a request whose deadline passes
+//!   while its call has run for less than half the time it could have had (the call
+//!   timeout, or the request's time left when it was submitted) is shed instead
+//!   ([`HsmError::Busy`], `expired_in_call`): it waited long in the queue first, which
+//!   is load, not a hung HSM.
 //!
 //! The PKCS#11 backend and the simulated HSM both run on this pool, so backpressure
 //! tests with the simulated HSM exercise the product's admission code.
@@ -361,6 +366,11 @@ impl<S: Send + 'static> Pool<S> {
         // is first. A call cannot have started before `now`, so `now + call_timeout`
         // is never later than its own limit.
         let mut wake = deadline.min(now + shared.call_timeout);
+        // The longest the call could have run: its timeout, or what was left of the
+        // request's time when it was submitted.
+        let call_budget = shared
+            .call_timeout
+            .min(deadline.saturating_duration_since(now));
         loop {
             match tokio::time::timeout_at(wake.into(), &mut answer).await {
                 Ok(result) => {
@@ -398,7 +408,21 @@ impl<S: Send + 'static> Pool<S> {
                         _ => {
                             let started = shared.epoch
                                 + Duration::from_nanos(state.started_ns.load(Ordering::Acquire));
-                            let limit = deadline.min(started + shared.call_timeout);
+                            let call_limit = started + shared.call_timeout;
+                            let limit = deadline.min(call_limit);
+                            if now >= limit
+                                && now < call_limit
+                                && now.duration_since(started) < call_budget / 2
+                            {
+                                // The request's deadline passed while its call had run
+                                // for less than half the time it could have had: the
+                                // request spent most of its time in the queue. That is
+                                // load, not a hung HSM. It is shed like a request that
+                                // expired in the queue; a Timeout would take the EKM
+                                // out of service.
+                                shared.metrics.shed("expired_in_call");
+                                return Err(HsmError::Busy);
+                            }
                             if now >= limit {
                                 tracing::warn!(
                                     operation,
@@ -644,6 +668,60 @@ mod tests {
         assert_eq!(refused, 0);
         // Requests do teach it.
         assert!(pool.shared.mean_service() >= Duration::from_millis(1));
+    }
+
+    fn shed(pool: &Pool<()>, reason: &'static str) -> u64 {
+        pool.shared
+            .metrics
+            .sheds
+            .get_or_create(&crate::metrics::ShedLabels { reason })
+            .get()
+    }
+
+    #[tokio::test]
+    async fn a_deadline_that_passes_early_in_a_call_is_load_not_a_hung_hsm() {
+        // One session: the request waits 300 ms for another call, then runs its own
+        // for the 100 ms it has left (of 400); the call timeout is far away. The
+        // margins leave a loaded machine 100 ms of scheduling delay.
+        let pool = pool(1, 8, Duration::from_secs(5));
+        let first = {
+            let pool = Arc::clone(&pool);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            // A control call, so that the service-time estimate stays empty and the
+            // request below is not shed before its call for lack of time.
+            tokio::spawn(async move {
+                pool.run_control("Test", deadline, sleeper(Duration::from_millis(300)))
+                    .await
+            })
+        };
+        while pool.shared.busy.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let result = pool
+            .run_control(
+                "Test",
+                Instant::now() + Duration::from_millis(400),
+                sleeper(Duration::from_millis(600)),
+            )
+            .await;
+        first.await.unwrap().unwrap();
+        assert_eq!(result, Err(HsmError::Busy));
+        assert_eq!(shed(&pool, "expired_in_call"), 1);
+
+        // A call that takes the request's whole time is the HSM's: a timeout. (Once
+        // the session has finished the call given up above.)
+        while pool.shared.busy.load(Ordering::SeqCst) != 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let result = pool
+            .run_control(
+                "Test",
+                Instant::now() + Duration::from_millis(400),
+                sleeper(Duration::from_millis(600)),
+            )
+            .await;
+        assert_eq!(result, Err(HsmError::Timeout));
+        assert_eq!(shed(&pool, "expired_in_call"), 1);
     }
 
     #[tokio::test]
