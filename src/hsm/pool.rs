@@ -694,16 +694,18 @@ mod tests {
                     .await
             })
         };
-        while pool.shared.busy.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        let result = pool
-            .run_control(
+        // A request with 400 ms left whose call would take 600 ms.
+        let slow_request = || {
+            pool.run_control(
                 "Test",
                 Instant::now() + Duration::from_millis(400),
                 sleeper(Duration::from_millis(600)),
             )
-            .await;
+        };
+        while pool.shared.busy.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let result = slow_request().await;
         first.await.unwrap().unwrap();
         assert_eq!(result, Err(HsmError::Busy));
         assert_eq!(shed(&pool, "expired_in_call"), 1);
@@ -713,14 +715,7 @@ mod tests {
         while pool.shared.busy.load(Ordering::SeqCst) != 0 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        let result = pool
-            .run_control(
-                "Test",
-                Instant::now() + Duration::from_millis(400),
-                sleeper(Duration::from_millis(600)),
-            )
-            .await;
-        assert_eq!(result, Err(HsmError::Timeout));
+        assert_eq!(slow_request().await, Err(HsmError::Timeout));
         assert_eq!(shed(&pool, "expired_in_call"), 1);
     }
 
