@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use xks_proxy::auth::SignOptions;
 
@@ -83,6 +83,11 @@ pub struct RunArgs {
     /// Seconds of load before measuring.
     #[arg(long, default_value_t = 2.0)]
     warmup: f64,
+    /// Start the warm-up at this wall-clock time, Unix seconds, once connected. Give
+    /// generators on several machines the same time (their clocks in sync, e.g. by NTP)
+    /// and their measured windows coincide, for `merge`.
+    #[arg(long, value_name = "UNIX_SECONDS")]
+    start_at: Option<f64>,
     /// Latency objective: p99 at most this many ms.
     #[arg(long)]
     slo_p99_ms: Option<f64>,
@@ -133,6 +138,27 @@ fn runtime(threads: Option<usize>) -> Result<tokio::runtime::Runtime, Error> {
     Ok(builder.build()?)
 }
 
+/// `--start-at`: a wall-clock time in the future, and not so far that it must be a
+/// mistake (milliseconds given for seconds).
+fn start_time(unix_seconds: f64) -> Result<SystemTime, Error> {
+    let at = UNIX_EPOCH + seconds(unix_seconds, "--start-at")?;
+    let now = SystemTime::now();
+    match at.duration_since(now) {
+        Err(past) => Err(format!(
+            "--start-at is {:.1} s in the past: give every generator the same future time, e.g. $(( $(date +%s) + 30 ))",
+            past.duration().as_secs_f64()
+        )
+        .into()),
+        Ok(wait) if wait > START_AT_HORIZON => {
+            Err("--start-at is more than a day ahead: it takes Unix seconds".into())
+        }
+        Ok(_) => Ok(at),
+    }
+}
+
+/// The furthest ahead `--start-at` may be.
+const START_AT_HORIZON: Duration = Duration::from_secs(24 * 3600);
+
 fn seconds(value: f64, flag: &str) -> Result<Duration, Error> {
     Duration::try_from_secs_f64(value)
         .map_err(|_| format!("{flag} must be a number of seconds ≥ 0").into())
@@ -166,6 +192,7 @@ impl LoadArgs {
             verify_samples: self.verify_samples,
             progress: Progress::choose(self.quiet),
             label,
+            start_at: None,
         }
     }
 
@@ -217,9 +244,10 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, Error> {
     if args.rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
         return Err("--rate must be above 0".into());
     }
+    let start_at = args.start_at.map(start_time).transpose()?;
     let target = Target::from_args(&args.target)?;
     let info = target.info();
-    let settings = args.load.settings(
+    let mut settings = args.load.settings(
         args.rate,
         seconds(args.warmup, "--warmup")?,
         seconds(args.duration, "--duration")?,
@@ -228,8 +256,12 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, Error> {
     if settings.duration.is_zero() {
         return Err("--duration must be above 0".into());
     }
+    settings.start_at = start_at;
     let started = time::OffsetDateTime::now_utc();
     let mut config = args.load.config(&settings)?;
+    if let Some(at) = args.start_at {
+        config["start_at_unix"] = at.into();
+    }
     config["mode"] = if args.rate.is_some() {
         "open loop"
     } else {

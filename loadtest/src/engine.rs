@@ -111,6 +111,9 @@ pub struct LoadSettings {
     /// What the progress line calls this window.
     #[serde(skip)]
     pub label: String,
+    /// Start the warm-up at this wall-clock time (several generators at once).
+    #[serde(skip)]
+    pub start_at: Option<SystemTime>,
 }
 
 mod secs {
@@ -573,12 +576,16 @@ pub async fn run_window(
         .collect();
     drop(seconds_tx);
 
+    if let Some(at) = settings.start_at {
+        wait_for_start(at, settings.progress).await;
+    }
     let t0 = Instant::now();
     let unix0 = SystemTime::now();
     let measure_start = t0 + settings.warmup;
-    let measure_unix = (unix0 + settings.warmup)
+    let measure_since_epoch = (unix0 + settings.warmup)
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+        .unwrap_or_default();
+    let measure_unix = measure_since_epoch.as_secs();
     let window = Arc::new(Window {
         workload: Arc::clone(workload),
         settings: settings.clone(),
@@ -676,6 +683,7 @@ pub async fn run_window(
             late,
             unsent,
             series,
+            window_start_unix_ms: Some(measure_since_epoch.as_millis() as u64),
             // Until the last answer: an open loop that fell behind is still catching up
             // after the window, and its achieved rate must show that.
             seconds: (last_done - window.measure_start).as_secs_f64(),
@@ -686,6 +694,23 @@ pub async fn run_window(
         },
         verification,
     })
+}
+
+/// Sleeps until the wall-clock time `at` (`run --start-at`); says so when the
+/// connections took so long that it has passed.
+async fn wait_for_start(at: SystemTime, progress: Progress) {
+    match at.duration_since(SystemTime::now()) {
+        Ok(wait) => {
+            if progress != Progress::Quiet {
+                eprintln!("waiting {:.1} s for --start-at", wait.as_secs_f64());
+            }
+            tokio::time::sleep(wait).await;
+        }
+        Err(late) => eprintln!(
+            "warning: starting {:.3} s after --start-at: connecting took that long",
+            late.duration().as_secs_f64()
+        ),
+    }
 }
 
 /// Sends `request`, connecting first if needed; drops the connection on failure.

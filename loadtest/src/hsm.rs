@@ -271,9 +271,10 @@ fn step(
     let start = Instant::now() + Duration::from_millis(50);
     let measure_start = start + warmup;
     let end = measure_start + duration;
-    let measure_unix = (SystemTime::now() + Duration::from_millis(50) + warmup)
+    let measure_since_epoch = (SystemTime::now() + Duration::from_millis(50) + warmup)
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+        .unwrap_or_default();
+    let measure_unix = measure_since_epoch.as_secs();
     let host_iv = args.iv == "host";
     let meter = Meter::start(DEFAULT_INTERVAL, measure_start, end)?;
     let results: Vec<Result<ThreadRecords, Error>> = std::thread::scope(|scope| {
@@ -353,6 +354,7 @@ fn step(
             .filter(|(_, (h, _))| !h.is_empty())
             .map(|(i, (h, e))| (measure_unix + i as u64, i as u64, h, e))
             .collect(),
+        window_start_unix_ms: Some(measure_since_epoch.as_millis() as u64),
         seconds: duration.as_secs_f64(),
         stalls: Some(stalls),
         // The session threads pace themselves: released and sent are one moment.

@@ -428,6 +428,13 @@ pub struct Report {
     pub config: serde_json::Value,
     /// Length of the measured window, seconds.
     pub duration_s: f64,
+    /// When the measured window started, Unix milliseconds (`merged`: the earliest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_start_unix_ms: Option<u64>,
+    /// `merged`: seconds in which every generator's measured window was running, when
+    /// every report says when its window started. Throughputs add only over these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub together_s: Option<f64>,
     /// Totals.
     pub summary: Summary,
     /// Answers by HTTP status (`0`: no answer).
@@ -467,6 +474,8 @@ pub struct Measured {
     pub unsent: u64,
     /// Per-second (unix second, offset, histogram, errors).
     pub series: Vec<(u64, u64, Histogram<u64>, u64)>,
+    /// When the measured window started, Unix milliseconds.
+    pub window_start_unix_ms: Option<u64>,
     /// Window length, seconds.
     pub seconds: f64,
     /// The generator machine's own stalls in the window.
@@ -577,6 +586,8 @@ impl Report {
             hsm: None,
             config,
             duration_s: measured.seconds,
+            window_start_unix_ms: measured.window_start_unix_ms,
+            together_s: None,
             summary: Summary {
                 requests,
                 ok: requests - errors,
@@ -696,6 +707,20 @@ impl Report {
                 released,
                 s.late.saturating_sub(released)
             );
+        }
+        if let Some(together) = self.together_s {
+            let _ = writeln!(
+                out,
+                "the {} generators ran together for {together:.2} of {:.2} s",
+                self.machines.len(),
+                self.duration_s
+            );
+            if together < 0.9 * self.duration_s {
+                let _ = writeln!(
+                    out,
+                    "warning: their throughputs add only while they ran together; start every generator with the same --start-at"
+                );
+            }
         }
         let _ = writeln!(out, "status: {}", counts(&self.status_counts));
         if !self.error_counts.is_empty() {
@@ -846,6 +871,8 @@ pub fn merge(reports: &[Report]) -> Result<Report, Error> {
         }
     }
     merged.start_unix_ms = start;
+    merged.window_start_unix_ms = reports.iter().filter_map(|r| r.window_start_unix_ms).min();
+    merged.together_s = together_s(reports);
     merged.machines = machines;
     merged.duration_s = duration;
     merged.status_counts = status;
@@ -885,6 +912,19 @@ pub fn merge(reports: &[Report]) -> Result<Report, Error> {
             && pct(all_errors, all.len()) <= slo.error_pct;
     }
     Ok(merged)
+}
+
+/// Seconds in which every report's measured window was running, or `None` when a
+/// report does not say when its window started (reports from before that was recorded).
+fn together_s(reports: &[Report]) -> Option<f64> {
+    let mut start = 0;
+    let mut end = u64::MAX;
+    for report in reports {
+        let from = report.window_start_unix_ms?;
+        start = start.max(from);
+        end = end.min(from + (report.duration_s.max(0.0) * 1000.0) as u64);
+    }
+    Some(end.saturating_sub(start) as f64 / 1000.0)
 }
 
 /// Side-by-side throughput and percentiles of two reports, with B/A ratios.
@@ -1010,6 +1050,7 @@ mod tests {
             late: 0,
             unsent: 0,
             series: vec![(t0, 0, second, errors)],
+            window_start_unix_ms: Some(t0 * 1000),
             seconds: 1.0,
             stalls: None,
             schedule: None,
@@ -1073,6 +1114,34 @@ mod tests {
         assert_eq!(m.series[1].offset_s, 1);
         assert!((m.summary.throughput_rps - 6.0).abs() < 1e-9);
         assert!((m.operations["overall"].latency_ms.max - 6.0).abs() < 0.01);
+    }
+
+    #[test]
+    fn merge_says_how_long_the_generators_ran_together() {
+        // Both windows 1 s long, from Unix second 100.
+        let m = merge(&[report(&[1_000], 0, 100), report(&[2_000], 0, 100)]).unwrap();
+        assert_eq!(m.together_s, Some(1.0));
+        assert_eq!(m.window_start_unix_ms, Some(100_000));
+        assert!(m.text().contains("ran together for 1.00 of 1.00 s"));
+        assert!(!m.text().contains("warning"), "{}", m.text());
+
+        // One started 0.6 s later: they shared 0.4 s, and the text says what to do.
+        let mut late = report(&[2_000], 0, 100);
+        late.window_start_unix_ms = Some(100_600);
+        let m = merge(&[report(&[1_000], 0, 100), late]).unwrap();
+        assert!((m.together_s.unwrap() - 0.4).abs() < 1e-9);
+        assert!(m.text().contains("same --start-at"), "{}", m.text());
+
+        // Apart: nothing together.
+        let m = merge(&[report(&[1_000], 0, 100), report(&[2_000], 0, 105)]).unwrap();
+        assert_eq!(m.together_s, Some(0.0));
+
+        // A report that does not say when its window started: cannot tell.
+        let mut old = report(&[2_000], 0, 100);
+        old.window_start_unix_ms = None;
+        let m = merge(&[report(&[1_000], 0, 100), old]).unwrap();
+        assert_eq!(m.together_s, None);
+        assert!(!m.text().contains("together"));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `run`, `search`, `merge`, `compare` and `chart` against a real proxy (software
 //! backend, served in-process by the xks-proxy library). Nothing here asserts timings:
-//! only counts, the report's structure and the verification results.
+//! only counts, the report's structure and the verification results, and that
+//! generators given the same `--start-at` measure the same window.
 
 #![allow(clippy::unwrap_used)]
 
@@ -259,6 +260,90 @@ fn merge_compare_and_chart() {
     loadtest_ok(&["chart", &path("m.json"), "-o", &path("m.html")]);
     let html = std::fs::read_to_string(path("m.html")).unwrap();
     assert!(html.contains("<html") && html.contains("<svg") && html.contains("overall"));
+}
+
+#[test]
+fn generators_given_the_same_start_measure_the_same_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::software(dir.path());
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let start_at = (now + 5).to_string();
+    let generator = |name: &str| {
+        with(
+            &proxy,
+            &[
+                "run",
+                "--quiet",
+                "--duration",
+                "2",
+                "--warmup",
+                "0.2",
+                "--connections",
+                "2",
+                "--start-at",
+                &start_at,
+                "--report",
+                &path(name),
+            ],
+        )
+    };
+    // The second generator is started 1.5 s after the first, as on another machine.
+    let (first, second) = (generator("a.json"), generator("b.json"));
+    std::thread::scope(|scope| {
+        let a = scope.spawn(|| loadtest_ok(&first));
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let b = scope.spawn(|| loadtest_ok(&second));
+        a.join().unwrap();
+        b.join().unwrap();
+    });
+    let merged = loadtest_ok(&[
+        "merge",
+        &path("a.json"),
+        &path("b.json"),
+        "-o",
+        &path("m.json"),
+    ]);
+    let earliest = (now + 5) * 1000 + 200;
+    for name in ["a.json", "b.json"] {
+        let report = Report::read(dir.path().join(name).as_path()).unwrap();
+        let window = report.window_start_unix_ms.unwrap();
+        assert!(
+            window >= earliest,
+            "{name} measured from {window}, before {earliest}"
+        );
+        assert_eq!(report.config["start_at_unix"], (now + 5) as f64);
+    }
+    let m = Report::read(dir.path().join("m.json").as_path()).unwrap();
+    let together = m.together_s.unwrap();
+    // Without waiting for --start-at the windows would share 0.5 of their 2 s.
+    assert!(
+        together > 1.0,
+        "together {together} s of {} s",
+        m.duration_s
+    );
+    assert!(
+        merged.contains("the 2 generators ran together for"),
+        "{merged}"
+    );
+}
+
+#[test]
+fn a_start_time_in_the_past_or_a_day_ahead_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::software(dir.path());
+    for (at, says) in [("100", "in the past"), ("1e12", "more than a day ahead")] {
+        let out = loadtest(&with(
+            &proxy,
+            &["run", "--quiet", "--duration", "0.2", "--start-at", at],
+        ));
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{at}: {stderr}");
+    }
 }
 
 #[test]
