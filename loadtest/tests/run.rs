@@ -201,6 +201,19 @@ fn new_connection_per_request_works() {
     assert_eq!(report.summary.errors, 0, "{:?}", report.error_counts);
 }
 
+/// `merge` of `a.json` and `b.json` in `dir` into `m.json`: its text and the report.
+fn merge_a_and_b(dir: &std::path::Path) -> (String, Report) {
+    let path = |name: &str| dir.join(name).display().to_string();
+    let text = loadtest_ok(&[
+        "merge",
+        &path("a.json"),
+        &path("b.json"),
+        "-o",
+        &path("m.json"),
+    ]);
+    (text, Report::read(dir.join("m.json").as_path()).unwrap())
+}
+
 #[test]
 fn merge_compare_and_chart() {
     let dir = tempfile::tempdir().unwrap();
@@ -223,16 +236,9 @@ fn merge_compare_and_chart() {
             ],
         ));
     }
-    let merged = loadtest_ok(&[
-        "merge",
-        &path("a.json"),
-        &path("b.json"),
-        "-o",
-        &path("m.json"),
-    ]);
+    let (merged, m) = merge_a_and_b(dir.path());
     let a = Report::read(dir.path().join("a.json").as_path()).unwrap();
     let b = Report::read(dir.path().join("b.json").as_path()).unwrap();
-    let m = Report::read(dir.path().join("m.json").as_path()).unwrap();
     assert_eq!(m.kind, "merged");
     assert_eq!(m.summary.requests, a.summary.requests + b.summary.requests);
     assert_eq!(
@@ -300,13 +306,7 @@ fn generators_given_the_same_start_measure_the_same_window() {
         a.join().unwrap();
         b.join().unwrap();
     });
-    let merged = loadtest_ok(&[
-        "merge",
-        &path("a.json"),
-        &path("b.json"),
-        "-o",
-        &path("m.json"),
-    ]);
+    let (merged, m) = merge_a_and_b(dir.path());
     let earliest = (now + 5) * 1000 + 200;
     for name in ["a.json", "b.json"] {
         let report = Report::read(dir.path().join(name).as_path()).unwrap();
@@ -317,7 +317,6 @@ fn generators_given_the_same_start_measure_the_same_window() {
         );
         assert_eq!(report.config["start_at_unix"], (now + 5) as f64);
     }
-    let m = Report::read(dir.path().join("m.json").as_path()).unwrap();
     let together = m.together_s.unwrap();
     // Without waiting for --start-at the windows would share 0.5 of their 2 s.
     assert!(
