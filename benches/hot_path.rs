@@ -4,7 +4,7 @@
 //!
 //! | group | what one iteration is |
 //! | --- | --- |
-//! | `sigv4` | `Verifier::verify` of a signed Encrypt request (signed in setup by the independent `aws-sigv4` crate); `cached`: the signing key is in the cache; `uncached`: four requests signed on four days, verified in turn, so every call misses the three-date cache and derives the key (four HMACs) |
+//! | `sigv4` | `Verifier::verify` of a signed Encrypt request (signed in setup by the independent `aws-sigv4` crate); `cached`: the signing key is in the cache; `cached_varied`: the same, over 1024 requests signed at different seconds (every signature different, as KMS sends them); `uncached`: four requests signed on four days, verified in turn, so every call misses the three-date cache and derives the key (four HMACs) |
 //! | `router` | `Router::route` with eight key stores: a hit, a 404 (unknown prefix) and a 405 (GET) |
 //! | `parse_validate` | `Handler::handle` for a key outside the key store: JSON parsing, `requestMetadata` and algorithm checks, then KeyNotFound — the request parsing `src/xks/` does before Base64 decoding and any HSM call (parsing is only reachable through the handler) |
 //! | `aad` | the spec's HSM AAD encoding (100-byte AAD) and the CDIV over it |
@@ -90,9 +90,35 @@ fn bench_sigv4(c: &mut Criterion) {
             .is_ok());
     }
 
+    // As KMS sends them: every request signed at another second, so no two
+    // signatures are alike and the branch predictor cannot learn their digits (the
+    // same request over and over lets it).
+    let varied: Vec<(SystemTime, http::HeaderMap)> = (0..1024u64)
+        .map(|second| {
+            let time = t0 + Duration::from_secs(second);
+            (time, sign_request(&path, &body, time))
+        })
+        .collect();
+    for (time, headers) in &varied {
+        assert_eq!(
+            verifier.verify(&request_parts(&path, headers, &body), *time),
+            Ok(ACCESS_KEY_ID)
+        );
+    }
+
     let mut group = c.benchmark_group("sigv4");
     group.bench_function("verify_cached", |b| {
         b.iter(|| verifier.verify(black_box(&parts), black_box(t0)).is_ok());
+    });
+    let mut next = 0;
+    group.bench_function("verify_cached_varied", |b| {
+        b.iter(|| {
+            let (time, headers) = &varied[next % varied.len()];
+            next += 1;
+            verifier
+                .verify(black_box(&request_parts(&path, headers, &body)), *time)
+                .is_ok()
+        });
     });
     let mut next = 0;
     group.bench_function("verify_uncached", |b| {
