@@ -83,7 +83,7 @@ pub struct RunArgs {
     /// Seconds of load before measuring.
     #[arg(long, default_value_t = 2.0)]
     warmup: f64,
-    /// Start the warm-up at this wall-clock time, Unix seconds, once connected. Give
+    /// Start the warm-up at this wall-clock time, Unix seconds (connecting 3 s before). Give
     /// generators on several machines the same time (their clocks in sync, e.g. by NTP)
     /// and their measured windows coincide, for `merge`.
     #[arg(long, value_name = "UNIX_SECONDS")]

@@ -552,6 +552,15 @@ pub async fn run_window(
         1
     };
     let tasks = settings.connections.max(1) * streams;
+    if let Some(at) = settings.start_at {
+        if settings.progress != Progress::Quiet {
+            let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
+            eprintln!("waiting {:.1} s for --start-at", wait.as_secs_f64());
+        }
+        if let Some(connect_at) = at.checked_sub(CONNECT_LEAD) {
+            let _ = sleep_until(connect_at).await;
+        }
+    }
     // Open every connection first, so the schedule does not start with handshakes.
     let mut senders: Vec<Option<Sender>> = Vec::with_capacity(tasks);
     if !settings.new_connection_per_request {
@@ -577,7 +586,12 @@ pub async fn run_window(
     drop(seconds_tx);
 
     if let Some(at) = settings.start_at {
-        wait_for_start(at, settings.progress).await;
+        if let Err(late) = sleep_until(at).await {
+            eprintln!(
+                "warning: starting {:.3} s after --start-at: connecting took that long",
+                late.as_secs_f64()
+            );
+        }
     }
     let t0 = Instant::now();
     let unix0 = SystemTime::now();
@@ -696,20 +710,18 @@ pub async fn run_window(
     })
 }
 
-/// Sleeps until the wall-clock time `at` (`run --start-at`); says so when the
-/// connections took so long that it has passed.
-async fn wait_for_start(at: SystemTime, progress: Progress) {
+/// How long before `--start-at` the connections are opened: time enough to open them,
+/// too little for a proxy to close them as idle.
+const CONNECT_LEAD: Duration = Duration::from_secs(3);
+
+/// Sleeps until the wall-clock time `at`, or says how long ago it was.
+async fn sleep_until(at: SystemTime) -> Result<(), Duration> {
     match at.duration_since(SystemTime::now()) {
         Ok(wait) => {
-            if progress != Progress::Quiet {
-                eprintln!("waiting {:.1} s for --start-at", wait.as_secs_f64());
-            }
             tokio::time::sleep(wait).await;
+            Ok(())
         }
-        Err(late) => eprintln!(
-            "warning: starting {:.3} s after --start-at: connecting took that long",
-            late.duration().as_secs_f64()
-        ),
+        Err(late) => Err(late.duration()),
     }
 }
 
