@@ -158,6 +158,11 @@ pub struct ServerSection {
     /// KMS may legitimately retry a request with the same signature.
     #[serde(default)]
     pub sigv4_replay_protection: bool,
+    /// Hold each tokio worker (one per CPU the process may use) and the HSM session
+    /// threads on CPUs of their own, for a box the proxy shares with few other busy
+    /// processes (perf/RESULTS.md, step 31). Off by default.
+    #[serde(default)]
+    pub pin_threads: bool,
 }
 
 fn default_reload_poll() -> u64 {
@@ -480,6 +485,8 @@ pub struct Config {
     pub policy_file: Option<PathBuf>,
     /// Refuse replayed signatures.
     pub sigv4_replay_protection: bool,
+    /// Pin the tokio workers and the HSM session threads to CPUs.
+    pub pin_threads: bool,
     /// How often the files below are checked for changes (`None`: never).
     pub reload_poll: Option<Duration>,
     /// The files whose change reloads the configuration: the file itself, TLS files,
@@ -655,6 +662,7 @@ impl Config {
             max_body_bytes: file.server.max_body_bytes,
             policy_file,
             sigv4_replay_protection: file.server.sigv4_replay_protection,
+            pin_threads: file.server.pin_threads,
             reload_poll: (file.server.reload_poll_seconds > 0)
                 .then(|| Duration::from_secs(file.server.reload_poll_seconds)),
             watched_files,

@@ -18,6 +18,7 @@
 //! - [`metrics`]: latency histograms (sharded hdrhistograms), counters, Prometheus text.
 //! - [`config`]: the TOML configuration and its validation.
 //! - [`logging`]: the log writer that batches lines off the request path.
+//! - [`affinity`]: optional pinning of the workers and session threads to CPUs.
 //! - [`quickstart`]: a local SoftHSM2 token, keys, credentials, certificates and config
 //!   in one command.
 //!
@@ -27,6 +28,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod affinity;
 pub mod auth;
 pub mod authz;
 pub mod config;

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use xks_proxy::affinity;
 use xks_proxy::config::{BackendConfig, Config};
 use xks_proxy::hsm::pkcs11::{self, NewKeyUsage};
 use xks_proxy::logging::LogWriter;
@@ -245,6 +246,20 @@ fn init_logging(format: LogFormat) -> Option<LogWriter> {
     Some(writer)
 }
 
+/// The process's CPU plan for `server.pin_threads`, or `None` (with a warning) where
+/// the system does not say which CPUs the process may use.
+fn pinning_plan() -> Option<&'static affinity::Plan> {
+    let Some(plan) = affinity::Plan::from_allowed_cpus() else {
+        tracing::warn!(
+            "server.pin_threads: cannot read this process's CPUs; threads stay unpinned"
+        );
+        return None;
+    };
+    let plan = plan.install();
+    tracing::info!(cpus = ?plan.cpus(), "pinning one tokio worker to each CPU and the HSM session threads across them");
+    Some(plan)
+}
+
 /// Sets the module's environment (e.g. SOFTHSM2_CONF). Called before the runtime and
 /// the session threads start: the only other thread then is the log writer, which
 /// never reads the environment.
@@ -257,6 +272,8 @@ fn apply_environment(environment: &BTreeMap<String, String>) {
 fn serve(config_path: &Path) -> Result<(), Error> {
     let config = Config::load(config_path)?;
     apply_environment(&config.environment);
+    // Before the backend starts its session threads, which take their CPUs from it.
+    let pinning = config.pin_threads.then(pinning_plan).flatten();
     let metrics = Metrics::new(config.limits.request_deadline);
     let backend = server::backend(&config.backend, &metrics)?;
     for ekm in backend.ekms() {
@@ -265,10 +282,14 @@ fn serve(config_path: &Path) -> Result<(), Error> {
     let listen = config.listen;
     let admin = config.admin_listen;
     let app = server::app(config, backend, metrics)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("xks-worker")
-        .build()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all().thread_name("xks-worker");
+    if let Some(plan) = pinning {
+        runtime
+            .worker_threads(plan.workers())
+            .on_thread_start(|| plan.pin_worker());
+    }
+    let runtime = runtime.build()?;
     runtime.block_on(async move {
         let server = Server::bind(listen, admin, app, Some(config_path.to_owned())).await?;
         // Know the EKM's health before the first request and the first probe.

@@ -326,6 +326,10 @@ tls_certificate = "server.pem"
 tls_private_key = "server-key.pem"
 # Every request is answered within this (KMS waits 250 ms; see the README's budget).
 request_deadline_ms = 100
+# true: one tokio worker held on each CPU, the session threads spread over them. p99
+# comes closer to the mean when a load generator shares the box (perf/RESULTS.md,
+# step 31); the perf/ scripts turn it on.
+pin_threads = false
 
 # Prometheus metrics (/metrics) and probes (/livez, /readyz), plain HTTP, local only.
 [admin]

@@ -347,3 +347,98 @@ fn the_pkcs11_module_allocates_through_the_binarys_allocator() {
         );
     }
 }
+
+/// The CPUs each thread of process `pid` may run on, with the thread's name, from the
+/// kernel's `Cpus_allowed_list` (e.g. `0-3,6`).
+fn threads_cpus(pid: u32) -> Vec<(String, Vec<usize>)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let name = std::fs::read_to_string(task.join("comm")).unwrap();
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        let list = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim();
+        let mut cpus = Vec::new();
+        for part in list.split(',') {
+            match part.split_once('-') {
+                Some((a, b)) => cpus.extend(a.parse::<usize>().unwrap()..=b.parse().unwrap()),
+                None => cpus.push(part.parse().unwrap()),
+            }
+        }
+        threads.push((name.trim().to_owned(), cpus));
+    }
+    threads
+}
+
+#[tokio::test]
+async fn pin_threads_holds_each_worker_and_session_thread_on_one_cpu() {
+    let setup = Setup::new();
+    setup.edit_config("pin_threads = false", "pin_threads = true");
+    let proxy = setup.start();
+    // A worker pins itself when its thread starts, and the proxy can be listening
+    // before the kernel first ran the last worker's thread: give them a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let threads = loop {
+        let threads = threads_cpus(proxy.pid());
+        let settled = threads
+            .iter()
+            .filter(|(name, _)| name == "xks-worker")
+            .all(|(_, cpus)| cpus.len() == 1);
+        if settled || std::time::Instant::now() > deadline {
+            break threads;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let of = |name: &str| -> Vec<Vec<usize>> {
+        threads
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, cpus)| cpus.clone())
+            .collect()
+    };
+    // The main thread keeps the CPUs the process was given.
+    let all = of("xks-proxy").pop().unwrap();
+    // One worker per CPU the process may use, each held on its own.
+    let mut workers: Vec<usize> = of("xks-worker")
+        .into_iter()
+        .map(|cpus| {
+            assert_eq!(cpus.len(), 1, "a worker may run on {cpus:?}: {threads:?}");
+            cpus[0]
+        })
+        .collect();
+    workers.sort_unstable();
+    assert_eq!(workers, all, "{threads:?}");
+    // The quickstart's two session threads, each on one CPU, spread over them.
+    let sessions = of("pkcs11-session-");
+    assert_eq!(sessions.len(), 2, "{threads:?}");
+    assert!(sessions.iter().all(|cpus| cpus.len() == 1), "{threads:?}");
+    if all.len() > 1 {
+        assert_ne!(sessions[0], sessions[1], "{threads:?}");
+    }
+    // The log writer is not pinned.
+    assert_eq!(of("xks-log"), vec![all.clone()], "{threads:?}");
+    // And it serves.
+    let reply = proxy
+        .client()
+        .post(
+            Version::Http1,
+            &key_path("foo", "encrypt"),
+            &encrypt_body(b"pinned", None, false),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert!(proxy.logged("pinning one tokio worker to each CPU"));
+
+    // Off by default: the workers keep every CPU.
+    let proxy = Setup::new().start();
+    let threads = threads_cpus(proxy.pid());
+    let workers: Vec<_> = threads
+        .iter()
+        .filter(|(name, _)| name == "xks-worker")
+        .collect();
+    assert!(!workers.is_empty());
+    assert!(workers.iter().all(|(_, cpus)| *cpus == all), "{threads:?}");
+}

@@ -197,6 +197,7 @@ impl<S: Send + 'static> Pool<S> {
             let thread = thread::Builder::new()
                 .name(format!("{}-{index}", settings.name))
                 .spawn(move || {
+                    crate::affinity::pin_session_thread();
                     // Ends when the pool (every Sender) is dropped.
                     while let Ok(job) = queue.recv() {
                         // A panic inside a job must not take the session thread with it;

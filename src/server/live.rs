@@ -47,13 +47,14 @@ pub struct Live {
 /// The settings a reload cannot change, as text to compare.
 fn fixed_settings(config: &Config) -> String {
     format!(
-        "{:?} {:?} {:?} {:?} {:?} {:?}",
+        "{:?} {:?} {:?} {:?} {:?} {:?} {:?}",
         config.listen,
         config.admin_listen,
         config.backend,
         config.limits,
         config.health,
-        config.max_body_bytes
+        config.max_body_bytes,
+        config.pin_threads
     )
 }
 
@@ -131,7 +132,7 @@ pub fn reload(app: &App, path: &Path) -> Result<(), String> {
             let old = app.live.load();
             if old.fixed != live.fixed {
                 tracing::warn!(
-                    "the configuration changes listen addresses, [hsm], limits or deadlines: those need a restart and keep their running values"
+                    "the configuration changes listen addresses, [hsm], limits, deadlines or thread pinning: those need a restart and keep their running values"
                 );
             }
             *app.metrics.secrets.lock() = live.secret_dates.clone();
