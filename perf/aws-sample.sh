@@ -81,8 +81,10 @@ sed -e 's/^token_label = .*/token_label = "xks-bench"/' \
   -e "s|^pin_file = .*|pin_file = \"$WORK/pin\"|" \
   -e "s|^SOFTHSM2_CONF = .*|SOFTHSM2_CONF = \"$SOFTHSM2_CONF\"|" \
   -e '/^health_check_key = /d' \
+  -e 's/^pin_threads = false$/pin_threads = true/' \
   "$Q/config.toml" >"$Q/bench.toml"
-grep -q "xks-bench" "$Q/bench.toml" && grep -q "$SOFTHSM2_CONF" "$Q/bench.toml"
+grep -q "xks-bench" "$Q/bench.toml" && grep -q "$SOFTHSM2_CONF" "$Q/bench.toml" &&
+  grep -q '^pin_threads = true$' "$Q/bench.toml"
 "$PROXY" keys create --config "$Q/bench.toml" foo >/dev/null
 
 cat >"$WORK/sample.toml" <<EOF

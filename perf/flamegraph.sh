@@ -29,6 +29,7 @@ PROXY=target/release/xks-proxy
 LOAD=target/release/xks-loadtest
 
 "$PROXY" quickstart --setup-only --dir "$WORK/q" --listen 127.0.0.1:18443 >/dev/null
+pin_threads "$WORK/q/config.toml"
 sed -i "s/^session_key_copies = true/session_key_copies = true\niv_source = \"$IV_SOURCE\"/" "$WORK/q/config.toml"
 start_proxy "$WORK/q/config.toml" "$WORK/proxy.log" audit
 

@@ -24,6 +24,14 @@ prepare_run() {
   PROXY=target/release/xks-proxy
   LOAD=target/release/xks-loadtest
   "$PROXY" quickstart --setup-only --dir "$WORK/q" --listen 127.0.0.1:18443 >/dev/null
+  pin_threads "$WORK/q/config.toml"
+}
+
+# pin_threads CONFIG: the proxy's workers and session threads held on CPUs, as every
+# run here since RESULTS.md step 31 measures it.
+pin_threads() {
+  sed -i 's/^pin_threads = false$/pin_threads = true/' "$1"
+  grep -q '^pin_threads = true$' "$1"
 }
 
 # write_software_config QUICKSTART_DIR FILE: the quickstart's credential and
@@ -34,6 +42,7 @@ write_software_config() {
 listen = "127.0.0.1:18443"
 tls_certificate = "$1/server.pem"
 tls_private_key = "$1/server-key.pem"
+pin_threads = true
 
 [hsm]
 backend = "software"
