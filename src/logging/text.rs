@@ -13,7 +13,7 @@
 //!
 //! With colours (stderr is a terminal) the default formatter is used.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::fmt::{self, Write as _};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -76,16 +76,46 @@ where
     }
 }
 
+thread_local! {
+    /// An event's fields, gathered here and handed to the writer in one piece. Each
+    /// piece written to `Writer` is a dynamic call and a `memcpy`, about a hundred for
+    /// the audit line; pushed onto a `String` the punctuation is a store.
+    static FIELDS: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+/// A gathering buffer grown past this by an unusual event is not kept.
+const FIELDS_KEPT: usize = 16 * 1024;
+
 impl<'writer> FormatFields<'writer> for TextFields {
-    fn format_fields<R: RecordFields>(&self, writer: Writer<'writer>, fields: R) -> fmt::Result {
-        let mut visitor = FieldVisitor {
-            writer,
-            first: true,
-            result: Ok(()),
-        };
-        fields.record(&mut visitor);
-        visitor.result
+    fn format_fields<R: RecordFields>(
+        &self,
+        mut writer: Writer<'writer>,
+        fields: R,
+    ) -> fmt::Result {
+        FIELDS.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut buffer) => {
+                buffer.clear();
+                let result = record_fields(&mut *buffer, &fields);
+                let written = writer.write_str(&buffer);
+                if buffer.capacity() > FIELDS_KEPT {
+                    *buffer = String::new();
+                }
+                result.and(written)
+            }
+            // A value whose `Debug` logs while it is being formatted: write directly.
+            Err(_) => record_fields(&mut writer, &fields),
+        })
     }
+}
+
+fn record_fields<W: fmt::Write, R: RecordFields>(writer: &mut W, fields: &R) -> fmt::Result {
+    let mut visitor = FieldVisitor {
+        writer,
+        first: true,
+        result: Ok(()),
+    };
+    fields.record(&mut visitor);
+    visitor.result
 }
 
 /// Level as the default formatter pads it: five characters, right-aligned.
@@ -146,13 +176,13 @@ fn write_timestamp(writer: &mut impl fmt::Write, now: SystemTime) -> fmt::Result
 
 /// Writes fields as `DefaultFields` does: `message` bare (control sequences escaped),
 /// the rest as `name=value` with `Debug` values, separated by spaces.
-struct FieldVisitor<'writer> {
-    writer: Writer<'writer>,
+struct FieldVisitor<'writer, W: fmt::Write> {
+    writer: &'writer mut W,
     first: bool,
     result: fmt::Result,
 }
 
-impl FieldVisitor<'_> {
+impl<W: fmt::Write> FieldVisitor<'_, W> {
     /// The separator, and the field's name unless it is the message. False when the
     /// field is not written at all.
     fn start(&mut self, field: &Field) -> bool {
@@ -200,17 +230,14 @@ impl FieldVisitor<'_> {
     }
 }
 
-impl Visit for FieldVisitor<'_> {
+impl<W: fmt::Write> Visit for FieldVisitor<'_, W> {
     fn record_str(&mut self, field: &Field, value: &str) {
         if !self.start(field) {
             return;
         }
         self.result = if field.name() == "message" {
-            Escaping(&mut self.writer).write_str(value)
-        } else if value
-            .bytes()
-            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
-        {
+            Escaping(&mut *self.writer).write_str(value)
+        } else if !needs_debug_escape(value) {
             // `Debug` of a string that needs no escaping: the string between quotes.
             self.writer
                 .write_str("\"")
@@ -239,7 +266,7 @@ impl Visit for FieldVisitor<'_> {
         if !self.start(field) {
             return;
         }
-        self.result = write!(Escaping(&mut self.writer), "{value}");
+        self.result = write!(Escaping(&mut *self.writer), "{value}");
         if value.source().is_some() {
             let name = field.name();
             self.result = self.result.and_then(|()| {
@@ -251,7 +278,7 @@ impl Visit for FieldVisitor<'_> {
                         self.writer.write_str(", ")?;
                     }
                     first = false;
-                    write!(Escaping(&mut self.writer), "{e}")?;
+                    write!(Escaping(&mut *self.writer), "{e}")?;
                     error = e.source();
                 }
                 self.writer.write_char(']')
@@ -264,11 +291,22 @@ impl Visit for FieldVisitor<'_> {
             return;
         }
         self.result = if field.name() == "message" {
-            write!(Escaping(&mut self.writer), "{value:?}")
+            write!(Escaping(&mut *self.writer), "{value:?}")
         } else {
             write!(self.writer, "{value:?}")
         };
     }
+}
+
+/// Whether `Debug` of `value` is anything but `value` between quotes: a byte outside
+/// printable ASCII, a quote or a backslash. Written as a sum over every byte, with no
+/// early exit, so that the compiler checks many bytes at a time.
+fn needs_debug_escape(value: &str) -> bool {
+    value
+        .bytes()
+        .map(|b| u8::from(!(0x20..0x7f).contains(&b) || b == b'"' || b == b'\\'))
+        .fold(0u8, |seen, flag| seen | flag)
+        != 0
 }
 
 /// Escapes the control characters a terminal could act on, as `tracing-subscriber`
@@ -447,6 +485,24 @@ mod tests {
         assert!(ours[0].contains(" INFO xks_proxy::logging::text::tests: xks request "));
         assert!(ours[5].contains(" INFO connection{peer=\"127.0.0.1:1234\" id=7}:request: "));
         assert!(ours[6].contains(":request: rustls::conn: from the log crate"));
+    }
+
+    #[test]
+    fn strings_are_quoted_as_they_are_only_when_debug_would_not_escape_them() {
+        let mut cases: Vec<String> = (0u8..0x80).map(|b| char::from(b).to_string()).collect();
+        cases
+            .extend(["é", "\u{85}", "🔑", "plain text", "a\"b", "a\\b", "tab\t"].map(String::from));
+        cases.push(format!("{}\x7f", "x".repeat(100)));
+        for s in cases {
+            let debug = format!("{s:?}");
+            let quoted = format!("\"{s}\"");
+            if s.is_ascii() {
+                assert_eq!(needs_debug_escape(&s), debug != quoted, "{s:?}");
+            } else {
+                // Beyond ASCII we leave the decision to `Debug`.
+                assert!(needs_debug_escape(&s), "{s:?}");
+            }
+        }
     }
 
     #[test]
