@@ -378,20 +378,19 @@ async fn pin_threads_holds_each_worker_and_session_thread_on_one_cpu() {
     let setup = Setup::new();
     setup.edit_config("pin_threads = false", "pin_threads = true");
     let proxy = setup.start();
-    // A worker pins itself when its thread starts, and the proxy can be listening
-    // before the kernel first ran the last worker's thread: give them a moment.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let threads = loop {
-        let threads = threads_cpus(proxy.pid());
-        let settled = threads
-            .iter()
-            .filter(|(name, _)| name == "xks-worker")
-            .all(|(_, cpus)| cpus.len() == 1);
-        if settled || std::time::Instant::now() > deadline {
-            break threads;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    };
+    // The CPUs the proxy was given: those of this test, whose mask it inherits.
+    let all = threads_cpus(std::process::id())
+        .into_iter()
+        .map(|(_, cpus)| cpus)
+        .next()
+        .unwrap();
+    let threads = settled_threads(proxy.pid(), |threads| {
+        let pinned = |name: &str, count: usize| {
+            let of: Vec<_> = threads.iter().filter(|(n, _)| n == name).collect();
+            of.len() == count && of.iter().all(|(_, cpus)| cpus.len() == 1)
+        };
+        pinned("xks-worker", all.len()) && pinned("pkcs11-session-", 2)
+    });
     let of = |name: &str| -> Vec<Vec<usize>> {
         threads
             .iter()
@@ -399,8 +398,6 @@ async fn pin_threads_holds_each_worker_and_session_thread_on_one_cpu() {
             .map(|(_, cpus)| cpus.clone())
             .collect()
     };
-    // The main thread keeps the CPUs the process was given.
-    let all = of("xks-proxy").pop().unwrap();
     // One worker per CPU the process may use, each held on its own.
     let mut workers: Vec<usize> = of("xks-worker")
         .into_iter()
@@ -434,11 +431,30 @@ async fn pin_threads_holds_each_worker_and_session_thread_on_one_cpu() {
 
     // Off by default: the workers keep every CPU.
     let proxy = Setup::new().start();
-    let threads = threads_cpus(proxy.pid());
+    let threads = settled_threads(proxy.pid(), |threads| {
+        threads.iter().any(|(name, _)| name == "xks-worker")
+    });
     let workers: Vec<_> = threads
         .iter()
         .filter(|(name, _)| name == "xks-worker")
         .collect();
-    assert!(!workers.is_empty());
+    assert!(!workers.is_empty(), "{threads:?}");
     assert!(workers.iter().all(|(_, cpus)| *cpus == all), "{threads:?}");
+}
+
+/// The threads of process `pid` (see [`threads_cpus`]) once `settled` holds of them, or
+/// after 10 s. A new thread takes its name, and a pinned one its CPU, only when the
+/// kernel first runs it, and a proxy can answer before that on a busy machine.
+fn settled_threads(
+    pid: u32,
+    settled: impl Fn(&[(String, Vec<usize>)]) -> bool,
+) -> Vec<(String, Vec<usize>)> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let threads = threads_cpus(pid);
+        if settled(&threads) || std::time::Instant::now() > deadline {
+            return threads;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
