@@ -134,13 +134,31 @@ pub struct ServerSection {
     /// Seconds a client has to complete the TLS handshake.
     #[serde(default = "ten")]
     pub handshake_timeout_seconds: u64,
-    /// Seconds an HTTP/1.1 client has to send a request's headers (slowloris).
+    /// Seconds an HTTP/1.1 client has to send a request's headers, counted from the
+    /// request's first byte (slowloris). Waiting for the next request on a kept-alive
+    /// connection is idleness, not header reading.
     #[serde(default = "ten")]
     pub header_read_timeout_seconds: u64,
-    /// A connection with no request in flight for this long is closed. KMS keeps
-    /// connections to reuse them, so this is long.
+    /// Milliseconds a client has to send a request's whole body once its headers are
+    /// in. KMS sends bodies of a few KiB at once; a slower body closes the connection
+    /// (HTTP/1.1) or resets the stream and sends GOAWAY (HTTP/2).
+    #[serde(default = "default_body_read_timeout_ms")]
+    pub body_read_timeout_ms: u64,
+    /// A connection that has served no authenticated request is closed this many
+    /// seconds after it opened, whatever it sends: unauthenticated clients cannot hold
+    /// a connection slot longer (an idle HTTP/2 connection included).
+    #[serde(default = "ten")]
+    pub unauthenticated_timeout_seconds: u64,
+    /// A connection is closed once this long has passed since its last authenticated
+    /// request ended, with none in flight. KMS keeps connections to reuse them, so this
+    /// is long.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout_seconds: u64,
+    /// Open connections from one client address at most; beyond that a new connection
+    /// is closed at once. 0 (the default) sets no limit: behind an AWS PrivateLink
+    /// load balancer every KMS connection comes from the balancer's few addresses.
+    #[serde(default)]
+    pub max_connections_per_client: usize,
     /// HTTP/2 streams one connection may have open at once.
     #[serde(default = "default_h2_streams")]
     pub http2_max_concurrent_streams: u32,
@@ -183,6 +201,10 @@ fn default_max_connections() -> usize {
 
 fn ten() -> u64 {
     10
+}
+
+fn default_body_read_timeout_ms() -> u64 {
+    1000
 }
 
 fn default_idle_timeout() -> u64 {
@@ -503,10 +525,16 @@ pub struct Limits {
     pub max_connections: usize,
     /// TLS handshake timeout.
     pub handshake_timeout: Duration,
-    /// HTTP/1.1 header read timeout.
+    /// HTTP/1.1 header read timeout, from a request's first byte.
     pub header_read_timeout: Duration,
-    /// Idle connection timeout.
+    /// Time a client has for a request's body once the headers are in.
+    pub body_read_timeout: Duration,
+    /// Lifetime of a connection that has served no authenticated request.
+    pub unauthenticated_timeout: Duration,
+    /// Idle connection timeout, from the last authenticated request.
     pub idle_timeout: Duration,
+    /// Open connections per client address at most (`None`: no limit).
+    pub max_connections_per_client: Option<usize>,
     /// HTTP/2 concurrent streams per connection.
     pub http2_max_concurrent_streams: u32,
     /// Drain time at shutdown.
@@ -709,17 +737,31 @@ fn limits(server: &ServerSection) -> Result<Limits, ConfigError> {
             server.header_read_timeout_seconds,
         ),
         ("server.idle_timeout_seconds", server.idle_timeout_seconds),
+        (
+            "server.unauthenticated_timeout_seconds",
+            server.unauthenticated_timeout_seconds,
+        ),
     ] {
         if value == 0 {
             return Err(invalid(field, "must be at least 1"));
         }
+    }
+    if !(1..=60_000).contains(&server.body_read_timeout_ms) {
+        return Err(invalid(
+            "server.body_read_timeout_ms",
+            "must be between 1 and 60000 (KMS sends a body at once: 1000 is plenty)",
+        ));
     }
     Ok(Limits {
         request_deadline: Duration::from_millis(server.request_deadline_ms),
         max_connections: server.max_connections,
         handshake_timeout: Duration::from_secs(server.handshake_timeout_seconds),
         header_read_timeout: Duration::from_secs(server.header_read_timeout_seconds),
+        body_read_timeout: Duration::from_millis(server.body_read_timeout_ms),
+        unauthenticated_timeout: Duration::from_secs(server.unauthenticated_timeout_seconds),
         idle_timeout: Duration::from_secs(server.idle_timeout_seconds),
+        max_connections_per_client: (server.max_connections_per_client > 0)
+            .then_some(server.max_connections_per_client),
         http2_max_concurrent_streams: server.http2_max_concurrent_streams,
         shutdown_grace: Duration::from_secs(server.shutdown_grace_seconds),
         summary_interval: (server.summary_interval_seconds > 0)

@@ -90,6 +90,14 @@ pub struct ShedLabels {
     pub reason: &'static str,
 }
 
+/// Why the proxy closed a client connection.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClosedLabels {
+    /// `unauthenticated`, `idle`, `header_timeout`, `body_timeout`,
+    /// `control_frame_flood`, `per_client_limit`.
+    pub reason: &'static str,
+}
+
 /// Result of a TLS handshake.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandshakeLabels {
@@ -322,6 +330,8 @@ pub struct Metrics {
     pub connections_open: Gauge,
     /// TLS handshakes by result.
     pub tls_handshakes: Family<HandshakeLabels, Counter>,
+    /// Client connections the proxy closed, by reason.
+    pub connections_closed: Family<ClosedLabels, Counter>,
     /// EKM health.
     pub ekm_health: Family<EkmLabels, Gauge>,
     /// HSM sessions (threads) in the pool.
@@ -466,6 +476,13 @@ impl Metrics {
             "TLS handshakes by result",
             tls_handshakes.clone(),
         );
+        let connections_closed = Family::<ClosedLabels, Counter>::default();
+        registry.register(
+            "xks_connections_closed",
+            "Client connections the proxy closed: unauthenticated, idle, header_timeout, \
+             body_timeout, control_frame_flood, per_client_limit",
+            connections_closed.clone(),
+        );
         let ekm_health = Family::<EkmLabels, Gauge>::default();
         registry.register(
             "xks_ekm_health",
@@ -512,6 +529,7 @@ impl Metrics {
             sheds,
             connections_open,
             tls_handshakes,
+            connections_closed,
             ekm_health,
             pool_sessions,
             pool_busy,
@@ -523,6 +541,13 @@ impl Metrics {
     /// Counts a shed request.
     pub fn shed(&self, reason: &'static str) {
         self.sheds.get_or_create(&ShedLabels { reason }).inc();
+    }
+
+    /// Counts a client connection the proxy closed.
+    pub fn connection_closed(&self, reason: &'static str) {
+        self.connections_closed
+            .get_or_create(&ClosedLabels { reason })
+            .inc();
     }
 
     /// The OpenMetrics text exposition.

@@ -37,6 +37,7 @@ use xks_proxy::health::HealthMonitor;
 use xks_proxy::hsm::software::{SoftwareBackend, SoftwareKeySpec};
 use xks_proxy::hsm::{Backend, KeyUsage};
 use xks_proxy::metrics::Metrics;
+use xks_proxy::server::guard::ConnectionClock;
 use xks_proxy::server::service::serve_request;
 use xks_proxy::xks::{ApiOperation, Handler, HealthInfo, KeySet, Outcome};
 use zeroize::Zeroizing;
@@ -372,9 +373,13 @@ secret_access_key_file = "sigv4-secret"
             let io = TokioIo::new(server_io);
             let served = match server {
                 Server::Proxy => {
+                    let clock = Arc::new(ConnectionClock::new());
                     let service = service_fn(move |request| {
                         let app = Arc::clone(&app);
-                        async move { Ok::<_, Infallible>(serve_request(app, request).await) }
+                        let clock = Arc::clone(&clock);
+                        async move {
+                            Ok::<_, Infallible>(serve_request(app, &clock, request).await)
+                        }
                     });
                     builder.serve_connection(io, service).await
                 }

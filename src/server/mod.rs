@@ -2,10 +2,12 @@
 //! as ALPN chose, and hands each request to [`service::serve_request`].
 //!
 //! Connections: at most `server.max_connections` at once (beyond that, new ones wait in
-//! the kernel's backlog), TCP_NODELAY (responses are small and latency-bound),
-//! keep-alive (KMS reuses connections), a TLS handshake timeout, an HTTP/1.1
-//! header-read timeout so a slow client cannot hold a connection by dribbling headers,
-//! and an idle timeout for connections with no request in flight.
+//! the kernel's backlog, and readiness is off), optionally at most
+//! `server.max_connections_per_client` from one address, TCP_NODELAY (responses are
+//! small and latency-bound), keep-alive (KMS reuses connections), a TLS handshake
+//! timeout, and the deadlines of [`guard`]: what a connection may hold before it
+//! authenticates, how long a request's head and body may take, when it is idle, and
+//! how many HTTP/2 control frames it may send.
 //!
 //! Around the listener run the health monitor, the periodic latency summary and, if
 //! configured, the plain-HTTP admin listener ([`admin`]).
@@ -15,6 +17,7 @@
 //! for them up to the grace period.
 
 pub mod admin;
+pub mod guard;
 pub mod live;
 mod quota;
 pub mod service;
@@ -22,9 +25,8 @@ pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -49,6 +51,7 @@ use crate::hsm::software::SoftwareBackend;
 use crate::hsm::{Backend, HsmError};
 use crate::metrics::{HandshakeLabels, Metrics};
 use crate::xks::{Handler, HealthInfo};
+use guard::{ClientConnections, CloseReason, ConnectionClock, GuardedIo};
 use live::Live;
 
 /// Why the server could not start.
@@ -221,6 +224,10 @@ impl Server {
         // Every connection task holds a clone; when all are dropped, draining is done.
         let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
         let slots = Arc::new(Semaphore::new(app.limits.max_connections));
+        let per_client = app
+            .limits
+            .max_connections_per_client
+            .map(ClientConnections::new);
         tokio::pin!(shutdown);
         loop {
             // Take a connection slot first: at the limit, connections wait in the
@@ -241,6 +248,19 @@ impl Server {
                     }
                 },
             };
+            let client_slot = match &per_client {
+                None => None,
+                Some(clients) => match clients.admit(peer.ip()) {
+                    Some(place) => Some(place),
+                    None => {
+                        // Closed before TLS: the cheapest answer to one address's flood.
+                        app.metrics
+                            .connection_closed(CloseReason::PerClientLimit.as_str());
+                        tracing::debug!(%peer, "connection refused: per-client limit");
+                        continue;
+                    }
+                },
+            };
             let _ = stream.set_nodelay(true);
             // The certificate and mTLS settings of the moment: a reload applies to new
             // connections; open ones keep their session.
@@ -253,6 +273,7 @@ impl Server {
                 connection(stream, peer, acceptor, &app, stop).await;
                 app.metrics.connections_open.dec();
                 drop(slot);
+                drop(client_slot);
                 drop(done);
             });
         }
@@ -288,50 +309,6 @@ async fn summaries(metrics: Arc<Metrics>, interval: Duration, deadline: Duration
     }
 }
 
-/// When a connection last finished a request, and how many it has in flight.
-#[derive(Debug)]
-struct Activity {
-    epoch: Instant,
-    in_flight: AtomicUsize,
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Self {
-            epoch: Instant::now(),
-            in_flight: AtomicUsize::new(0),
-            last_ms: AtomicU64::new(0),
-        }
-    }
-
-    fn begin(&self) {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-    }
-
-    fn end(&self) {
-        self.last_ms
-            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Release);
-        self.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
-
-    /// Completes once the connection has had nothing in flight for `timeout`.
-    async fn idle_for(&self, timeout: Duration) {
-        loop {
-            let idle = if self.in_flight.load(Ordering::Acquire) > 0 {
-                Duration::ZERO
-            } else {
-                let last = Duration::from_millis(self.last_ms.load(Ordering::Acquire));
-                self.epoch.elapsed().saturating_sub(last)
-            };
-            if idle >= timeout {
-                return;
-            }
-            tokio::time::sleep(timeout - idle).await;
-        }
-    }
-}
-
 async fn connection(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
@@ -340,6 +317,8 @@ async fn connection(
     stop: watch::Receiver<bool>,
 ) {
     let limits = &app.limits;
+    // The unauthenticated lifetime counts from here: the handshake is part of it.
+    let clock = Arc::new(ConnectionClock::new());
     let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream)).await;
     let (tls, result) = match handshake {
         Ok(Ok(tls)) => (Some(tls), "ok"),
@@ -358,23 +337,24 @@ async fn connection(
         .inc();
     let Some(tls) = tls else { return };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let io = TokioIo::new(tls);
-    let activity = Arc::new(Activity::new());
+    let io = TokioIo::new(GuardedIo::new(
+        tls,
+        Arc::clone(&clock),
+        h2,
+        Arc::clone(&app.metrics),
+    ));
     let service = {
         let app = Arc::clone(app);
-        let activity = Arc::clone(&activity);
+        let clock = Arc::clone(&clock);
         service_fn(move |request| {
             let app = Arc::clone(&app);
-            let activity = Arc::clone(&activity);
+            let clock = Arc::clone(&clock);
             async move {
-                activity.begin();
-                let response = service::serve_request(app, request).await;
-                activity.end();
+                let response = service::serve_request(app, &clock, request).await;
                 Ok::<_, std::convert::Infallible>(response)
             }
         })
     };
-    let idle = async { activity.idle_for(limits.idle_timeout).await };
     if h2 {
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -383,24 +363,27 @@ async fn connection(
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(10))
             .serve_connection(io, service);
-        drive(conn, peer, stop, idle).await;
+        drive(conn, peer, &clock, app, stop).await;
     } else {
+        // No hyper header timer: it would also run while a kept-alive connection waits
+        // for its next request. The clock times a head from its first byte instead.
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
+            .header_read_timeout(None)
             .keep_alive(true)
             .serve_connection(io, service);
-        drive(conn, peer, stop, idle).await;
+        drive(conn, peer, &clock, app, stop).await;
     }
 }
 
-/// Runs a connection to its end, or, once shutdown starts or the connection has idled
-/// too long, lets it finish the requests in flight and close.
+/// Runs a connection to its end; or, once shutdown starts or the connection's clock
+/// expires, lets it finish the requests in flight and close.
 async fn drive<C>(
     conn: C,
     peer: SocketAddr,
+    clock: &ConnectionClock,
+    app: &App,
     mut stop: watch::Receiver<bool>,
-    idle: impl Future<Output = ()>,
 ) where
     C: GracefulConnection<Error = hyper::Error>,
 {
@@ -409,19 +392,37 @@ async fn drive<C>(
         // The borrow `wait_for` returns must not live across the await below.
         let _ = stop.wait_for(|stopping| *stopping).await.map(|_| ());
     };
-    tokio::select! {
-        result = conn.as_mut() => log_connection_end(peer, result),
-        () = stopping => {
-            conn.as_mut().graceful_shutdown();
-            log_connection_end(peer, conn.await);
-        }
-        () = idle => {
-            tracing::debug!(%peer, "closing idle connection");
-            conn.as_mut().graceful_shutdown();
-            log_connection_end(peer, conn.await);
-        }
+    let reason = tokio::select! {
+        result = conn.as_mut() => return log_connection_end(peer, result),
+        () = stopping => None,
+        reason = clock.expired(&app.limits) => Some(reason),
+    };
+    let Some(reason) = reason else {
+        // Shutdown: the server's grace period bounds the drain.
+        conn.as_mut().graceful_shutdown();
+        return log_connection_end(peer, conn.await);
+    };
+    tracing::debug!(%peer, reason = reason.as_str(), "closing connection");
+    if reason != CloseReason::BodyTimeout {
+        // A body timeout was counted where it happened.
+        app.metrics.connection_closed(reason.as_str());
+    }
+    if reason == CloseReason::HeaderTimeout {
+        // Mid-head there is nothing to finish (and hyper would wait for the head).
+        return;
+    }
+    conn.as_mut().graceful_shutdown();
+    // Requests in flight are bounded by the body timeout and the request deadline;
+    // whatever is left after them is a client holding on.
+    let drain = app.limits.body_read_timeout + app.limits.request_deadline + TICK_SLACK;
+    match tokio::time::timeout(drain, conn).await {
+        Ok(result) => log_connection_end(peer, result),
+        Err(_) => tracing::debug!(%peer, "connection did not drain in time; dropped"),
     }
 }
+
+/// Margin past the longest a request may legitimately take when draining.
+const TICK_SLACK: Duration = Duration::from_secs(1);
 
 fn log_connection_end(peer: SocketAddr, result: Result<(), hyper::Error>) {
     if let Err(e) = result {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
@@ -20,6 +20,7 @@ use std::path::PathBuf;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
+use super::guard::{CloseReason, ConnectionClock, RequestGuard};
 use super::live::Live;
 use super::quota::Quota;
 use crate::auth::{ReplayCache, RequestParts, Verifier};
@@ -84,14 +85,34 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Serves one request. Infallible: every failure becomes a JSON error response.
-pub async fn serve_request(app: Arc<App>, request: Request<Incoming>) -> Response<Full<Bytes>> {
-    REQUEST_STAGES
-        .scope(Cell::new(StageTimes::default()), serve(app, request))
-        .await
+/// Serves one request that arrived on the connection `clock` watches. Infallible: every
+/// failure becomes a JSON error response.
+pub async fn serve_request(
+    app: Arc<App>,
+    clock: &ConnectionClock,
+    request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let http1 = request.version() < Version::HTTP_2;
+    let mut response = REQUEST_STAGES
+        .scope(
+            Cell::new(StageTimes::default()),
+            serve(app, clock.request(), request),
+        )
+        .await;
+    if http1 && clock.closing() {
+        // hyper closes the connection after this response (HTTP/2 has GOAWAY for it).
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
-async fn serve(app: Arc<App>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn serve(
+    app: Arc<App>,
+    mut on_connection: RequestGuard<'_>,
+    request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let started = Instant::now();
     let deadline = started + app.limits.request_deadline;
     if request.method() == Method::GET {
@@ -111,7 +132,7 @@ async fn serve(app: Arc<App>, request: Request<Incoming>) -> Response<Full<Bytes
             // overtakes the upload makes HTTP/2 reset the stream, and clients such as
             // curl then drop the response.
             let (parts, body) = request.into_parts();
-            let _ = read_body(body, &parts.headers, app.max_body_bytes).await;
+            let _ = read_body_in_time(&app, on_connection.clock(), body, &parts.headers).await;
             count(
                 &app.metrics,
                 "none",
@@ -125,13 +146,20 @@ async fn serve(app: Arc<App>, request: Request<Incoming>) -> Response<Full<Bytes
     let (parts, body) = request.into_parts();
     // Read here, so that the body outlives the log line, which borrows from it.
     let read;
-    let (result, audit) = match read_body(body, &parts.headers, app.max_body_bytes).await {
-        Ok(body) => {
-            read = body;
-            authenticated(&app, &live, store, &route, &parts, &read, deadline).await
-        }
-        Err(error) => (Err(error), Audit::default()),
-    };
+    let (result, audit) =
+        match read_body_in_time(&app, on_connection.clock(), body, &parts.headers).await {
+            Ok(body) => {
+                read = body;
+                let request = Admitted {
+                    route: &route,
+                    parts: &parts,
+                    body: &read,
+                    deadline,
+                };
+                authenticated(&app, &live, store, request, &mut on_connection).await
+            }
+            Err(error) => (Err(error), Audit::default()),
+        };
     let response = match &result {
         Ok(body) => json(StatusCode::OK, body.clone()),
         Err(error) => error_response(error),
@@ -163,15 +191,27 @@ fn count(metrics: &Metrics, operation: &'static str, outcome: &'static str, late
     metrics.latencies.record_total(operation, outcome, latency);
 }
 
+/// A routed request with its body read.
+struct Admitted<'r, 'a> {
+    route: &'r RouteMatch<'r>,
+    parts: &'r http::request::Parts,
+    body: &'a Bytes,
+    deadline: Instant,
+}
+
 async fn authenticated<'a>(
     app: &App,
     live: &Live,
     store: &KeyStore,
-    route: &RouteMatch<'_>,
-    parts: &http::request::Parts,
-    body: &'a Bytes,
-    deadline: Instant,
+    request: Admitted<'_, 'a>,
+    on_connection: &mut RequestGuard<'_>,
 ) -> (Result<Vec<u8>, XksError>, Audit<'a>) {
+    let Admitted {
+        route,
+        parts,
+        body,
+        deadline,
+    } = request;
     let request_parts = RequestParts {
         method: parts.method.as_str(),
         path: parts.uri.path(),
@@ -191,6 +231,7 @@ async fn authenticated<'a>(
         tracing::warn!(key_store = %store.name, reason = %error, "SigV4 authentication failed");
         return (Err(error.into()), Audit::default());
     }
+    on_connection.authenticated();
     if store.quota.as_ref().is_some_and(|q| !q.try_acquire()) {
         app.metrics.shed("quota");
         let error = XksError::new(
@@ -215,6 +256,29 @@ async fn authenticated<'a>(
         )
         .await;
     (outcome.result, outcome.audit)
+}
+
+/// Reads the body within `server.body_read_timeout_ms`; a body too slow asks the
+/// connection to close (the client is broken or hostile: KMS sends a body at once).
+async fn read_body_in_time(
+    app: &App,
+    clock: &ConnectionClock,
+    body: Incoming,
+    headers: &http::HeaderMap,
+) -> Result<Bytes, XksError> {
+    let timeout = app.limits.body_read_timeout;
+    match tokio::time::timeout(timeout, read_body(body, headers, app.max_body_bytes)).await {
+        Ok(result) => result,
+        Err(_) => {
+            app.metrics
+                .connection_closed(CloseReason::BodyTimeout.as_str());
+            clock.close(CloseReason::BodyTimeout);
+            Err(XksError::validation(format!(
+                "request body not received within {} ms",
+                timeout.as_millis()
+            )))
+        }
+    }
 }
 
 /// Bytes of an over-limit body read and thrown away before answering, so the answer
@@ -279,14 +343,21 @@ async fn discard(mut body: Incoming, cap: u64) {
 }
 
 fn readiness(app: &App) -> Response<Full<Bytes>> {
-    if app.handler.monitor().ready() {
-        json(StatusCode::OK, br#"{"status":"ready"}"#.to_vec())
-    } else {
+    let unavailable = |reason: &str| {
         json(
             StatusCode::SERVICE_UNAVAILABLE,
-            br#"{"status":"unavailable"}"#.to_vec(),
+            format!(r#"{{"status":"unavailable","reason":"{reason}"}}"#).into_bytes(),
         )
+    };
+    if !app.handler.monitor().ready() {
+        return unavailable("the key manager cannot serve, or the proxy is shutting down");
     }
+    // Every connection slot taken: new clients wait in the backlog, so a load
+    // balancer should send them elsewhere.
+    if app.metrics.connections_open.get() >= app.limits.max_connections as i64 {
+        return unavailable("every connection slot (server.max_connections) is taken");
+    }
+    json(StatusCode::OK, br#"{"status":"ready"}"#.to_vec())
 }
 
 pub(crate) fn json(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
