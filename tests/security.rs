@@ -548,6 +548,44 @@ async fn replayed_signatures_are_refused_when_asked() {
     }
 }
 
+/// With replay protection on, a request refused by admission (here the key store's
+/// quota, 429) has not used its signature: KMS's retry of it is served.
+#[tokio::test]
+async fn a_throttled_request_can_be_retried_with_its_signature() {
+    let setup = Setup::new();
+    setup.edit_config(
+        "request_deadline_ms = 100",
+        "request_deadline_ms = 100\nsigv4_replay_protection = true",
+    );
+    setup.edit_config(
+        "\n[[key_store.credential]]",
+        "max_requests_per_second = 1\nburst = 1\n\n[[key_store.credential]]",
+    );
+    let proxy = setup.start();
+    let client = proxy.client();
+    let path = key_path("foo", "encrypt");
+    let body = serde_json::to_vec(&encrypt_body(b"r", None, false)).unwrap();
+    let send = |signing: &Signing| {
+        client.send(Version::Http1, client.signed("POST", &path, &body, signing))
+    };
+    let mut first = client.signing.clone();
+    first.time = std::time::SystemTime::now();
+    assert_eq!(send(&first).await.status, 200);
+    // A second request (its own signature) finds the burst spent.
+    let mut second = first.clone();
+    second.time += Duration::from_secs(1);
+    let throttled = send(&second).await;
+    assert_eq!(throttled.status, 429, "{:?}", throttled.body);
+    // KMS retries it as it was signed once the quota allows.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let retried = send(&second).await;
+    assert_eq!(retried.status, 200, "{:?}", retried.body);
+    // Served once, it is used: a replay is refused.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let replayed = send(&second).await;
+    assert_eq!(replayed.status, 401, "{:?}", replayed.body);
+}
+
 /// One JSON audit line per request with the request's facts, and never plaintext,
 /// AAD, ciphertext, the PIN or the SigV4 secret in any log line.
 #[tokio::test]

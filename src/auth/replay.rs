@@ -44,9 +44,7 @@ impl ReplayCache {
 
     /// True the first time `signature` is offered within the window.
     pub fn first_use(&self, signature: &[u8; 32], now: Instant) -> bool {
-        let mut bytes = [0u8; 8];
-        bytes.copy_from_slice(&signature[..8]);
-        let id = u64::from_le_bytes(bytes);
+        let id = id(signature);
         let mut inner = self.inner.lock();
         while let Some(&(at, old)) = inner.order.front() {
             if now.saturating_duration_since(at) < WINDOW && inner.order.len() < self.capacity {
@@ -62,6 +60,14 @@ impl ReplayCache {
         true
     }
 
+    /// Forgets `signature`: offered again, it is a first use. Its old place in the
+    /// expiry order stays, and a later use is forgotten with it when it expires: safe,
+    /// because by then [`WINDOW`] has passed since the signature was first seen, and
+    /// with it the signature's own validity (its date ± 5 minutes).
+    pub fn forget(&self, signature: &[u8; 32]) {
+        self.inner.lock().seen.remove(&id(signature));
+    }
+
     /// Signatures remembered now.
     pub fn len(&self) -> usize {
         self.inner.lock().order.len()
@@ -71,6 +77,13 @@ impl ReplayCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// The first 64 bits of a signature: uniformly random, so they identify it.
+fn id(signature: &[u8; 32]) -> u64 {
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&signature[..8]);
+    u64::from_le_bytes(bytes)
 }
 
 #[cfg(test)]
@@ -90,6 +103,16 @@ mod tests {
         assert!(cache.first_use(&sig(2), t0));
         // After the window, the signature itself would be expired anyway.
         assert!(cache.first_use(&sig(1), t0 + WINDOW + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_forgotten_signature_is_a_first_use_again_and_then_remembered() {
+        let cache = ReplayCache::new(10);
+        let t0 = Instant::now();
+        assert!(cache.first_use(&sig(1), t0));
+        cache.forget(&sig(1));
+        assert!(cache.first_use(&sig(1), t0 + Duration::from_secs(1)));
+        assert!(!cache.first_use(&sig(1), t0 + Duration::from_secs(2)));
     }
 
     #[test]

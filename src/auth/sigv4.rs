@@ -506,7 +506,18 @@ impl Verifier {
     }
 
     /// Verifies the request's signature at time `now`; returns the access key id used.
+    /// With replay protection, the signature is taken as used: a request that is then
+    /// not admitted gives it back with [`Self::release`].
     pub fn verify(&self, request: &RequestParts<'_>, now: SystemTime) -> Result<&str, AuthError> {
+        self.verify_signature(request, now).map(|(id, _)| id)
+    }
+
+    /// As [`Self::verify`], and also returns the signature, for [`Self::release`].
+    pub fn verify_signature(
+        &self,
+        request: &RequestParts<'_>,
+        now: SystemTime,
+    ) -> Result<(&str, [u8; 32]), AuthError> {
         let mut authorizations = request.headers.get_all(http::header::AUTHORIZATION).iter();
         let header = authorizations
             .next()
@@ -582,7 +593,16 @@ impl Verifier {
                 return Err(AuthError::Replayed);
             }
         }
-        Ok(access_key_id)
+        Ok((access_key_id, auth.signature))
+    }
+
+    /// Gives back a signature [`Self::verify`] took as used, for a request that was
+    /// refused before any work (quota, a saturated HSM pool): KMS's retry of it with
+    /// the same signature must not be taken for a replay.
+    pub fn release(&self, signature: &[u8; 32]) {
+        if let Some(cache) = &self.replay {
+            cache.forget(signature);
+        }
     }
 }
 

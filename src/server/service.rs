@@ -221,19 +221,25 @@ async fn authenticated<'a>(
         body,
     };
     let auth_started = Instant::now();
-    let verified = store.verifier.verify(&request_parts, SystemTime::now());
+    let verified = store
+        .verifier
+        .verify_signature(&request_parts, SystemTime::now());
     let auth_time = auth_started.elapsed();
     note_stage(Stage::Auth, auth_time);
     app.metrics
         .latencies
         .record_stage(Stage::Auth, route.operation.as_str(), auth_time);
-    if let Err(error) = verified {
-        tracing::warn!(key_store = %store.name, reason = %error, "SigV4 authentication failed");
-        return (Err(error.into()), Audit::default());
-    }
+    let signature = match verified {
+        Ok((_, signature)) => signature,
+        Err(error) => {
+            tracing::warn!(key_store = %store.name, reason = %error, "SigV4 authentication failed");
+            return (Err(error.into()), Audit::default());
+        }
+    };
     on_connection.authenticated();
     if store.quota.as_ref().is_some_and(|q| !q.try_acquire()) {
         app.metrics.shed("quota");
+        store.verifier.release(&signature);
         let error = XksError::new(
             ErrorName::Throttling,
             "request rate exceeds this key store's quota",
@@ -255,6 +261,10 @@ async fn authenticated<'a>(
             authz,
         )
         .await;
+    if matches!(&outcome.result, Err(e) if e.name() == ErrorName::Throttling) {
+        // Refused by admission, before any work: KMS may retry it as it was signed.
+        store.verifier.release(&signature);
+    }
     (outcome.result, outcome.audit)
 }
 
