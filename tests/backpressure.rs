@@ -110,6 +110,52 @@ async fn shutdown_drains_in_flight_requests() {
     assert!(status.success(), "exit status {status:?}");
 }
 
+/// `shutdown_grace_seconds` bounds the exit: a request still running when the grace
+/// ends is cut off, and the process exits 0 right after.
+#[tokio::test]
+async fn the_shutdown_grace_bounds_the_exit() {
+    let setup = Setup::new();
+    setup.simulated(
+        "request_deadline_ms = 30000\nshutdown_grace_seconds = 2",
+        "sessions = 2\ncall_timeout_ms = 30000\nhealth_check_key = \"health\"\n[hsm.simulated]\ndistribution = \"fixed\"\nmean_ms = 20000.0\n[[hsm.simulated.key_latency]]\nid = \"health\"\nlatency_ms = 1",
+        "",
+    );
+    let proxy = setup.start();
+    let client = proxy.client();
+    let mut sender = client.h2_connection().await;
+    let body = serde_json::to_vec(&encrypt_body(b"too slow", None, false)).unwrap();
+    let mut signing = client.signing.clone();
+    signing.time = std::time::SystemTime::now();
+    let mut request = client.signed("POST", &key_path("foo", "encrypt"), &body, &signing);
+    request.headers_mut().remove("host");
+    let in_flight = tokio::spawn(async move { sender.send_request(request).await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.scrape().await.value("xks_in_flight", &[]) < 1.0 {
+        assert!(Instant::now() < deadline, "the request never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let signalled = Instant::now();
+    proxy.signal_term();
+    let status = tokio::task::spawn_blocking(move || proxy.wait())
+        .await
+        .unwrap();
+    let took = signalled.elapsed();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        took >= Duration::from_secs(2),
+        "exited before the grace: {took:?}"
+    );
+    // Before, dropping the HSM pool waited 2 s more for the call still running.
+    assert!(
+        took < Duration::from_millis(3500),
+        "the grace did not bound the exit: {took:?}"
+    );
+    assert!(
+        in_flight.await.unwrap().is_err(),
+        "the request still running when the grace ended was answered"
+    );
+}
+
 /// GetHealthStatus and readiness follow the health-check key's real round trip:
 /// fast → ACTIVE, slow → DEGRADED, hung → UNAVAILABLE (and not ready).
 #[tokio::test]

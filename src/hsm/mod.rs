@@ -18,6 +18,8 @@ pub mod fleet;
 pub mod pkcs11;
 mod pool;
 pub mod simulated;
+
+pub(crate) use pool::exit_by;
 pub mod software;
 
 use std::fmt;

@@ -118,13 +118,25 @@ pub(crate) struct Pool<S> {
 /// How long dropping a pool waits for its threads to finish their calls.
 const STOP_WAIT: Duration = Duration::from_secs(2);
 
+/// When the process must have exited: set once when shutdown starts, so that waiting
+/// for session threads never runs past `server.shutdown_grace_seconds`.
+static EXIT_BY: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+/// Dropping a pool after `deadline` no longer waits for calls still running.
+pub(crate) fn exit_by(deadline: Instant) {
+    let _ = EXIT_BY.set(deadline);
+}
+
 impl<S> Drop for Pool<S> {
-    /// Disconnects the session threads and waits (up to [`STOP_WAIT`]) until they have
+    /// Disconnects the session threads and waits (up to [`STOP_WAIT`], and never past
+    /// [`exit_by`]'s deadline) until they have
     /// ended, and with them their sessions: a module must not be unloaded, nor the
     /// process exit and run the module's destructors, under a running call.
     fn drop(&mut self) {
         self.jobs = None;
-        let give_up = Instant::now() + STOP_WAIT;
+        let give_up = EXIT_BY.get().map_or(Instant::now() + STOP_WAIT, |by| {
+            (*by).min(Instant::now() + STOP_WAIT)
+        });
         for thread in self.threads.drain(..) {
             while !thread.is_finished() && Instant::now() < give_up {
                 thread::sleep(Duration::from_millis(1));

@@ -281,6 +281,8 @@ impl Server {
             "shutting down: readiness off, no new connections, draining in-flight requests"
         );
         app.handler.monitor().begin_shutdown();
+        // The grace bounds the whole exit, the HSM sessions' last calls included.
+        crate::hsm::exit_by(std::time::Instant::now() + app.limits.shutdown_grace);
         drop(listener);
         let _ = stop_tx.send(true);
         drop(done_tx);
