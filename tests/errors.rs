@@ -404,8 +404,7 @@ async fn oversized_bodies_get_a_json_error_and_the_proxy_keeps_serving() {
         (status, reply["errorName"].as_str()),
         (501, Some("UnsupportedOperationException"))
     );
-    // Within the limit but longer than the AAD length prefix can say is not possible
-    // with the default limit; a 40 KB AAD is simply served.
+    // Within the body limit but over the spec's 8192-byte AAD: refused by size.
     let reply = client
         .post(
             Version::Http1,
@@ -413,7 +412,7 @@ async fn oversized_bodies_get_a_json_error_and_the_proxy_keeps_serving() {
             &encrypt_body(b"x", Some(&vec![2u8; 40_000]), false),
         )
         .await;
-    assert_eq!(reply.status, 200);
+    assert_error(&reply, 501, "UnsupportedOperationException");
     let reply = client
         .post(
             Version::Http1,
@@ -422,6 +421,62 @@ async fn oversized_bodies_get_a_json_error_and_the_proxy_keeps_serving() {
         )
         .await;
     assert_eq!(reply.status, 200);
+}
+
+/// The spec's sizes (plaintext and ciphertext 4300 bytes, AAD 8192) are served, and
+/// one byte more is refused with UnsupportedOperationException; a field given twice is
+/// named in a ValidationException.
+#[tokio::test]
+async fn spec_sizes_are_the_limits_and_repeated_fields_are_named() {
+    let proxy = Setup::new().start();
+    let client = proxy.client();
+    let encrypt = key_path("foo", "encrypt");
+    let decrypt = key_path("foo", "decrypt");
+    let largest = encrypt_body(&[7u8; 4300], Some(&[8u8; 8192]), false);
+    let sealed = client.post(Version::Http1, &encrypt, &largest).await;
+    assert_eq!(sealed.status, 200, "{:?}", sealed.body);
+    let opened = client
+        .post(
+            Version::Http2,
+            &decrypt,
+            &decrypt_body(&sealed.body, Some(&[8u8; 8192])),
+        )
+        .await;
+    assert_eq!(opened.status, 200, "{:?}", opened.body);
+    assert_eq!(unb64(&opened.body["plaintext"]), vec![7u8; 4300]);
+
+    for (body, field) in [
+        (
+            encrypt_body(&[7u8; 4301], None, false),
+            "plaintext exceeds 4300",
+        ),
+        (
+            encrypt_body(b"x", Some(&[8u8; 8193]), false),
+            "additionalAuthenticatedData exceeds 8192",
+        ),
+    ] {
+        let reply = client.post(Version::Http1, &encrypt, &body).await;
+        assert_error(&reply, 501, "UnsupportedOperationException");
+        let message = reply.body["errorMessage"].as_str().unwrap();
+        assert!(message.starts_with(field), "{message}");
+    }
+    let mut too_long = decrypt_body(&sealed.body, Some(&[8u8; 8192]));
+    too_long["ciphertext"] = json!(b64(&[0u8; 4301]));
+    let reply = client.post(Version::Http1, &decrypt, &too_long).await;
+    assert_error(&reply, 501, "UnsupportedOperationException");
+    let mut aad_too_long = decrypt_body(&sealed.body, Some(&[8u8; 8193]));
+    aad_too_long["ciphertext"] = sealed.body["ciphertext"].clone();
+    let reply = client.post(Version::Http1, &decrypt, &aad_too_long).await;
+    assert_error(&reply, 501, "UnsupportedOperationException");
+
+    // The same field twice: named, and neither value echoed.
+    let text = serde_json::to_string(&encrypt_body(b"x", None, false)).unwrap();
+    let twice = text.replacen('{', r#"{"plaintext":"c2VjcmV0LXZhbHVl","#, 1);
+    let reply = raw(&client, &encrypt, twice.as_bytes()).await;
+    assert_error(&reply, 400, "ValidationException");
+    let message = reply.body["errorMessage"].as_str().unwrap();
+    assert!(message.contains("plaintext more than once"), "{message}");
+    assert!(!message.contains("c2VjcmV0"), "{message}");
 }
 
 #[tokio::test]

@@ -363,6 +363,10 @@ fn check_encrypt(harness: &RequestHarness, key_id: &str, request: &Value, respon
     let iv = base64_field(response, "initializationVector").expect("initializationVector");
     let tag = base64_field(response, "authenticationTag").expect("authenticationTag");
     assert_eq!(decode(ciphertext).len(), plaintext.len());
+    // The spec's sizes are the limits.
+    assert!(plaintext.len() <= xks_proxy::xks::request::MAX_PLAINTEXT_BYTES);
+    let aad = base64_field(request, "additionalAuthenticatedData").map_or(0, |a| decode(a).len());
+    assert!(aad <= xks_proxy::xks::request::MAX_AAD_BYTES);
     assert!(matches!(decode(iv).len(), 12 | 16));
     assert_eq!(decode(tag).len(), 16);
     let wants_cdiv = request

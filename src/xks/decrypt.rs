@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use super::aad::{aws_sample_aad, hsm_aad, parse_version_metadata, MAX_METADATA_LEN};
 use super::error::XksError;
 use super::request::{
-    base64, check_algorithm, optional_base64, parse_json, required_base64, Audit, RequestMetadata,
-    Required,
+    base64, check_algorithm, check_size, optional_base64, parse_json, required_base64, Audit,
+    RequestMetadata, Required, MAX_AAD_BYTES, MAX_PLAINTEXT_BYTES,
 };
 use super::KeyRef;
 use crate::hsm::{version_label, Backend, HsmError, Sealed, TAG_LEN};
@@ -58,6 +58,8 @@ pub(crate) async fn decrypt<'a>(
     check_algorithm(request.encryption_algorithm.as_ref())?;
     let key_id = key.id()?;
     let ciphertext = required_base64(request.ciphertext.as_ref(), "ciphertext")?;
+    // Encrypt makes a ciphertext as long as its plaintext.
+    check_size("ciphertext", &ciphertext, MAX_PLAINTEXT_BYTES)?;
     let iv = required_base64(
         request.initialization_vector.as_ref(),
         "initializationVector",
@@ -67,6 +69,7 @@ pub(crate) async fn decrypt<'a>(
         request.additional_authenticated_data.as_ref(),
         "additionalAuthenticatedData",
     )?;
+    check_size("additionalAuthenticatedData", &aad, MAX_AAD_BYTES)?;
     let ciphertext_metadata =
         optional_base64(request.ciphertext_metadata.as_ref(), "ciphertextMetadata")?;
 

@@ -9,8 +9,8 @@ use zeroize::Zeroizing;
 use super::aad::{cdiv, hsm_aad, version_metadata};
 use super::error::{ErrorName, XksError};
 use super::request::{
-    base64, check_algorithm, optional_base64, parse_json, required_base64, Audit, RequestMetadata,
-    Required,
+    base64, check_algorithm, check_size, optional_base64, parse_json, required_base64, Audit,
+    RequestMetadata, Required, MAX_AAD_BYTES, MAX_PLAINTEXT_BYTES,
 };
 use super::KeyRef;
 use crate::hsm::{version_label, Backend, HsmError};
@@ -71,10 +71,12 @@ pub(crate) async fn encrypt<'a>(
         }
     };
     let plaintext = Zeroizing::new(required_base64(request.plaintext.as_ref(), "plaintext")?);
+    check_size("plaintext", &plaintext, MAX_PLAINTEXT_BYTES)?;
     let aad = optional_base64(
         request.additional_authenticated_data.as_ref(),
         "additionalAuthenticatedData",
     )?;
+    check_size("additionalAuthenticatedData", &aad, MAX_AAD_BYTES)?;
     // The current key version; a rotated key's version travels in ciphertextMetadata,
     // which the AAD binds, so Decrypt finds the right key and tampering fails.
     let version = backend.current_version(key_id, deadline).await?;

@@ -138,10 +138,52 @@ pub(crate) fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Xk
         use serde_json::error::Category;
         let what = match e.classify() {
             Category::Syntax | Category::Eof | Category::Io => "request body is not valid JSON",
-            Category::Data => "request body has a field of the wrong type",
+            Category::Data => match duplicate_field(&e) {
+                // One of our own field names, never a value: safe to say.
+                Some(field) => {
+                    return XksError::validation(format!(
+                        "request body has the field {field} more than once (line {}, column {})",
+                        e.line(),
+                        e.column()
+                    ))
+                }
+                None => "request body has a field of the wrong type",
+            },
         };
         XksError::validation(format!("{what} (line {}, column {})", e.line(), e.column()))
     })
+}
+
+/// The field a "duplicate field" error names. serde reports a repeated field of a
+/// struct as a data error like a value of the wrong type; its message is
+/// `` duplicate field `name` `` with `name` one of the struct's own fields.
+fn duplicate_field(error: &serde_json::Error) -> Option<String> {
+    let message = error.to_string();
+    let rest = message.strip_prefix("duplicate field `")?;
+    let name = &rest[..rest.find('`')?];
+    name.bytes()
+        .all(|b| b.is_ascii_alphanumeric())
+        .then(|| name.to_owned())
+}
+
+/// The largest plaintext Encrypt takes, and ciphertext Decrypt takes: the spec's
+/// "MUST support up to 4300 bytes" (Encrypt: plaintext; Decrypt: ciphertext). KMS
+/// itself never sends more than 4096.
+pub const MAX_PLAINTEXT_BYTES: usize = 4300;
+/// The largest AAD: the spec's "MUST be able to handle AAD values up to 8192 bytes".
+pub const MAX_AAD_BYTES: usize = 8192;
+
+/// Refuses a decoded field larger than `max` bytes (spec: Error codes,
+/// UnsupportedOperationException — "a parameter value exceeded the maximum size that is
+/// currently supported").
+pub(crate) fn check_size(field: &'static str, bytes: &[u8], max: usize) -> Result<(), XksError> {
+    if bytes.len() > max {
+        return Err(XksError::new(
+            super::ErrorName::UnsupportedOperation,
+            format!("{field} exceeds {max} bytes"),
+        ));
+    }
+    Ok(())
 }
 
 /// Decodes a required standard-Base64 field.
@@ -213,6 +255,36 @@ mod tests {
         assert_eq!(error.name(), ErrorName::Validation);
         assert_eq!(error.message(), "request body is not UTF-8 (byte 35)");
         assert!(parse_json::<Known>(br#"{"plaintext": "AA==", "unknown": "\u00e9"}"#).is_ok());
+    }
+
+    #[test]
+    fn a_repeated_field_is_named_and_its_values_are_not() {
+        let error = parse_json::<Known>(br#"{"plaintext": "c2VjcmV0", "plaintext": "AA=="}"#)
+            .expect_err("a field twice");
+        assert_eq!(error.name(), ErrorName::Validation);
+        assert_eq!(
+            error.message(),
+            "request body has the field plaintext more than once (line 1, column 37)"
+        );
+        // A wrong type still says so, without the value.
+        let error = parse_json::<Known>(br#"{"plaintext": 12345}"#).expect_err("a number");
+        assert!(error
+            .message()
+            .starts_with("request body has a field of the wrong type"));
+        assert!(!error.message().contains("12345"));
+    }
+
+    #[test]
+    fn sizes_up_to_the_maximum_pass() {
+        assert!(check_size("plaintext", &[0; MAX_PLAINTEXT_BYTES], MAX_PLAINTEXT_BYTES).is_ok());
+        let error = check_size(
+            "plaintext",
+            &[0; MAX_PLAINTEXT_BYTES + 1],
+            MAX_PLAINTEXT_BYTES,
+        )
+        .expect_err("one byte over");
+        assert_eq!(error.name(), ErrorName::UnsupportedOperation);
+        assert_eq!(error.message(), "plaintext exceeds 4300 bytes");
     }
 
     #[test]
