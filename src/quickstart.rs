@@ -12,6 +12,7 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -275,13 +276,36 @@ fn create_keys(module: &Path, pin: &str) -> Result<(), QuickstartError> {
     Ok(())
 }
 
+/// The server certificate's lifetime: a year, like a public CA's, so that the
+/// expiry metric (`xks_tls_certificate_days_to_expiry`) and its alert see a real date.
+pub const SERVER_CERTIFICATE_DAYS: i64 = 365;
+/// The local CA outlives the certificates it signs.
+const CA_CERTIFICATE_DAYS: i64 = 10 * 365;
+/// Rerunning the quickstart renews a certificate that expires sooner than this.
+const RENEW_WITHIN_DAYS: u64 = 30;
+
+/// Makes a local CA and a server certificate for `localhost`, or keeps the ones there
+/// unless the server certificate expires within [`RENEW_WITHIN_DAYS`]: rerunning the
+/// quickstart is how they are renewed (a running proxy reloads the new files).
 fn certificates(dir: &Path) -> Result<(), QuickstartError> {
     let files = ["ca.pem", "ca-key.pem", "server.pem", "server-key.pem"].map(|f| dir.join(f));
     if files.iter().all(|f| f.exists()) {
-        return Ok(());
+        let renew_by =
+            SystemTime::now() + std::time::Duration::from_secs(RENEW_WITHIN_DAYS * 86_400);
+        match crate::server::tls::certificate_not_after(&files[2]) {
+            Ok(not_after) if not_after > renew_by => return Ok(()),
+            _ => tracing::info!("renewing the quickstart's certificates (expired or expiring)"),
+        }
     }
+    let valid_for = |params: &mut rcgen::CertificateParams, days: i64| {
+        let now = time::OffsetDateTime::now_utc();
+        // An hour back: a client whose clock runs a little behind accepts it at once.
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(days);
+    };
     let ca_key = rcgen::KeyPair::generate()?;
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    valid_for(&mut ca, CA_CERTIFICATE_DAYS);
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     ca.distinguished_name
         .push(rcgen::DnType::CommonName, "xks-proxy quickstart CA");
@@ -296,6 +320,7 @@ fn certificates(dir: &Path) -> Result<(), QuickstartError> {
         .distinguished_name
         .push(rcgen::DnType::CommonName, "localhost");
     server.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    valid_for(&mut server, SERVER_CERTIFICATE_DAYS);
     let server_cert = server.signed_by(&server_key, &ca_cert, &ca_key)?;
     write_file(&files[0], ca_cert.pem().as_bytes(), false)?;
     write_file(&files[1], ca_key.serialize_pem().as_bytes(), true)?;
@@ -484,6 +509,37 @@ fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), Quicksta
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    fn days_left(path: &Path) -> f64 {
+        let not_after = crate::server::tls::certificate_not_after(path).unwrap();
+        not_after
+            .duration_since(SystemTime::now())
+            .unwrap()
+            .as_secs_f64()
+            / 86_400.0
+    }
+
+    #[test]
+    fn the_certificate_lives_a_year_and_a_rerun_renews_it_only_when_it_expires_soon() {
+        let dir = tempfile::tempdir().unwrap();
+        certificates(dir.path()).unwrap();
+        let server = dir.path().join("server.pem");
+        let days = days_left(&server);
+        assert!((364.9..=365.1).contains(&days), "{days} days");
+        // A rerun keeps a certificate with time left.
+        let first = std::fs::read(&server).unwrap();
+        certificates(dir.path()).unwrap();
+        assert_eq!(std::fs::read(&server).unwrap(), first);
+        // One that expires in ten days is renewed for a year.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(10);
+        std::fs::write(&server, params.self_signed(&key).unwrap().pem()).unwrap();
+        assert!(days_left(&server) < 11.0);
+        certificates(dir.path()).unwrap();
+        let days = days_left(&server);
+        assert!((364.9..=365.1).contains(&days), "{days} days");
+    }
 
     #[test]
     fn access_key_ids_follow_the_spec() {
