@@ -6,7 +6,7 @@
 //!
 //! - every admitted request holds a place counted in `outstanding` (queued or running);
 //!   a request whose expected completion (the waves of service ahead of it × the mean
-//!   service time, plus its own call) would overrun its deadline less a safety margin
+//!   service time, plus its own call) would take more than half the time it has left
 //!   is refused at once ([`HsmError::Busy`] → 429), and so is one that finds the queue
 //!   full: nothing queues to time out. The place is taken with one atomic add, so
 //!   concurrent admissions cannot all see the same short queue;
@@ -255,8 +255,13 @@ impl<S: Send + 'static> Pool<S> {
         // Whole waves of service before a session frees up for us, plus our own call.
         let waves = (ahead / shared.sessions) as u32 + 1;
         let expected = shared.mean_service() * waves;
-        // Keep a tenth of the budget for the response path and scheduling noise.
-        if expected > remaining - remaining / 10 {
+        // Admit only what is expected to finish within half the time left. The other
+        // half absorbs the estimate's error, which grows with the waves ahead (each
+        // wave's time varies), and the response path: a request admitted near the
+        // edge was often refused later anyway, after waiting (expired_in_queue), and
+        // a refusal after a wait costs KMS its retry budget where an immediate one
+        // does not.
+        if expected > remaining / 2 {
             return Err("expected_wait");
         }
         Ok(place)
