@@ -349,7 +349,8 @@ fn config_toml(
 listen = "{listen}"
 tls_certificate = "server.pem"
 tls_private_key = "server-key.pem"
-# Every request is answered within this (KMS waits 250 ms; see the README's budget).
+# Every request is answered within this (KMS waits 250 ms; see docs/operations.md,
+# The latency budget).
 request_deadline_ms = 100
 # true: one tokio worker held on each CPU, the session threads spread over them. p99
 # comes closer to the mean when a load generator shares the box (perf/RESULTS.md,
