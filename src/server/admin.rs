@@ -16,7 +16,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use super::service::{json, probe, App};
+use super::service::{json, probe};
+use super::App;
 
 /// The Prometheus scrape path.
 pub const METRICS_PATH: &str = "/metrics";

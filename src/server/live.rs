@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::quota::Quota;
-use super::service::KeyStore;
 use super::tls;
 use super::{App, StartError};
 use crate::auth::{ReplayCache, Verifier};
@@ -26,6 +25,19 @@ use crate::config::Config;
 use crate::metrics::{ReloadLabels, SecretDates};
 use crate::router::Router;
 use crate::xks::KeySet;
+
+/// A key store at run time.
+#[derive(Debug)]
+pub struct KeyStore {
+    /// Name for logs.
+    pub name: String,
+    /// Verifies SigV4 with this key store's region and credentials.
+    pub verifier: Verifier,
+    /// External key ids this key store may use.
+    pub keys: KeySet,
+    /// Request quota, if any.
+    pub quota: Option<Quota>,
+}
 
 /// The reloadable state.
 #[derive(Debug)]

@@ -25,6 +25,7 @@ pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,13 +37,13 @@ use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 pub use quota::Quota;
-pub use service::{App, KeyStore};
+pub use live::KeyStore;
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
 use crate::auth::ReplayCache;
-use crate::config::{BackendConfig, Config};
+use crate::config::{BackendConfig, Config, Limits};
 use crate::health::HealthMonitor;
 use crate::hsm::fleet::Fleet;
 use crate::hsm::pkcs11::Pkcs11Backend;
@@ -95,6 +96,27 @@ pub fn backend(config: &BackendConfig, metrics: &Arc<Metrics>) -> Result<Backend
             Backend::Simulated(SimulatedBackend::start(settings.clone(), metrics)?)
         }
     })
+}
+
+/// Everything the service needs, shared by all connections.
+#[derive(Debug)]
+pub struct App {
+    /// Routes, key stores, TLS and policies: swapped whole by a reload.
+    pub live: ArcSwap<Live>,
+    /// The files whose change triggers a reload.
+    pub watched: Mutex<Vec<PathBuf>>,
+    /// Signatures seen, when replay protection is on (survives reloads).
+    pub replay: Option<Arc<ReplayCache>>,
+    /// Executes operations.
+    pub handler: Handler,
+    /// Largest body buffered.
+    pub max_body_bytes: usize,
+    /// Deadlines, timeouts and connection limits.
+    pub limits: Limits,
+    /// How often watched files are checked for changes.
+    pub reload_poll: Option<std::time::Duration>,
+    /// What we measure.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Assembles the application from a validated configuration and a backend.

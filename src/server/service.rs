@@ -15,53 +15,15 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
-use std::path::PathBuf;
 
-use arc_swap::ArcSwap;
-use parking_lot::Mutex;
 
 use super::guard::{CloseReason, ConnectionClock, RequestGuard};
-use super::live::Live;
-use super::quota::Quota;
-use crate::auth::{ReplayCache, RequestParts, Verifier};
-use crate::config::Limits;
+use super::live::{KeyStore, Live};
+use super::App;
+use crate::auth::RequestParts;
 use crate::metrics::{note_stage, Metrics, RequestLabels, Stage, StageTimes, REQUEST_STAGES};
 use crate::router::RouteMatch;
-use crate::xks::{Audit, ErrorName, Handler, KeySet, XksError};
-
-/// A key store at run time.
-#[derive(Debug)]
-pub struct KeyStore {
-    /// Name for logs.
-    pub name: String,
-    /// Verifies SigV4 with this key store's region and credentials.
-    pub verifier: Verifier,
-    /// External key ids this key store may use.
-    pub keys: KeySet,
-    /// Request quota, if any.
-    pub quota: Option<Quota>,
-}
-
-/// Everything the service needs, shared by all connections.
-#[derive(Debug)]
-pub struct App {
-    /// Routes, key stores, TLS and policies: swapped whole by a reload.
-    pub live: ArcSwap<Live>,
-    /// The files whose change triggers a reload.
-    pub watched: Mutex<Vec<PathBuf>>,
-    /// Signatures seen, when replay protection is on (survives reloads).
-    pub replay: Option<Arc<ReplayCache>>,
-    /// Executes operations.
-    pub handler: Handler,
-    /// Largest body buffered.
-    pub max_body_bytes: usize,
-    /// Deadlines, timeouts and connection limits.
-    pub limits: Limits,
-    /// How often watched files are checked for changes.
-    pub reload_poll: Option<std::time::Duration>,
-    /// What we measure.
-    pub metrics: Arc<Metrics>,
-}
+use crate::xks::{Audit, ErrorName, XksError};
 
 /// Unauthenticated load balancer liveness probe (spec: Other considerations): 200 while
 /// the process serves.

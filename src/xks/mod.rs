@@ -6,8 +6,8 @@ pub mod aad;
 mod decrypt;
 mod encrypt;
 pub mod error;
-mod health;
-mod metadata;
+mod health_status;
+mod key_metadata;
 pub mod request;
 
 use std::borrow::Cow;
@@ -168,10 +168,10 @@ impl Handler {
         };
         let result = match operation {
             ApiOperation::GetHealthStatus => {
-                health::get_health_status(&self.monitor, &self.health, body, &mut audit)
+                health_status::get_health_status(&self.monitor, &self.health, body, &mut audit)
             }
             ApiOperation::GetKeyMetadata => {
-                metadata::get_key_metadata(backend, key, body, &mut audit, deadline).await
+                key_metadata::get_key_metadata(backend, key, body, &mut audit, deadline).await
             }
             ApiOperation::Encrypt => {
                 encrypt::encrypt(backend, key, body, &mut audit, deadline).await
