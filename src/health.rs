@@ -99,7 +99,7 @@ impl HealthMonitor {
         let elapsed = started.elapsed();
         let status = match &result {
             Ok(()) if elapsed <= self.budget / 2 => EkmHealth::Active,
-            Ok(()) | Err(HsmError::Busy) => EkmHealth::Degraded,
+            Ok(()) | Err(HsmError::Busy(_)) => EkmHealth::Degraded,
             Err(_) => EkmHealth::Unavailable,
         };
         let previous = std::mem::replace(

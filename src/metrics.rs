@@ -83,10 +83,41 @@ pub struct RequestLabels {
     pub outcome: &'static str,
 }
 
+/// Why a request was shed with 429 ThrottlingException.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ShedReason {
+    /// The HSM pool's queue was full.
+    QueueFull,
+    /// The waves of work ahead would not fit the request's time (admission).
+    ExpectedWait,
+    /// The request's deadline had passed before it reached the pool.
+    Deadline,
+    /// Its deadline passed, or came too near for a call, while it waited for a session.
+    ExpiredInQueue,
+    /// Its deadline passed early in its call, after a long wait in the queue.
+    ExpiredInCall,
+    /// The key store's request quota.
+    Quota,
+}
+
+impl ShedReason {
+    /// The `reason` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::QueueFull => "queue_full",
+            Self::ExpectedWait => "expected_wait",
+            Self::Deadline => "deadline",
+            Self::ExpiredInQueue => "expired_in_queue",
+            Self::ExpiredInCall => "expired_in_call",
+            Self::Quota => "quota",
+        }
+    }
+}
+
 /// Why a request was shed with 429.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ShedLabels {
-    /// `queue_full`, `expected_wait`, `expired_in_queue`, `expired_in_call`, `quota`.
+    /// [`ShedReason::as_str`].
     pub reason: &'static str,
 }
 
@@ -539,8 +570,12 @@ impl Metrics {
     }
 
     /// Counts a shed request.
-    pub fn shed(&self, reason: &'static str) {
-        self.sheds.get_or_create(&ShedLabels { reason }).inc();
+    pub fn shed(&self, reason: ShedReason) {
+        self.sheds
+            .get_or_create(&ShedLabels {
+                reason: reason.as_str(),
+            })
+            .inc();
     }
 
     /// Counts a client connection the proxy closed.
@@ -637,7 +672,7 @@ mod tests {
         metrics
             .latencies
             .record_stage(Stage::Hsm, "Encrypt", Duration::from_micros(50));
-        metrics.shed("queue_full");
+        metrics.shed(ShedReason::QueueFull);
         let text = metrics.encode();
         let lines = text.lines().map(|l| Ok(l.to_owned()));
         let scrape = prometheus_parse::Scrape::parse(lines).unwrap();

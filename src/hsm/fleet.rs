@@ -248,14 +248,15 @@ impl Fleet {
         let Some(&last) = candidates.last() else {
             return Err(HsmError::Unavailable("no EKM is in service".into()));
         };
-        let mut outcome = Err(HsmError::Busy);
+        // The deadline passed before any member was tried.
+        let mut outcome = Err(HsmError::Busy(crate::metrics::ShedReason::Deadline));
         for i in candidates {
             if Instant::now() >= deadline {
                 break;
             }
             outcome = op(&self.members[i].backend, i == last).await;
             match &outcome {
-                Err(HsmError::Busy) => {} // a full pool is not a failure: try another
+                Err(HsmError::Busy(_)) => {} // a full pool is not a failure: try another
                 Err(e) if is_ekm_failure(e) => self.failed(i, e),
                 _ => {
                     self.succeeded(i);

@@ -153,9 +153,9 @@ pub enum HsmError {
     /// Authentication of the ciphertext failed (wrong tag, IV, AAD or ciphertext).
     #[error("ciphertext failed authentication")]
     InvalidCiphertext,
-    /// Every session is busy and the wait queue is full.
-    #[error("session pool saturated")]
-    Busy,
+    /// The session pool refused the request (it is counted under its reason).
+    #[error("session pool saturated ({})", .0.as_str())]
+    Busy(crate::metrics::ShedReason),
     /// The HSM did not answer in time.
     #[error("HSM call timed out")]
     Timeout,

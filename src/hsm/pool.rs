@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use super::HsmError;
-use crate::metrics::{note_stage, Metrics, Stage};
+use crate::metrics::{note_stage, Metrics, ShedReason, Stage};
 
 type Job<S> = Box<dyn FnOnce(&mut S) + Send>;
 
@@ -71,6 +71,12 @@ impl Shared {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
                 Some(next_estimate(old, sample))
             });
+    }
+
+    /// Counts a refusal and makes its error.
+    fn refuse(&self, reason: ShedReason) -> HsmError {
+        self.metrics.shed(reason);
+        HsmError::Busy(reason)
     }
 
     fn mean_service(&self) -> Duration {
@@ -245,12 +251,12 @@ impl<S: Send + 'static> Pool<S> {
     }
 
     /// Takes a place for a request, or says why there is none.
-    fn admit(&self, remaining: Duration) -> Result<Place<'_>, &'static str> {
+    fn admit(&self, remaining: Duration) -> Result<Place<'_>, ShedReason> {
         let shared = &*self.shared;
         let ahead = shared.outstanding.fetch_add(1, Ordering::AcqRel);
         let place = Place(shared);
         if ahead >= shared.sessions + shared.queue_depth {
-            return Err("queue_full");
+            return Err(ShedReason::QueueFull);
         }
         // Whole waves of service before a session frees up for us, plus our own call.
         let waves = (ahead / shared.sessions) as u32 + 1;
@@ -262,7 +268,7 @@ impl<S: Send + 'static> Pool<S> {
         // a refusal after a wait costs KMS its retry budget where an immediate one
         // does not.
         if expected > remaining / 2 {
-            return Err("expected_wait");
+            return Err(ShedReason::ExpectedWait);
         }
         Ok(place)
     }
@@ -303,14 +309,12 @@ impl<S: Send + 'static> Pool<S> {
             .checked_duration_since(now)
             .filter(|d| !d.is_zero())
         else {
-            shared.metrics.shed("deadline");
-            return Err(HsmError::Busy);
+            return Err(shared.refuse(ShedReason::Deadline));
         };
         let place = match self.admit(remaining) {
             Ok(place) => place,
             Err(reason) => {
-                shared.metrics.shed(reason);
-                return Err(HsmError::Busy);
+                return Err(shared.refuse(reason));
             }
         };
 
@@ -341,8 +345,7 @@ impl<S: Send + 'static> Pool<S> {
             // call (at its usual time, with half again for noise) would overrun it.
             let mean = shared.mean_service();
             if started + mean + mean / 2 >= deadline {
-                shared.metrics.shed("expired_in_queue");
-                let _ = reply.send(Err(HsmError::Busy));
+                let _ = reply.send(Err(shared.refuse(ShedReason::ExpiredInQueue)));
                 return;
             }
             shared
@@ -370,8 +373,7 @@ impl<S: Send + 'static> Pool<S> {
         match jobs.try_send(job) {
             Ok(()) => std::mem::forget(place), // the job gives the place back now
             Err(TrySendError::Full(_)) => {
-                shared.metrics.shed("queue_full");
-                return Err(HsmError::Busy);
+                return Err(shared.refuse(ShedReason::QueueFull));
             }
             Err(TrySendError::Disconnected(_)) => {
                 return Err(HsmError::Unavailable("session pool stopped".into()))
@@ -416,8 +418,7 @@ impl<S: Send + 'static> Pool<S> {
                                 )
                                 .is_ok()
                             {
-                                shared.metrics.shed("expired_in_queue");
-                                return Err(HsmError::Busy);
+                                return Err(shared.refuse(ShedReason::ExpiredInQueue));
                             }
                             // It started just now: treat as running.
                             wake = now;
@@ -438,8 +439,7 @@ impl<S: Send + 'static> Pool<S> {
                                 // load, not a hung HSM. It is shed like a request that
                                 // expired in the queue; a Timeout would take the EKM
                                 // out of service.
-                                shared.metrics.shed("expired_in_call");
-                                return Err(HsmError::Busy);
+                                return Err(shared.refuse(ShedReason::ExpiredInCall));
                             }
                             if now >= limit {
                                 tracing::warn!(
@@ -525,7 +525,7 @@ mod tests {
                 Ok(())
             })
             .await;
-        assert_eq!(result, Err(HsmError::Busy));
+        assert_eq!(result, Err(HsmError::Busy(ShedReason::ExpiredInQueue)));
         busy.await.unwrap();
         // The session is free now; the expired job was skipped, not run late. The pool
         // has learned that a call takes 300 ms, and the two places ahead may not be
@@ -568,7 +568,7 @@ mod tests {
                 sleeper(Duration::ZERO),
             )
             .await;
-        assert_eq!(result, Err(HsmError::Busy));
+        assert_eq!(result, Err(HsmError::Busy(ShedReason::ExpectedWait)));
         assert!(
             before.elapsed() < Duration::from_millis(100),
             "not refused at once"
@@ -595,7 +595,7 @@ mod tests {
                 sleeper(Duration::ZERO),
             )
             .await;
-        assert_eq!(result, Err(HsmError::Busy));
+        assert_eq!(result, Err(HsmError::Busy(ShedReason::QueueFull)));
         busy.await.unwrap();
         queued.await.unwrap().unwrap();
     }
@@ -614,7 +614,7 @@ mod tests {
         for call in calls {
             match call.await.unwrap() {
                 Ok(()) => {}
-                Err(HsmError::Busy) => refused += 1,
+                Err(HsmError::Busy(_)) => refused += 1,
                 Err(e) => panic!("unexpected {e:?}"),
             }
         }
@@ -725,7 +725,7 @@ mod tests {
         }
         let result = slow_request().await;
         first.await.unwrap().unwrap();
-        assert_eq!(result, Err(HsmError::Busy));
+        assert_eq!(result, Err(HsmError::Busy(ShedReason::ExpiredInCall)));
         assert_eq!(shed(&pool, "expired_in_call"), 1);
 
         // A call that takes the request's whole time is the HSM's: a timeout. (Once

@@ -36,8 +36,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-pub use quota::Quota;
 pub use live::KeyStore;
+pub use quota::Quota;
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;

@@ -15,13 +15,13 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
-
-
 use super::guard::{CloseReason, ConnectionClock, RequestGuard};
 use super::live::{KeyStore, Live};
 use super::App;
 use crate::auth::RequestParts;
-use crate::metrics::{note_stage, Metrics, RequestLabels, Stage, StageTimes, REQUEST_STAGES};
+use crate::metrics::{
+    note_stage, Metrics, RequestLabels, ShedReason, Stage, StageTimes, REQUEST_STAGES,
+};
 use crate::router::RouteMatch;
 use crate::xks::{Audit, ErrorName, XksError};
 
@@ -200,7 +200,7 @@ async fn authenticated<'a>(
     };
     on_connection.authenticated();
     if store.quota.as_ref().is_some_and(|q| !q.try_acquire()) {
-        app.metrics.shed("quota");
+        app.metrics.shed(ShedReason::Quota);
         store.verifier.release(&signature);
         let error = XksError::new(
             ErrorName::Throttling,

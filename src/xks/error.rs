@@ -229,7 +229,7 @@ impl From<HsmError> for XksError {
             HsmError::InvalidCiphertext => Self::invalid_ciphertext(
                 "ciphertext, IV, AAD, metadata or tag is corrupted or invalid",
             ),
-            HsmError::Busy => Self::new(ErrorName::Throttling, "HSM session pool is saturated"),
+            HsmError::Busy(_) => Self::new(ErrorName::Throttling, "HSM session pool is saturated"),
             HsmError::Timeout => {
                 Self::new(ErrorName::DependencyTimeout, "HSM did not answer in time")
             }
