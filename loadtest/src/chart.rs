@@ -6,7 +6,8 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::report::{decode_histogram, steps_text, Report};
+use crate::histogram::decode_histogram;
+use crate::report::{steps_text, Report};
 use crate::Error;
 
 const WIDTH: u32 = 960;

@@ -37,9 +37,8 @@ use tokio::sync::mpsc;
 use xks_proxy::auth::SignOptions;
 
 use crate::client::{ClientError, Connector, RequestBuilder, Sender};
-use crate::report::{
-    new_histogram, new_second_histogram, Measured, Percentiles, Schedule, Verification,
-};
+use crate::histogram::{new_histogram, new_second_histogram, Percentiles};
+use crate::report::{Measured, Schedule, Verification};
 use crate::stalls::{Meter, DEFAULT_INTERVAL};
 use crate::target::Target;
 use crate::workload::{

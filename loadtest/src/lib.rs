@@ -11,6 +11,8 @@
 //! - [`presign`]: one pre-signed request as a wrk script.
 //! - [`report`]: the JSON report, tables, `merge`, `compare`; [`chart`]: SVG/HTML.
 //! - [`stalls`]: how long the generator machine itself stalls a sleeping thread.
+//! - [`histogram`]: latency histograms, their Base64 form in reports, percentiles (a
+//!   leaf the others share).
 
 #![forbid(unsafe_code)]
 
@@ -18,6 +20,7 @@ pub mod chart;
 pub mod client;
 pub mod commands;
 pub mod engine;
+pub mod histogram;
 pub mod hsm;
 pub mod presign;
 pub mod report;
