@@ -39,7 +39,7 @@ use xks_proxy::auth::SignOptions;
 use crate::client::{ClientError, Connector, RequestBuilder, Sender};
 use crate::histogram::{new_histogram, new_second_histogram, Percentiles};
 use crate::report::{Measured, Schedule, Verification};
-use crate::stalls::{Meter, DEFAULT_INTERVAL};
+use crate::stalls::{Meter, Stalls, DEFAULT_INTERVAL};
 use crate::target::Target;
 use crate::workload::{
     decrypt_body, encrypt_body, metadata_only_body, path, BodySettings, DecryptReply, ErrorReply,
@@ -472,6 +472,131 @@ impl Recorder {
     }
 }
 
+/// The records of a window's tasks, added together once every task has finished.
+struct Totals {
+    /// Per operation (index [`Op::index`]): its name, latencies and errors.
+    per_op: Vec<(String, Histogram<u64>, u64)>,
+    /// Answers by HTTP status.
+    status_counts: BTreeMap<String, u64>,
+    /// Errors by errorName.
+    error_counts: BTreeMap<String, u64>,
+    /// The tasks' checks (the end-of-window decrypts are added later).
+    verification: Verification,
+    /// Open loop: requests sent late.
+    late: u64,
+    /// Open loop: how late the pacer released each request (µs).
+    released_late: Histogram<u64>,
+    /// Open loop: how late a connection took each request (µs).
+    sent_late: Histogram<u64>,
+    /// Late requests the pacer had already released late.
+    late_released: u64,
+    /// Encrypt answers kept to decrypt after the window.
+    samples: Vec<(usize, Sealed, String)>,
+    /// When the last recorded request finished (the window's end if none finished later).
+    last_done: Instant,
+}
+
+impl Totals {
+    /// Nothing added yet, for a window that ends at `end`, with `pool_size` pooled
+    /// ciphertexts.
+    fn new(pool_size: u64, end: Instant) -> Self {
+        Self {
+            per_op: Op::ALL
+                .iter()
+                .map(|op| (op.name().to_owned(), new_histogram(), 0))
+                .collect(),
+            status_counts: BTreeMap::new(),
+            error_counts: BTreeMap::new(),
+            verification: Verification {
+                pool_size,
+                ..Verification::default()
+            },
+            late: 0,
+            released_late: new_histogram(),
+            sent_late: new_histogram(),
+            late_released: 0,
+            samples: Vec::new(),
+            last_done: end,
+        }
+    }
+
+    /// Adds one task's records.
+    fn add(&mut self, recorder: Recorder) -> Result<(), Error> {
+        if let Some(done) = recorder.last_done {
+            self.last_done = self.last_done.max(done);
+        }
+        for op in Op::ALL {
+            let (_, histogram, errors) = &mut self.per_op[op.index()];
+            if let Some(h) = &recorder.per_op[op.index()] {
+                histogram.add(h)?;
+            }
+            *errors += recorder.errors[op.index()];
+        }
+        for (status, n) in recorder.status {
+            *self.status_counts.entry(status.to_string()).or_insert(0) += n;
+        }
+        for (name, n) in recorder.error_names {
+            *self.error_counts.entry(name).or_insert(0) += n;
+        }
+        self.verification.add(&recorder.verification);
+        self.late += recorder.late;
+        self.late_released += recorder.late_released;
+        if let (Some(r), Some(s)) = (&recorder.released_late, &recorder.sent_late) {
+            self.released_late.add(r)?;
+            self.sent_late.add(s)?;
+        }
+        self.samples.extend(recorder.samples);
+        Ok(())
+    }
+
+    /// What the window produced: the totals, with the collector's `seconds` as the
+    /// series (the measured window began `measure_since_epoch` after the Unix epoch) and
+    /// the machine's `stalls`.
+    fn into_result(
+        self,
+        window: &Window,
+        seconds: Seconds,
+        measure_since_epoch: Duration,
+        stalls: Stalls,
+    ) -> WindowResult {
+        let settings = &window.settings;
+        let measured_count: u64 = self.per_op.iter().map(|(_, h, _)| h.len()).sum();
+        // Open loop: the requests due in the window that were never sent.
+        let unsent = settings.rate.map_or(0, |rate| {
+            let index = |d: Duration| (d.as_secs_f64() * rate).ceil() as u64;
+            let due = index(settings.warmup + settings.duration) - index(settings.warmup);
+            due.saturating_sub(measured_count)
+        });
+        let measure_unix = measure_since_epoch.as_secs();
+        let series = seconds
+            .into_iter()
+            .enumerate()
+            .filter_map(|(offset, s)| {
+                s.map(|(h, e)| (measure_unix + offset as u64, offset as u64, h, e))
+            })
+            .collect();
+        WindowResult {
+            measured: Measured {
+                per_op: self.per_op,
+                status_counts: self.status_counts,
+                error_counts: self.error_counts,
+                late: self.late,
+                unsent,
+                series,
+                window_start_unix_ms: Some(measure_since_epoch.as_millis() as u64),
+                // Until the last answer: an open loop that fell behind is still catching
+                // up after the window, and its achieved rate must show that.
+                seconds: (self.last_done - window.measure_start).as_secs_f64(),
+                stalls: Some(stalls),
+                schedule: settings.rate.map(|_| {
+                    Schedule::new(&self.released_late, &self.sent_late, self.late_released)
+                }),
+            },
+            verification: self.verification,
+        }
+    }
+}
+
 /// Shared by the tasks of one window.
 struct Window {
     workload: Arc<Workload>,
@@ -598,7 +723,6 @@ pub async fn run_window(
     let measure_since_epoch = (unix0 + settings.warmup)
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    let measure_unix = measure_since_epoch.as_secs();
     let window = Arc::new(Window {
         workload: Arc::clone(workload),
         settings: settings.clone(),
@@ -633,80 +757,12 @@ pub async fn run_window(
     let seconds = collector.await?;
     let stalls = meter.finish()?;
 
-    // Totals.
-    let mut per_op: Vec<(String, Histogram<u64>, u64)> = Op::ALL
-        .iter()
-        .map(|op| (op.name().to_owned(), new_histogram(), 0))
-        .collect();
-    let mut status_counts = BTreeMap::new();
-    let mut error_counts = BTreeMap::new();
-    let mut verification = Verification {
-        pool_size: workload.pool_size() as u64,
-        ..Verification::default()
-    };
-    let mut late = 0;
-    let (mut released_late, mut sent_late, mut late_released) =
-        (new_histogram(), new_histogram(), 0);
-    let mut samples = Vec::new();
-    let mut last_done = window.end;
+    let mut totals = Totals::new(workload.pool_size() as u64, window.end);
     for recorder in recorders {
-        last_done = last_done.max(recorder.last_done.unwrap_or(window.end));
-        for op in Op::ALL {
-            if let Some(h) = &recorder.per_op[op.index()] {
-                per_op[op.index()].1.add(h)?;
-            }
-            per_op[op.index()].2 += recorder.errors[op.index()];
-        }
-        for (status, n) in recorder.status {
-            *status_counts.entry(status.to_string()).or_insert(0) += n;
-        }
-        for (name, n) in recorder.error_names {
-            *error_counts.entry(name).or_insert(0) += n;
-        }
-        verification.add(&recorder.verification);
-        late += recorder.late;
-        late_released += recorder.late_released;
-        if let (Some(r), Some(s)) = (&recorder.released_late, &recorder.sent_late) {
-            released_late.add(r)?;
-            sent_late.add(s)?;
-        }
-        samples.extend(recorder.samples);
+        totals.add(recorder)?;
     }
-    check_samples(workload, &samples, &mut verification).await?;
-    let measured_count: u64 = per_op.iter().map(|(_, h, _)| h.len()).sum();
-    // Open loop: the requests due in the window that were never sent.
-    let unsent = settings.rate.map_or(0, |rate| {
-        let index = |d: Duration| (d.as_secs_f64() * rate).ceil() as u64;
-        let due = index(settings.warmup + settings.duration) - index(settings.warmup);
-        due.saturating_sub(measured_count)
-    });
-
-    let series = seconds
-        .into_iter()
-        .enumerate()
-        .filter_map(|(offset, s)| {
-            s.map(|(h, e)| (measure_unix + offset as u64, offset as u64, h, e))
-        })
-        .collect();
-    Ok(WindowResult {
-        measured: Measured {
-            per_op,
-            status_counts,
-            error_counts,
-            late,
-            unsent,
-            series,
-            window_start_unix_ms: Some(measure_since_epoch.as_millis() as u64),
-            // Until the last answer: an open loop that fell behind is still catching up
-            // after the window, and its achieved rate must show that.
-            seconds: (last_done - window.measure_start).as_secs_f64(),
-            stalls: Some(stalls),
-            schedule: settings
-                .rate
-                .map(|_| Schedule::new(&released_late, &sent_late, late_released)),
-        },
-        verification,
-    })
+    check_samples(workload, &totals.samples, &mut totals.verification).await?;
+    Ok(totals.into_result(&window, seconds, measure_since_epoch, stalls))
 }
 
 /// How long before `--start-at` the connections are opened: time enough to open them,
