@@ -19,6 +19,9 @@
 //! Nothing is shared per request but that counter: each task owns its histograms and
 //! counts, sends each finished second's histogram to a collector (for the per-second
 //! series and the live progress), and hands its totals back at the end.
+//!
+//! Preparing what the windows share (connector, bodies, the Decrypt pool) is in
+//! `prepare.rs`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal as _;
@@ -34,18 +37,21 @@ use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 use tokio::sync::mpsc;
-use xks_proxy::auth::SignOptions;
 
 use crate::client::{ClientError, Connector, RequestBuilder, Sender};
 use crate::histogram::{new_histogram, new_second_histogram, Percentiles};
 use crate::report::{Measured, Schedule, Verification};
 use crate::stalls::{Meter, Stalls, DEFAULT_INTERVAL};
-use crate::target::Target;
 use crate::workload::{
-    decrypt_body, encrypt_body, metadata_only_body, path, BodySettings, DecryptReply, ErrorReply,
-    Mix, Op, Sealed, Template,
+    decrypt_body, encrypt_body, metadata_only_body, DecryptReply, ErrorReply, Mix, Op, Sealed,
+    Template,
 };
 use crate::Error;
+
+mod prepare;
+
+use prepare::Route;
+pub use prepare::Workload;
 
 /// A request claimed this long after it was due counts as late (tokio's timer has a
 /// resolution of 1 ms, so anything finer would count timer jitter).
@@ -124,172 +130,8 @@ mod secs {
     }
 }
 
-/// Everything shared by the windows of one command: target, TLS, bodies, the pool.
-#[derive(Debug)]
-pub struct Workload {
-    /// The target.
-    pub target: Target,
-    /// Opens connections.
-    pub connector: Connector,
-    /// Which headers to sign.
-    pub sign_options: SignOptions,
-    /// Body settings.
-    pub bodies: BodySettings,
-    /// The AAD of every Encrypt and Decrypt.
-    pub aad: Vec<u8>,
-    /// Ciphertexts made by Encrypt before the load, for Decrypt requests.
-    pool: Vec<PoolEntry>,
-}
-
-#[derive(Debug)]
-struct PoolEntry {
-    key: usize,
-    template: Template,
-    plaintext_b64: String,
-}
-
 /// The answer to a request.
 type Answer = Result<(u16, Bytes), ClientError>;
-
-impl Workload {
-    /// Connects, checks each operation of `mix` once (failing with the proxy's answer if
-    /// it refuses), and makes the pool of `pool_size` ciphertexts for Decrypt.
-    pub async fn prepare(
-        target: Target,
-        http2: bool,
-        sign_options: SignOptions,
-        bodies: BodySettings,
-        mix: Mix,
-        pool_size: usize,
-    ) -> Result<Self, Error> {
-        let connector = Connector::new(&target, http2).await?;
-        let mut rng = SmallRng::from_rng(&mut rand::rng());
-        let mut aad = vec![0u8; bodies.aad_bytes];
-        rng.fill(&mut aad[..]);
-        let mut workload = Self {
-            target,
-            connector,
-            sign_options,
-            bodies,
-            aad,
-            pool: Vec::new(),
-        };
-        let mut sender = workload
-            .connector
-            .connect()
-            .await
-            .map_err(|e| format!("cannot reach {}: {e}", workload.connector_description()))?;
-        let builder = RequestBuilder::new(&workload.target, http2, sign_options);
-        for op in Op::ALL.into_iter().filter(|op| mix.uses(*op)) {
-            if op == Op::Decrypt {
-                continue; // checked by making the pool
-            }
-            let template = match op {
-                Op::Encrypt => encrypt_body(
-                    &workload.target.region,
-                    &vec![7u8; bodies.plaintext_bytes],
-                    &workload.aad,
-                    bodies.cdiv,
-                ),
-                _ => metadata_only_body(op, &workload.target.region),
-            };
-            for key in 0..workload.target.key_ids.len() {
-                let route = workload.route(&builder, op, key);
-                let answer = sender
-                    .send(builder.post(
-                        &route.uri,
-                        &route.path,
-                        template.render(&mut rng),
-                        SystemTime::now(),
-                    ))
-                    .await;
-                expect_ok(op, &workload.target.key_ids[key], &answer)?;
-                if op == Op::Health {
-                    break;
-                }
-            }
-        }
-        if mix.uses(Op::Decrypt) {
-            for i in 0..pool_size.max(1) {
-                let key = i % workload.target.key_ids.len();
-                let mut plaintext = vec![0u8; bodies.plaintext_bytes];
-                rng.fill(&mut plaintext[..]);
-                let route = workload.route(&builder, Op::Encrypt, key);
-                let template =
-                    encrypt_body(&workload.target.region, &plaintext, &workload.aad, false);
-                let answer = sender
-                    .send(builder.post(
-                        &route.uri,
-                        &route.path,
-                        template.render(&mut rng),
-                        SystemTime::now(),
-                    ))
-                    .await;
-                let body = expect_ok(Op::Encrypt, &workload.target.key_ids[key], &answer)?;
-                let sealed: Sealed = serde_json::from_slice(body)
-                    .map_err(|e| format!("Encrypt answered 200 with an unreadable body: {e}"))?;
-                workload.pool.push(PoolEntry {
-                    key,
-                    template: decrypt_body(&workload.target.region, &sealed, &workload.aad),
-                    plaintext_b64: STANDARD.encode(&plaintext),
-                });
-            }
-        }
-        Ok(workload)
-    }
-
-    fn connector_description(&self) -> String {
-        format!("https://{}", self.target.authority)
-    }
-
-    /// The number of pooled ciphertexts.
-    pub fn pool_size(&self) -> usize {
-        self.pool.len()
-    }
-
-    fn route(&self, builder: &RequestBuilder, op: Op, key: usize) -> Route {
-        let path = path(&self.target.api_root, op, &self.target.key_ids[key]);
-        Route {
-            uri: builder.uri(&path),
-            path,
-        }
-    }
-}
-
-/// The body of a 200 answer, or an error naming what the proxy said.
-fn expect_ok<'a>(op: Op, key: &str, answer: &'a Answer) -> Result<&'a [u8], Error> {
-    match answer {
-        Ok((200, body)) => Ok(body),
-        Ok((status, body)) => {
-            let name = serde_json::from_slice::<ErrorReply<'_>>(body)
-                .ok()
-                .and_then(|e| e.error_name.map(|n| n.into_owned()))
-                .unwrap_or_default();
-            let hint = match *status {
-                401 | 403 => " (check the access key id, secret and region)",
-                404 => " (check --uri-prefix and --key-id)",
-                _ => "",
-            };
-            Err(format!(
-                "{} on key {key:?} answered HTTP {status} {name}{hint}: {}",
-                op.name(),
-                String::from_utf8_lossy(body)
-                    .chars()
-                    .take(200)
-                    .collect::<String>()
-            )
-            .into())
-        }
-        Err(e) => Err(format!("{} on key {key:?} failed: {e}", op.name()).into()),
-    }
-}
-
-/// A path and the URI it is sent as.
-#[derive(Debug, Clone)]
-struct Route {
-    path: String,
-    uri: http::Uri,
-}
 
 /// What a task needs to build its requests, made once per task.
 struct TaskRequests {
