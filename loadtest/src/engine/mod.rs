@@ -10,10 +10,8 @@
 //!   it was due is counted as late. Each ticket carries when the pacer released it,
 //!   so the report's [`Schedule`] tells the generator's own lateness (the pacer thread
 //!   woke late: the machine) from waiting for a free connection.
-//!   The pacer is a thread, not a tokio timer: tokio's timers round up to whole
-//!   milliseconds, which added up to a millisecond to every open-loop latency. It
-//!   sleeps until just before the due time and, at rates up to [`SPIN_MAX_RATE`],
-//!   spins the last [`SPIN`] so a ticket leaves within microseconds of its time.
+//!   The pacer is a thread, not a tokio timer, that spins the last microseconds
+//!   before each due time (`pacer.rs` says why).
 //! - **Closed loop**: each task sends as soon as its previous answer arrived.
 //!
 //! Nothing is shared per request but that counter: each task owns its histograms and
@@ -21,7 +19,7 @@
 //! series and the live progress), and hands its totals back at the end.
 //!
 //! Preparing what the windows share (connector, bodies, the Decrypt pool) is in
-//! `prepare.rs`.
+//! `prepare.rs`; the open loop's pacer in `pacer.rs`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal as _;
@@ -48,8 +46,11 @@ use crate::workload::{
 };
 use crate::Error;
 
+mod pacer;
 mod prepare;
 
+pub use pacer::wait_until;
+use pacer::{pace, Ticket};
 use prepare::Route;
 pub use prepare::Workload;
 
@@ -451,51 +452,6 @@ struct Window {
     /// Open loop: the pacer's tickets, taken by one task at a time.
     tickets: Option<tokio::sync::Mutex<mpsc::UnboundedReceiver<Ticket>>>,
     samples_per_task: usize,
-}
-
-/// How long before a due time the pacer stops sleeping and spins.
-const SPIN: Duration = Duration::from_micros(80);
-/// Above this rate the pacer does not spin (its requests are closer together than a
-/// thread's sleep is precise anyway, and spinning would take a core from the proxy).
-const SPIN_MAX_RATE: f64 = 2000.0;
-
-/// Blocks the calling thread until `due`: sleeps until just before it and, for a
-/// thread pacing at most [`SPIN_MAX_RATE`] events a second, spins the rest.
-pub fn wait_until(due: Instant, rate: f64) {
-    let now = Instant::now();
-    if due > now + SPIN {
-        std::thread::sleep(due - now - SPIN);
-    }
-    if rate <= SPIN_MAX_RATE {
-        while Instant::now() < due {
-            std::hint::spin_loop();
-        }
-    }
-}
-
-/// Open loop: a request's due time, and when the pacer released it.
-struct Ticket {
-    due: Instant,
-    released: Instant,
-}
-
-/// Releases request `i` at `t0 + i/rate` until `end`, on its own thread.
-fn pace(t0: Instant, rate: f64, end: Instant, tickets: mpsc::UnboundedSender<Ticket>) {
-    let interval = 1.0 / rate;
-    for i in 0u64.. {
-        let due = t0 + Duration::from_secs_f64(i as f64 * interval);
-        if due >= end {
-            return;
-        }
-        wait_until(due, rate);
-        let ticket = Ticket {
-            due,
-            released: Instant::now(),
-        };
-        if tickets.send(ticket).is_err() {
-            return;
-        }
-    }
 }
 
 /// What one window produced.
