@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 
-use super::{Report, Schedule};
+use super::{Machine, Report, Schedule};
 use crate::stalls::Stalls;
 
 /// Side-by-side throughput and percentiles of two reports, with B/A ratios.
@@ -92,20 +92,25 @@ fn compare_rows(out: &mut String, name: &str, rows: &[(&str, f64, f64)]) {
 
 /// Of a report's generator machines, the one whose meter saw the worst stall.
 fn worst_stalls(report: &Report) -> Option<&Stalls> {
-    report
-        .machines
-        .iter()
-        .filter_map(|m| m.stalls.as_ref())
-        .max_by(|x, y| x.late_ms.max.total_cmp(&y.late_ms.max))
+    worst(report, |m| m.stalls.as_ref(), |s| s.late_ms.max)
 }
 
 /// Of a report's generator machines, the one that sent requests the latest.
 fn worst_schedule(report: &Report) -> Option<&Schedule> {
+    worst(report, |m| m.schedule.as_ref(), |s| s.sent_late_ms.max)
+}
+
+/// Of the `part`s the report's machines have, the one whose `max` is largest.
+fn worst<T>(
+    report: &Report,
+    part: impl Fn(&Machine) -> Option<&T>,
+    max: impl Fn(&T) -> f64,
+) -> Option<&T> {
     report
         .machines
         .iter()
-        .filter_map(|m| m.schedule.as_ref())
-        .max_by(|x, y| x.sent_late_ms.max.total_cmp(&y.sent_late_ms.max))
+        .filter_map(part)
+        .max_by(|x, y| max(x).total_cmp(&max(y)))
 }
 
 #[cfg(test)]

@@ -38,14 +38,7 @@ pub(super) fn measured(values: &[u64], errors: u64, t0: u64) -> Measured {
 
 /// A `run` report of [`measured`] with an SLO of p99 10 ms and 1% errors.
 pub(super) fn report(values: &[u64], errors: u64, t0: u64) -> Report {
-    Report::new(
-        "run",
-        time::OffsetDateTime::now_utc(),
-        None,
-        serde_json::json!({}),
-        &measured(values, errors, t0),
-        Some((10.0, 1.0)),
-    )
+    run(&measured(values, errors, t0), Some((10.0, 1.0)))
 }
 
 /// A meter that saw `over_1ms` wake-ups `max_us` late, and one on time.
@@ -67,13 +60,18 @@ pub(super) fn stalls(max_us: u64, over_1ms: u64) -> Stalls {
 
 /// A `run` report of `m` without an SLO.
 pub(super) fn run_report(m: &Measured) -> Report {
+    run(m, None)
+}
+
+/// A `run` report of `m`, started now, against the objective `slo` (p99 ms, errors %).
+fn run(m: &Measured, slo: Option<(f64, f64)>) -> Report {
     Report::new(
         "run",
         time::OffsetDateTime::now_utc(),
         None,
         serde_json::json!({}),
         m,
-        None,
+        slo,
     )
 }
 

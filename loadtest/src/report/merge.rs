@@ -5,9 +5,7 @@ use std::collections::BTreeMap;
 
 use hdrhistogram::Histogram;
 
-use super::{
-    pct, within, OpReport, Report, SecondPoint, Summary, Tool, Verification, FORMAT, KMS_BUDGET_MS,
-};
+use super::{pct, within, OpReport, Report, SecondPoint, Summary, Tool, Verification, FORMAT};
 use crate::histogram::{decode_histogram, new_histogram, new_second_histogram, Percentiles};
 use crate::Error;
 
@@ -94,16 +92,7 @@ pub fn merge(reports: &[Report]) -> Result<Report, Error> {
         .get("overall")
         .map(|(h, e, t)| (h.clone(), *e, *t))
         .unwrap_or_else(|| (new_histogram(), 0, 0.0));
-    merged.summary = Summary {
-        requests: all.len(),
-        ok: all.len() - all_errors,
-        errors: all_errors,
-        error_pct: pct(all_errors, all.len()),
-        throughput_rps: throughput,
-        late,
-        unsent,
-        within_kms_budget_pct: within(&all, KMS_BUDGET_MS),
-    };
+    merged.summary = Summary::new(&all, all_errors, throughput, late, unsent);
     if let Some(slo) = &mut merged.slo {
         slo.within_p99_target_pct = within(&all, slo.p99_ms);
         slo.met = !all.is_empty()

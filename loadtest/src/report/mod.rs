@@ -326,6 +326,30 @@ pub struct Summary {
     pub within_kms_budget_pct: f64,
 }
 
+impl Summary {
+    /// From all requests' latencies and errors, the throughput, and the open loop's
+    /// late and unsent counts.
+    pub fn new(
+        all: &Histogram<u64>,
+        errors: u64,
+        throughput_rps: f64,
+        late: u64,
+        unsent: u64,
+    ) -> Self {
+        let requests = all.len();
+        Self {
+            requests,
+            ok: requests - errors,
+            errors,
+            error_pct: pct(errors, requests),
+            throughput_rps,
+            late,
+            unsent,
+            within_kms_budget_pct: within(all, KMS_BUDGET_MS),
+        }
+    }
+}
+
 /// A whole report.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
@@ -511,16 +535,13 @@ impl Report {
             duration_s: measured.seconds,
             window_start_unix_ms: measured.window_start_unix_ms,
             together_s: None,
-            summary: Summary {
-                requests,
-                ok: requests - errors,
+            summary: Summary::new(
+                &all,
                 errors,
-                error_pct: pct(errors, requests),
-                throughput_rps: rate(requests, measured.seconds),
-                late: measured.late,
-                unsent: measured.unsent,
-                within_kms_budget_pct: within(&all, KMS_BUDGET_MS),
-            },
+                rate(requests, measured.seconds),
+                measured.late,
+                measured.unsent,
+            ),
             status_counts: measured.status_counts.clone(),
             error_counts: measured.error_counts.clone(),
             operations,
