@@ -7,12 +7,13 @@ use std::time::SystemTime;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
+use bytes::Bytes;
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use xks_proxy::auth::SignOptions;
 
 use super::Answer;
-use crate::client::{Connector, RequestBuilder};
+use crate::client::{Connector, RequestBuilder, Sender};
 use crate::target::Target;
 use crate::workload::{
     decrypt_body, encrypt_body, metadata_only_body, path, BodySettings, ErrorReply, Mix, Op,
@@ -91,16 +92,9 @@ impl Workload {
                 _ => metadata_only_body(op, &workload.target.region),
             };
             for key in 0..workload.target.key_ids.len() {
-                let route = workload.route(&builder, op, key);
-                let answer = sender
-                    .send(builder.post(
-                        &route.uri,
-                        &route.path,
-                        template.render(&mut rng),
-                        SystemTime::now(),
-                    ))
-                    .await;
-                expect_ok(op, &workload.target.key_ids[key], &answer)?;
+                workload
+                    .send_expecting_ok(&mut sender, &builder, op, key, &template, &mut rng)
+                    .await?;
                 if op == Op::Health {
                     break;
                 }
@@ -111,19 +105,12 @@ impl Workload {
                 let key = i % workload.target.key_ids.len();
                 let mut plaintext = vec![0u8; bodies.plaintext_bytes];
                 rng.fill(&mut plaintext[..]);
-                let route = workload.route(&builder, Op::Encrypt, key);
                 let template =
                     encrypt_body(&workload.target.region, &plaintext, &workload.aad, false);
-                let answer = sender
-                    .send(builder.post(
-                        &route.uri,
-                        &route.path,
-                        template.render(&mut rng),
-                        SystemTime::now(),
-                    ))
-                    .await;
-                let body = expect_ok(Op::Encrypt, &workload.target.key_ids[key], &answer)?;
-                let sealed: Sealed = serde_json::from_slice(body)
+                let body = workload
+                    .send_expecting_ok(&mut sender, &builder, Op::Encrypt, key, &template, &mut rng)
+                    .await?;
+                let sealed: Sealed = serde_json::from_slice(&body)
                     .map_err(|e| format!("Encrypt answered 200 with an unreadable body: {e}"))?;
                 workload.pool.push(PoolEntry {
                     key,
@@ -133,6 +120,29 @@ impl Workload {
             }
         }
         Ok(workload)
+    }
+
+    /// Sends `template` as `op` to key `key` and gives back the body of the answer, or an
+    /// error naming what the proxy said if that is not a 200.
+    async fn send_expecting_ok(
+        &self,
+        sender: &mut Sender,
+        builder: &RequestBuilder,
+        op: Op,
+        key: usize,
+        template: &Template,
+        rng: &mut SmallRng,
+    ) -> Result<Bytes, Error> {
+        let route = self.route(builder, op, key);
+        let answer = sender
+            .send(builder.post(
+                &route.uri,
+                &route.path,
+                template.render(rng),
+                SystemTime::now(),
+            ))
+            .await;
+        expect_ok(op, &self.target.key_ids[key], &answer)
     }
 
     fn connector_description(&self) -> String {
@@ -154,9 +164,9 @@ impl Workload {
 }
 
 /// The body of a 200 answer, or an error naming what the proxy said.
-fn expect_ok<'a>(op: Op, key: &str, answer: &'a Answer) -> Result<&'a [u8], Error> {
+fn expect_ok(op: Op, key: &str, answer: &Answer) -> Result<Bytes, Error> {
     match answer {
-        Ok((200, body)) => Ok(body),
+        Ok((200, body)) => Ok(body.clone()),
         Ok((status, body)) => {
             let name = serde_json::from_slice::<ErrorReply<'_>>(body)
                 .ok()
