@@ -17,7 +17,7 @@ const SPIN: Duration = Duration::from_micros(80);
 const SPIN_MAX_RATE: f64 = 2000.0;
 
 /// Blocks the calling thread until `due`: sleeps until just before it and, for a
-/// thread pacing at most [`SPIN_MAX_RATE`] events a second, spins the rest.
+/// thread pacing at most `SPIN_MAX_RATE` (2000) events a second, spins the rest.
 pub fn wait_until(due: Instant, rate: f64) {
     let now = Instant::now();
     if due > now + SPIN {
