@@ -18,6 +18,7 @@
 //! - [`presign`]: one pre-signed request as a wrk script.
 //! - [`report`]: the JSON report: its types, made from a measured window, read and
 //!   written:
+//!   - `measured`: what a window hands over ([`report::Measured`]) before it is a report;
 //!   - `text`: the end-of-run tables and lines;
 //!   - `merge`: the reports of several generator machines added;
 //!   - `compare`: two reports side by side;
