@@ -4,9 +4,12 @@
 
 use std::path::Path;
 
+use plotters::chart::SeriesAnno;
+use plotters::coord::CoordTranslate;
 use plotters::prelude::*;
 
-use crate::report::{decode_histogram, steps_text, Report};
+use crate::histogram::decode_histogram;
+use crate::report::{steps_text, Report};
 use crate::Error;
 
 const WIDTH: u32 = 960;
@@ -69,7 +72,7 @@ fn over_time(
         ("max", RGBColor(120, 120, 120), |p| p.max_ms),
     ];
     for (name, color, value) in lines {
-        chart
+        let series = chart
             .draw_series(LineSeries::new(
                 points
                     .iter()
@@ -77,20 +80,10 @@ fn over_time(
                     .map(|p| (p.offset_s as f64 + 0.5, value(p).max(y_min))),
                 color.stroke_width(2),
             ))
-            .map_err(plot_error)?
-            .label(name)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+            .map_err(plot_error)?;
+        name_line(series, name, color);
     }
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.8))
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()
-        .map_err(plot_error)?;
-    Ok(())
+    draw_legend(&mut chart, SeriesLabelPosition::UpperRight)
 }
 
 fn spectrum(
@@ -144,22 +137,37 @@ fn spectrum(
         .map_err(plot_error)?;
     for (i, (name, curve)) in curves.into_iter().enumerate() {
         let color = palette[i % palette.len()];
-        chart
+        let series = chart
             .draw_series(LineSeries::new(curve, color.stroke_width(2)))
-            .map_err(plot_error)?
-            .label(name)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+            .map_err(plot_error)?;
+        name_line(series, name, color);
     }
+    draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)
+}
+
+/// Names a line just drawn in the legend, next to a short stroke of its colour.
+fn name_line(
+    series: &mut SeriesAnno<'_, SVGBackend<'_>>,
+    name: impl Into<String>,
+    color: RGBColor,
+) {
+    series
+        .label(name)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+}
+
+/// Draws a chart's legend (the names of its lines) at `position`.
+fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+) -> Result<(), Error> {
     chart
         .configure_series_labels()
         .border_style(BLACK)
         .background_style(WHITE.mix(0.8))
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(position)
         .draw()
-        .map_err(plot_error)?;
-    Ok(())
+        .map_err(plot_error)
 }
 
 /// `x = 1/(1-q)` as a percentile: 10 → "90%", 1000 → "99.9%".

@@ -31,7 +31,8 @@ use xks_proxy::hsm::IV_LEN;
 use zeroize::Zeroizing;
 
 use crate::engine::{wait_until, LATE_AFTER};
-use crate::report::{new_histogram, new_second_histogram, Measured, Report, Schedule};
+use crate::histogram::{new_histogram, new_second_histogram};
+use crate::report::{Measured, Report, Schedule};
 use crate::stalls::{Meter, DEFAULT_INTERVAL};
 use crate::workload::{Mix, Op};
 use crate::Error;

@@ -5,12 +5,29 @@
 //! - [`workload`]: the operation mix, pre-rendered bodies, CDIV checks.
 //! - [`client`]: TLS + HTTP/1.1 or HTTP/2 connections and signed requests (the proxy
 //!   library's SigV4 signer).
-//! - [`engine`]: the open- and closed-loop load with task-local histograms.
+//! - [`engine`]: one measured window of open- or closed-loop load, with task-local
+//!   histograms:
+//!   - `prepare`: the [`engine::Workload`] every window shares (connector, bodies, the
+//!     Decrypt pool), checked against the proxy first;
+//!   - `pacer`: the open loop's pacer thread;
+//!   - `task`: one task's request loop, and the checks of its answers;
+//!   - `recorder`: a task's histograms and counts, and their totals at the end;
+//!   - `progress`: the per-second collector and the live progress line or bar.
 //! - [`commands`]: `run` and `search`.
 //! - [`hsm`]: raw PKCS#11 AES-GCM capacity at 1..N sessions.
 //! - [`presign`]: one pre-signed request as a wrk script.
-//! - [`report`]: the JSON report, tables, `merge`, `compare`; [`chart`]: SVG/HTML.
+//! - [`report`]: the JSON report: its types, made from a measured window, read and
+//!   written:
+//!   - `measured`: what a window hands over ([`report::Measured`]) before it is a report;
+//!   - `text`: the end-of-run tables and lines;
+//!   - `merge`: the reports of several generator machines added;
+//!   - `compare`: two reports side by side;
+//!   - `fixtures` (tests only): reports made from a few latencies.
+//! - [`chart`]: SVG charts of a report, and the HTML page with its tables.
 //! - [`stalls`]: how long the generator machine itself stalls a sleeping thread.
+//! - [`histogram`]: latency histograms, their Base64 form in reports, percentiles: a
+//!   leaf that `report`, `stalls`, `engine`, `hsm` and `chart` share, so none of them
+//!   imports another for it.
 
 #![forbid(unsafe_code)]
 
@@ -18,6 +35,7 @@ pub mod chart;
 pub mod client;
 pub mod commands;
 pub mod engine;
+pub mod histogram;
 pub mod hsm;
 pub mod presign;
 pub mod report;

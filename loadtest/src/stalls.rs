@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-use crate::report::{encode_histogram, new_histogram, Percentiles};
+use crate::histogram::{encode_histogram, new_histogram, Percentiles};
 use crate::Error;
 
 /// How long the meter sleeps between wake-ups (jHiccup's default is 1 ms too). Short
@@ -184,7 +184,7 @@ pub fn run_stalls(args: &StallsArgs) -> Result<Stalls, Error> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::report::decode_histogram;
+    use crate::histogram::decode_histogram;
 
     #[test]
     fn a_stall_shows_and_counts_over_one_millisecond() {

@@ -9,7 +9,8 @@
 mod common;
 
 use common::{loadtest, loadtest_ok, Proxy};
-use xks_loadtest::report::{decode_histogram, Report};
+use xks_loadtest::histogram::decode_histogram;
+use xks_loadtest::report::Report;
 
 #[test]
 fn hsm_baseline_and_run_on_a_quickstart_token() {

@@ -1,0 +1,307 @@
+//! One task of a window: its own connection (or HTTP/2 stream), its requests rendered
+//! once ([`TaskRequests`]), the loop that sends them and records each answer, and the
+//! checks of the answers, during the window and (for the kept Encrypt samples) after it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use bytes::Bytes;
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
+
+use super::pacer::Ticket;
+use super::prepare::{Route, Workload};
+use super::recorder::Recorder;
+use super::{Answer, Window};
+use crate::client::{ClientError, Connector, RequestBuilder, Sender};
+use crate::report::Verification;
+use crate::workload::{
+    decrypt_body, encrypt_body, metadata_only_body, DecryptReply, ErrorReply, Op, Sealed, Template,
+};
+use crate::Error;
+
+/// Every this many Encrypt answers, one is kept for the decrypt check at the end.
+const SAMPLE_EVERY: u64 = 16;
+
+/// What a task needs to build its requests, made once per task.
+struct TaskRequests {
+    builder: RequestBuilder,
+    /// Per key: Encrypt route and body.
+    encrypt: Vec<(Route, Template)>,
+    /// Per key: GetKeyMetadata route and body.
+    metadata: Vec<(Route, Template)>,
+    /// Per key: Decrypt route (bodies come from the pool).
+    decrypt: Vec<Route>,
+    health: (Route, Template),
+    /// This task's Encrypt plaintext, Base64.
+    plaintext_b64: String,
+}
+
+impl TaskRequests {
+    fn new(workload: &Workload, rng: &mut SmallRng) -> Self {
+        let builder = RequestBuilder::new(
+            &workload.target,
+            workload.connector.http2(),
+            workload.sign_options,
+        );
+        let region = &workload.target.region;
+        let keys = 0..workload.target.key_ids.len();
+        let mut plaintext = vec![0u8; workload.bodies.plaintext_bytes];
+        rng.fill(&mut plaintext[..]);
+        Self {
+            encrypt: keys
+                .clone()
+                .map(|k| {
+                    (
+                        workload.route(&builder, Op::Encrypt, k),
+                        encrypt_body(region, &plaintext, &workload.aad, workload.bodies.cdiv),
+                    )
+                })
+                .collect(),
+            metadata: keys
+                .clone()
+                .map(|k| {
+                    (
+                        workload.route(&builder, Op::Metadata, k),
+                        metadata_only_body(Op::Metadata, region),
+                    )
+                })
+                .collect(),
+            decrypt: keys
+                .map(|k| workload.route(&builder, Op::Decrypt, k))
+                .collect(),
+            health: (
+                workload.route(&builder, Op::Health, 0),
+                metadata_only_body(Op::Health, region),
+            ),
+            plaintext_b64: STANDARD.encode(&plaintext),
+            builder,
+        }
+    }
+}
+
+/// Sends `request`, connecting first if needed; drops the connection on failure.
+async fn send(
+    connector: &Connector,
+    sender: &mut Option<Sender>,
+    request: http::Request<http_body_util::Full<Bytes>>,
+    timeout: Duration,
+) -> Answer {
+    let attempt = tokio::time::timeout(timeout, async {
+        if sender.as_ref().map_or(true, Sender::closed) {
+            *sender = Some(connector.connect().await?);
+        }
+        sender
+            .as_mut()
+            .expect("connected just above")
+            .send(request)
+            .await
+    })
+    .await;
+    let answer = attempt.unwrap_or(Err(ClientError::Timeout));
+    if answer.is_err() {
+        *sender = None;
+    }
+    answer
+}
+
+/// One task: takes the next due request (open loop) or sends at once (closed loop)
+/// until the window is over, checks each answer, and records the measured ones.
+pub(super) async fn task(
+    window: Arc<Window>,
+    mut sender: Option<Sender>,
+    mut recorder: Recorder,
+) -> Recorder {
+    let workload = &*window.workload;
+    let settings = &window.settings;
+    let mut rng = SmallRng::from_rng(&mut rand::rng());
+    let requests = TaskRequests::new(workload, &mut rng);
+    loop {
+        // When is this request due?
+        let due = match &window.tickets {
+            Some(tickets) => {
+                let Some(Ticket { due, released }) = tickets.lock().await.recv().await else {
+                    break; // the schedule is over
+                };
+                let now = Instant::now();
+                if now >= window.hard_end {
+                    break;
+                }
+                if due >= window.measure_start {
+                    recorder.schedule(
+                        released.saturating_duration_since(due),
+                        now.saturating_duration_since(due),
+                    );
+                }
+                due
+            }
+            None => {
+                let now = Instant::now();
+                if now >= window.end {
+                    break;
+                }
+                now
+            }
+        };
+
+        let op = settings.mix.pick(&mut rng);
+        let key = rng.random_range(0..requests.encrypt.len());
+        let (route, body, expected) = match op {
+            Op::Encrypt => {
+                let (route, template) = &requests.encrypt[key];
+                (route, template.render(&mut rng), None)
+            }
+            Op::Metadata => {
+                let (route, template) = &requests.metadata[key];
+                (route, template.render(&mut rng), None)
+            }
+            Op::Health => (&requests.health.0, requests.health.1.render(&mut rng), None),
+            Op::Decrypt => {
+                let entry = &workload.pool[rng.random_range(0..workload.pool.len())];
+                (
+                    &requests.decrypt[entry.key],
+                    entry.template.render(&mut rng),
+                    Some(entry.plaintext_b64.as_str()),
+                )
+            }
+        };
+        let request = requests
+            .builder
+            .post(&route.uri, &route.path, body, SystemTime::now());
+        let answer = send(&workload.connector, &mut sender, request, settings.timeout).await;
+        let done = Instant::now();
+        if settings.new_connection_per_request {
+            sender = None;
+        }
+
+        let error_name: Option<std::borrow::Cow<'_, str>> = match &answer {
+            Ok((200, body)) => {
+                check_answer(
+                    op,
+                    key,
+                    body,
+                    expected,
+                    workload,
+                    &requests.plaintext_b64,
+                    window.samples_per_task,
+                    &mut recorder,
+                );
+                None
+            }
+            Ok((status, body)) => Some(
+                serde_json::from_slice::<ErrorReply<'_>>(body)
+                    .ok()
+                    .and_then(|e| e.error_name)
+                    .unwrap_or_else(|| format!("HTTP {status}").into()),
+            ),
+            Err(e) => Some(e.kind().into()),
+        };
+        if due >= window.measure_start {
+            let status = answer.as_ref().map_or(0, |(s, _)| *s);
+            *recorder.status.entry(status).or_insert(0) += 1;
+            let offset = done
+                .saturating_duration_since(window.measure_start)
+                .as_secs();
+            recorder.record(op, done - due, offset, error_name.as_deref());
+            recorder.last_done = Some(done);
+        }
+    }
+    recorder.finish();
+    recorder
+}
+
+/// Checks a 200 answer: Decrypt gives back the pooled plaintext, Encrypt's CDIV is
+/// right (with `--cdiv`), and some Encrypt answers are kept to decrypt at the end.
+#[allow(clippy::too_many_arguments)]
+fn check_answer(
+    op: Op,
+    key: usize,
+    body: &[u8],
+    expected: Option<&str>,
+    workload: &Workload,
+    plaintext_b64: &str,
+    samples_per_task: usize,
+    recorder: &mut Recorder,
+) {
+    let v = &mut recorder.verification;
+    match op {
+        Op::Decrypt => {
+            v.decrypts_checked += 1;
+            match serde_json::from_slice::<DecryptReply<'_>>(body) {
+                Ok(reply) if Some(&*reply.plaintext) == expected => {}
+                Ok(_) => v.decrypt_mismatches += 1,
+                Err(_) => v.malformed_responses += 1,
+            }
+        }
+        Op::Encrypt => {
+            recorder.encrypts += 1;
+            let sample =
+                recorder.samples.len() < samples_per_task && recorder.encrypts % SAMPLE_EVERY == 1;
+            if !workload.bodies.cdiv && !sample {
+                return;
+            }
+            let Ok(sealed) = serde_json::from_slice::<Sealed>(body) else {
+                v.malformed_responses += 1;
+                return;
+            };
+            if workload.bodies.cdiv {
+                v.cdivs_checked += 1;
+                if sealed.check_cdiv(&workload.aad).is_err() {
+                    v.cdiv_failures += 1;
+                }
+            }
+            if sample {
+                recorder
+                    .samples
+                    .push((key, sealed, plaintext_b64.to_owned()));
+            }
+        }
+        Op::Metadata | Op::Health => {
+            if serde_json::from_slice::<serde_json::Value>(body).is_err() {
+                v.malformed_responses += 1;
+            }
+        }
+    }
+}
+
+/// Decrypts the kept Encrypt answers and compares the plaintexts.
+pub(super) async fn check_samples(
+    workload: &Workload,
+    samples: &[(usize, Sealed, String)],
+    verification: &mut Verification,
+) -> Result<(), Error> {
+    if samples.is_empty() {
+        return Ok(());
+    }
+    let builder = RequestBuilder::new(
+        &workload.target,
+        workload.connector.http2(),
+        workload.sign_options,
+    );
+    let mut rng = SmallRng::from_rng(&mut rand::rng());
+    let mut sender = None;
+    for (key, sealed, plaintext_b64) in samples {
+        let route = workload.route(&builder, Op::Decrypt, *key);
+        let body = decrypt_body(&workload.target.region, sealed, &workload.aad).render(&mut rng);
+        let request = builder.post(&route.uri, &route.path, body, SystemTime::now());
+        let answer = send(
+            &workload.connector,
+            &mut sender,
+            request,
+            Duration::from_secs(10),
+        )
+        .await;
+        verification.encrypt_samples_checked += 1;
+        let ok = match &answer {
+            Ok((200, body)) => serde_json::from_slice::<DecryptReply<'_>>(body)
+                .is_ok_and(|r| r.plaintext == plaintext_b64.as_str()),
+            _ => false,
+        };
+        if !ok {
+            verification.encrypt_sample_failures += 1;
+        }
+    }
+    Ok(())
+}
