@@ -651,7 +651,15 @@ impl Config {
             ));
         }
         let mut key_stores = Vec::with_capacity(file.key_stores.len());
-        let mut watched_files = Vec::new();
+        // PIN files too: a corrected PIN is taken up by a reload, and a login that a
+        // wrong PIN suspended resumes (hsm::pkcs11, Pkcs11Backend::update_pin).
+        let mut watched_files: Vec<PathBuf> = match file.hsm.backend {
+            BackendKind::Pkcs11 => std::iter::once(&file.hsm.pin_file)
+                .chain(file.hsm.ekms.iter().map(|ekm| &ekm.pin_file))
+                .filter_map(|pin| pin.as_deref().map(resolve))
+                .collect(),
+            _ => Vec::new(),
+        };
         for (i, store) in file.key_stores.into_iter().enumerate() {
             watched_files.extend(
                 store

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use parking_lot::RwLock;
 
 use crate::hsm::{Backend, EkmHealth, HsmError};
-use crate::metrics::{EkmLabels, Metrics};
+use crate::metrics::{EkmIdLabels, EkmLabels, Metrics};
 
 /// A cached result may not be older than this (spec: GetHealthStatus).
 pub const MAX_AGE: Duration = Duration::from_secs(60);
@@ -122,6 +122,12 @@ impl HealthMonitor {
             }
         }
         self.publish(ekm_id, status);
+        self.metrics
+            .ekm_login_suspended
+            .get_or_create(&EkmIdLabels {
+                ekm: ekm_id.clone(),
+            })
+            .set(i64::from(ekm.login_suspended().is_some()));
         status
     }
 

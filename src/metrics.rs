@@ -129,6 +129,13 @@ pub struct ClosedLabels {
     pub reason: &'static str,
 }
 
+/// One EKM.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EkmIdLabels {
+    /// The EKM's id (as in GetHealthStatus).
+    pub ekm: String,
+}
+
 /// Result of a TLS handshake.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandshakeLabels {
@@ -365,6 +372,8 @@ pub struct Metrics {
     pub connections_closed: Family<ClosedLabels, Counter>,
     /// EKM health.
     pub ekm_health: Family<EkmLabels, Gauge>,
+    /// 1 while an EKM's logins are suspended because its token refused the PIN.
+    pub ekm_login_suspended: Family<EkmIdLabels, Gauge>,
     /// HSM sessions (threads) in the pool.
     pub pool_sessions: Gauge,
     /// Sessions busy with a call.
@@ -520,6 +529,12 @@ impl Metrics {
             "1 for the EKM's current health status",
             ekm_health.clone(),
         );
+        let ekm_login_suspended = Family::<EkmIdLabels, Gauge>::default();
+        registry.register(
+            "xks_ekm_login_suspended",
+            "1 while the EKM's logins are suspended: its token refused the PIN (fix it and reload)",
+            ekm_login_suspended.clone(),
+        );
         let pool_sessions = Gauge::default();
         registry.register(
             "xks_hsm_sessions",
@@ -562,6 +577,7 @@ impl Metrics {
             tls_handshakes,
             connections_closed,
             ekm_health,
+            ekm_login_suspended,
             pool_sessions,
             pool_busy,
             queue_depth,

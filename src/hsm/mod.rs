@@ -401,6 +401,25 @@ impl Backend {
         }
     }
 
+    /// Why this EKM's logins are suspended (its token refused the PIN), if they are.
+    pub fn login_suspended(&self) -> Option<&'static str> {
+        match self {
+            Self::Pkcs11(b) => b.login_suspended(),
+            _ => None,
+        }
+    }
+
+    /// Takes up the PINs of a reloaded configuration, EKM by EKM (matched by token).
+    pub fn update_pins(&self, settings: &[pkcs11::Pkcs11Settings]) {
+        for ekm in self.ekms() {
+            if let Self::Pkcs11(b) = ekm {
+                if let Some(new) = settings.iter().find(|s| s.token == *b.token()) {
+                    b.update_pin(&new.pin);
+                }
+            }
+        }
+    }
+
     /// The single EKMs behind this backend: a fleet's members, or itself.
     pub fn ekms(&self) -> Vec<&Self> {
         match self {

@@ -452,7 +452,12 @@ struct Shared {
     module: Arc<Module>,
     token: TokenSelector,
     token_state: parking_lot::Mutex<TokenState>,
-    pin: AuthPin,
+    /// The user PIN; replaced by a reload that brings another one.
+    pin: parking_lot::Mutex<AuthPin>,
+    /// Set when the token refused the PIN (incorrect or locked): no more logins until
+    /// the PIN changes. HSMs lock a partition after a few failed logins, and every
+    /// health check and recovery would otherwise try again.
+    login_refused: parking_lot::Mutex<Option<&'static str>>,
     /// Handles are per application, not per session, so one cache serves all threads.
     keys: RwLock<HashMap<String, CachedKey>>,
     iv_source: IvSource,
@@ -468,6 +473,9 @@ struct Shared {
     lookup: parking_lot::Mutex<()>,
     /// Serial numbers for the sessions the workers open.
     sessions_opened: AtomicU64,
+    /// Keys found on the token at least once: one missing later makes the token
+    /// suspect (see [`Worker::read_token_key`]).
+    known_keys: parking_lot::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Shared {
@@ -529,6 +537,38 @@ impl Shared {
             }
             Err(call) => Err(call),
         }
+    }
+
+    /// Why logins are suspended, if they are.
+    fn login_allowed(&self) -> Result<(), HsmError> {
+        match *self.login_refused.lock() {
+            None => Ok(()),
+            Some(reason) => Err(HsmError::Unavailable(format!(
+                "login suspended: the {reason}; correct the PIN and reload the configuration"
+            ))),
+        }
+    }
+
+    /// Logs `session`'s application in; a PIN the token refuses suspends logins.
+    fn log_in(&self, session: &Session) -> Result<(), LoginError> {
+        self.inject(Function::Login).map_err(LoginError::Call)?;
+        let pin = self.pin.lock();
+        tracing::debug!(token = %self.token, "C_Login");
+        let reason = match login_ck(session, &pin) {
+            Ok(()) => return Ok(()),
+            Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => "token refused the PIN as incorrect",
+            Err(CkError::Pkcs11(RvError::PinLocked, _)) => "token's PIN is locked",
+            Err(e) => return Err(LoginError::Call(e)),
+        };
+        *self.login_refused.lock() = Some(reason);
+        tracing::error!(
+            token = %self.token,
+            reason,
+            "login suspended: no more login attempts until the PIN changes (HSMs lock a partition after a few failures); correct the PIN and reload the configuration"
+        );
+        Err(LoginError::Refused(
+            self.login_allowed().expect_err("just suspended"),
+        ))
     }
 
     /// The token was lost: find it again before the next call.
@@ -667,7 +707,8 @@ impl Pkcs11Backend {
             module,
             token: settings.token.clone(),
             token_state: parking_lot::Mutex::new(TokenState::default()),
-            pin: AuthPin::new(settings.pin.as_str().into()),
+            pin: parking_lot::Mutex::new(AuthPin::new(settings.pin.as_str().into())),
+            login_refused: parking_lot::Mutex::new(None),
             keys: RwLock::new(HashMap::new()),
             iv_source: settings.iv_source,
             session_key_copies: settings.session_key_copies,
@@ -678,6 +719,7 @@ impl Pkcs11Backend {
             retired: parking_lot::Mutex::new(Vec::new()),
             lookup: parking_lot::Mutex::new(()),
             sessions_opened: AtomicU64::new(0),
+            known_keys: parking_lot::Mutex::default(),
         });
         // The first worker opens its session (and logs in) now, so a wrong PIN or a
         // missing token stops start-up with the reason.
@@ -832,11 +874,14 @@ impl Pkcs11Backend {
             .await
     }
 
-    /// A deep check: encrypt and decrypt with `key_id` in one trip to a session.
+    /// A deep check in one trip to a session: the key read from the token itself
+    /// (session copies and cached handles can go on working for a while after the
+    /// token is gone), then an encrypt and decrypt with it.
     pub async fn health_check(&self, key_id: &str, deadline: Instant) -> Result<(), HsmError> {
         let key_id = key_id.to_owned();
         self.pool
             .run_control("HealthCheck", deadline, move |w| {
+                w.read_token_key(&key_id)?;
                 health_round_trip(
                     w,
                     |w, p| w.encrypt(&key_id, p, b""),
@@ -857,6 +902,30 @@ impl Pkcs11Backend {
             .await
     }
 
+    /// The token this backend serves.
+    pub fn token(&self) -> &TokenSelector {
+        &self.shared.token
+    }
+
+    /// Why logins are suspended (the token refused the PIN), if they are.
+    pub fn login_suspended(&self) -> Option<&'static str> {
+        *self.shared.login_refused.lock()
+    }
+
+    /// Takes up the PIN of a reloaded configuration. A different PIN ends a login
+    /// suspension; the same one leaves it (the token would refuse it again).
+    pub fn update_pin(&self, pin: &str) {
+        use secrecy::ExposeSecret as _;
+        let mut current = self.shared.pin.lock();
+        if current.expose_secret() == pin {
+            return;
+        }
+        *current = AuthPin::new(pin.into());
+        if self.shared.login_refused.lock().take().is_some() {
+            tracing::info!(token = %self.shared.token, "the PIN changed: logins resume");
+        }
+    }
+
     /// Requests waiting for a session.
     pub fn queued(&self) -> usize {
         self.pool.queued()
@@ -870,6 +939,14 @@ impl Pkcs11Backend {
 
 fn non_empty(s: &str, fallback: &str) -> String {
     if s.is_empty() { fallback } else { s }.to_owned()
+}
+
+/// Why a login failed.
+enum LoginError {
+    /// The token refused the PIN; logins are suspended.
+    Refused(HsmError),
+    /// Any other failure, classified like any call's.
+    Call(CkError),
 }
 
 /// A session and the module generation it was opened in.
@@ -974,6 +1051,8 @@ impl Worker {
     fn session(&mut self, pkcs11: &Pkcs11, generation: u64) -> Result<&Session, Failure> {
         self.abandon_if_stale();
         if self.session.is_none() {
+            // Not even a session while logins are suspended: nothing to do without one.
+            self.shared.login_allowed().map_err(Failure::Hsm)?;
             let call = |e| Failure::Call(e, generation);
             let slot = self.shared.slot(pkcs11, generation)?;
             self.shared.inject(Function::OpenSession).map_err(call)?;
@@ -983,21 +1062,10 @@ impl Worker {
                 pkcs11.open_ro_session(slot)
             }
             .map_err(call)?;
-            self.shared.inject(Function::Login).map_err(call)?;
-            match login_ck(&session, &self.shared.pin) {
-                Ok(()) => {}
-                Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => {
-                    return Err(Failure::Hsm(HsmError::Unavailable(
-                        "token PIN is incorrect".into(),
-                    )))
-                }
-                Err(CkError::Pkcs11(RvError::PinLocked, _)) => {
-                    return Err(Failure::Hsm(HsmError::Unavailable(
-                        "token PIN is locked".into(),
-                    )))
-                }
-                Err(e) => return Err(call(e)),
-            }
+            self.shared.log_in(&session).map_err(|e| match e {
+                LoginError::Refused(e) => Failure::Hsm(e),
+                LoginError::Call(e) => call(e),
+            })?;
             self.session = Some(OpenSession {
                 session,
                 generation,
@@ -1232,18 +1300,44 @@ impl Worker {
     }
 
     /// The key's token object and its metadata as the token holds them now.
+    ///
+    /// A key this process has found before and that is missing now is an EKM fault
+    /// until proven otherwise: KMS takes KeyNotFound as permanent for the key. If the
+    /// token shows no objects at all, it is not the token it was (SoftHSM2 whose token
+    /// directory went away, an HSM partition swapped under a running module): the
+    /// lookup fails as a lost token, and the token class's recovery (re-initialize,
+    /// find the token again, back off) takes over. A key gone from a token that still
+    /// holds others is gone: KeyNotFound.
     fn read_token_key(&mut self, key_id: &str) -> Result<(ObjectHandle, KeyMetadata), HsmError> {
         let template = [
             Attribute::Class(ObjectClass::SECRET_KEY),
             Attribute::Token(true),
             Attribute::Label(key_id.as_bytes().to_vec()),
         ];
-        let handles = self.call(|s| s.find_objects(&template), Function::FindObjects)?;
+        let seen_before = self.shared.known_keys.lock().contains(key_id);
+        let token = self.shared.token.clone();
+        let handles = self.call(
+            |s| {
+                let handles = s.find_objects(&template)?;
+                if handles.is_empty() && seen_before && token_is_empty(s)? {
+                    tracing::error!(key_id, %token, "a key found before is missing and the token shows no objects: treating the token as lost");
+                    return Err(CkError::Pkcs11(
+                        RvError::TokenNotRecognized,
+                        Function::FindObjects,
+                    ));
+                }
+                Ok(handles)
+            },
+            Function::FindObjects,
+        )?;
         let handle = match handles.as_slice() {
             [handle] => *handle,
             [] => return Err(HsmError::KeyNotFound),
             _ => return Err(HsmError::AmbiguousKey),
         };
+        if !seen_before {
+            self.shared.known_keys.lock().insert(key_id.to_owned());
+        }
         let attributes = self.call(
             |s| s.get_attributes(handle, &KEY_ATTRIBUTES),
             Function::GetAttributeValue,
@@ -1602,6 +1696,11 @@ fn marker_template(key_id: &str) -> [Attribute; 3] {
         Attribute::Application(DISABLED_MARKER_APPLICATION.as_bytes().to_vec()),
         Attribute::Label(key_id.as_bytes().to_vec()),
     ]
+}
+
+/// Whether the token shows no token objects at all: not one key, not one marker.
+fn token_is_empty(session: &Session) -> Result<bool, CkError> {
+    Ok(session.find_objects(&[Attribute::Token(true)])?.is_empty())
 }
 
 /// Whether the key's disabled marker exists (see [`metadata_from_attributes`]).

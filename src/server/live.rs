@@ -21,7 +21,7 @@ use super::tls;
 use super::{App, StartError};
 use crate::auth::{ReplayCache, Verifier};
 use crate::authz::Authorizer;
-use crate::config::Config;
+use crate::config::{BackendConfig, Config};
 use crate::metrics::{ReloadLabels, SecretDates};
 use crate::router::Router;
 use crate::xks::KeySet;
@@ -136,11 +136,16 @@ pub fn reload(app: &App, path: &Path) -> Result<(), String> {
         .and_then(|mut config| {
             let watched = config.watched_files.clone();
             Live::build(&mut config, app.replay.as_ref())
-                .map(|live| (live, watched))
+                .map(|live| (live, watched, config.backend))
                 .map_err(|e| e.to_string())
         });
     match result {
-        Ok((live, watched)) => {
+        Ok((live, watched, backend)) => {
+            // A corrected PIN is taken up at once (it ends a login suspension); the
+            // rest of [hsm] needs a restart.
+            if let BackendConfig::Pkcs11(ekms) = &backend {
+                app.handler.backend().update_pins(ekms);
+            }
             let old = app.live.load();
             if old.fixed != live.fixed {
                 tracing::warn!(
