@@ -13,8 +13,8 @@
 # itself, and every xks-loadtest run reports the same during its window.
 #
 # Usage: perf/run.sh [SECONDS_PER_RUN]   (default 10)
-# Writes perf/runs/<UTC time>/ (JSON reports, HTML charts, the console output, the
-# proxy's log without its per-request audit lines; ≈ 1 MB in all, committed) and
+# Writes perf/runs/<UTC time>/ (JSON reports and the console output, committed; HTML
+# charts and the proxy's log, which .gitignore keeps out of git) and
 # appends a summary section to perf/RESULTS.md. Run it on a quiet machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
