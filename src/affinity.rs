@@ -92,7 +92,6 @@ pub fn pin_session_thread() {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

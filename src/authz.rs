@@ -868,7 +868,6 @@ const _: fn() = || {
 };
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use serde_json::{json, Map, Value};

@@ -1221,7 +1221,6 @@ fn secret(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

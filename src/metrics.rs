@@ -639,7 +639,6 @@ pub fn summary_lines(now: &Snapshot, earlier: &Snapshot, deadline: Duration) -> 
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

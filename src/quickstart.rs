@@ -507,7 +507,6 @@ fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), Quicksta
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

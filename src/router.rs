@@ -146,7 +146,6 @@ fn split_api_path(path: &str) -> Option<(&str, ApiOperation, &str)> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

@@ -91,7 +91,6 @@ impl Percentiles {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -181,7 +181,6 @@ pub fn run_stalls(args: &StallsArgs) -> Result<Stalls, Error> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::histogram::decode_histogram;

@@ -222,7 +222,6 @@ fn parse_env(text: &str) -> HashMap<String, String> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

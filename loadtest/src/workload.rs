@@ -345,7 +345,6 @@ pub struct ErrorReply<'a> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use rand::SeedableRng;
 

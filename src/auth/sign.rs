@@ -305,7 +305,6 @@ fn canonical_uri(path: &str, out: &mut digest::Context) {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use std::time::Duration;
 

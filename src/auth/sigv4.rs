@@ -642,7 +642,6 @@ const HEX_VALUE: [u8; 256] = {
 };
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use aws_credential_types::Credentials;

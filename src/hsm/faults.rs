@@ -170,7 +170,6 @@ fn same(a: Function, b: Function) -> bool {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

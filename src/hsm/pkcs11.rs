@@ -1892,7 +1892,6 @@ pub fn set_key_enabled(session: &Session, key_id: &str, enabled: bool) -> Result
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

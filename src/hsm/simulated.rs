@@ -261,7 +261,6 @@ impl SimulatedBackend {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -153,7 +153,6 @@ impl SoftwareBackend {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

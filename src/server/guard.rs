@@ -516,7 +516,6 @@ impl Drop for ClientSlot {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -247,7 +247,6 @@ impl From<HsmError> for XksError {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -114,7 +114,6 @@ fn worst<T>(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::report::fixtures::{compare_row, report, report_with_stalls};

@@ -1,8 +1,6 @@
 //! Reports for the report module's tests: made from a few latencies, with the machine's
 //! stalls or an open-loop schedule when a test needs them.
 
-#![allow(clippy::unwrap_used)]
-
 use std::collections::BTreeMap;
 
 use super::{compare, Measured, Report, Schedule};

@@ -116,7 +116,6 @@ fn together_s(reports: &[Report]) -> Option<f64> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::report::fixtures::report;

@@ -524,7 +524,6 @@ impl Report {
     }
 }
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::fixtures::{compare_row, report, report_with_schedule};
     use super::*;
