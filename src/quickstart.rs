@@ -16,13 +16,13 @@ use std::time::SystemTime;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
-use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::context::Pkcs11;
+use cryptoki::error::Error as CkError;
 use cryptoki::session::UserType;
 use cryptoki::types::AuthPin;
 use zeroize::Zeroizing;
 
-use crate::hsm::pkcs11::{create_key, open_token, NewKeyUsage, TokenSelector};
+use crate::hsm::pkcs11::{create_key, initialize, open_token, NewKeyUsage, TokenSelector};
 use crate::hsm::HsmError;
 
 /// The token label the quickstart uses.
@@ -212,10 +212,7 @@ pub fn prepare(
 /// Initializes the quickstart token on a free slot unless it exists.
 fn init_token(module: &Path, pin: &str, so_pin: &str) -> Result<(), QuickstartError> {
     let pkcs11 = Pkcs11::new(module).map_err(ck("loading the PKCS#11 module"))?;
-    match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-        Err(e) => return Err(ck("C_Initialize")(e)),
-    }
+    initialize(&pkcs11).map_err(ck("C_Initialize"))?;
     let slots = pkcs11.get_all_slots().map_err(ck("C_GetSlotList"))?;
     let mut free = None;
     for slot in slots {

@@ -1,0 +1,275 @@
+//! The key cache: handles and attributes by external key id, re-read when due, and
+//! session copies of keys retired only when no call can still use them.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cryptoki::context::Function;
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
+
+use super::{objects::*, worker::*};
+use crate::hsm::{HsmError, KeyMetadata};
+
+/// A key handle with the attributes read with it.
+#[derive(Debug, Clone)]
+pub(super) struct CachedKey {
+    pub(super) handle: ObjectHandle,
+    /// The token object `handle` was copied from (`handle` itself without a copy).
+    pub(super) source: ObjectHandle,
+    /// Set when `handle` is this proxy's session copy of the token key (destroyed when
+    /// replaced): the serial of the session that made it. A session object dies with
+    /// the session that created it, so the copy is forgotten when that session goes.
+    pub(super) owner: Option<u64>,
+    pub(super) metadata: KeyMetadata,
+    pub(super) read_at: Instant,
+    /// The module generation the handle belongs to (see [`Module`]).
+    pub(super) generation: u64,
+}
+
+/// Whether a cached key entry is due to be re-read from the token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Age {
+    Fresh,
+    /// Past `key_refresh`: re-read it, or use it while another session does.
+    Stale,
+}
+
+/// How long a replaced session copy of a key lives on: longer than any call using it
+/// can take (calls that outlive their timeout are abandoned by their requests).
+pub(super) const RETIRE_GRACE: Duration = Duration::from_secs(30);
+
+impl Worker {
+    pub(super) fn forget(&mut self, key_id: &str) {
+        let old = self.shared.keys.write().remove(key_id);
+        self.discard(old);
+    }
+
+    /// Retires a replaced session copy of a key. Another session may be using it right
+    /// now (SoftHSM2 then fails the call with CKR_KEY_TYPE_INCONSISTENT, not an invalid
+    /// handle), so it is destroyed only after [`RETIRE_GRACE`], longer than any call.
+    pub(super) fn discard(&mut self, old: Option<CachedKey>) {
+        let Some(old) = old.filter(|k| k.owner.is_some()) else {
+            return;
+        };
+        let due: Vec<_> = {
+            let mut retired = self.shared.retired.lock();
+            retired.push((old.handle, old.generation, Instant::now()));
+            let (due, keep) = retired
+                .drain(..)
+                .partition(|(_, _, at)| at.elapsed() >= RETIRE_GRACE);
+            *retired = keep;
+            due
+        };
+        if due.is_empty() {
+            return;
+        }
+        let module = Arc::clone(&self.shared.module);
+        let Ok(guard) = module.enter(None) else {
+            return;
+        };
+        let generation = module.generation();
+        let Some(open) = self.session.as_ref().filter(|o| o.generation == generation) else {
+            return;
+        };
+        // Handles of an older generation may be someone else's now: never destroy them.
+        for (handle, _, _) in due.into_iter().filter(|(_, g, _)| *g == generation) {
+            if let Err(e) = open.session.destroy_object(handle) {
+                tracing::debug!(error = %e, "could not destroy a session copy of a key");
+            }
+        }
+        drop(guard);
+    }
+
+    /// The key's handle and attributes, from the cache when fresh.
+    pub(super) fn key(&mut self, key_id: &str) -> Result<CachedKey, HsmError> {
+        let stale = match self.cached_entry(key_id) {
+            Some((key, Age::Fresh)) => return Ok(key),
+            Some((key, Age::Stale)) => Some(key),
+            None => None,
+        };
+        // One lookup at a time per token: the sessions that missed together wait for
+        // the first one's result instead of each copying the key. (SoftHSM2 also lets a
+        // search for token objects see a copy being made, whose CKA_TOKEN is still the
+        // original's, as a second key with the label.)
+        let shared = Arc::clone(&self.shared);
+        let _lookup = match stale {
+            // While one session re-reads a key that is due for it (a millisecond and
+            // more on SoftHSM2), the others go on with the entry they have instead of
+            // queueing behind the lookup. The replaced copy outlives them
+            // (RETIRE_GRACE).
+            Some(key) => match shared.lookup.try_lock() {
+                Some(guard) => guard,
+                None => return Ok(key),
+            },
+            None => shared.lookup.lock(),
+        };
+        if let Some(key) = self.cached(key_id) {
+            return Ok(key);
+        }
+        let found = self.find_key(key_id);
+        if found.is_err() {
+            self.forget(key_id);
+        }
+        let key = found?;
+        let old = self
+            .shared
+            .keys
+            .write()
+            .insert(key_id.to_owned(), key.clone());
+        self.discard(old);
+        Ok(key)
+    }
+
+    pub(super) fn cached(&self, key_id: &str) -> Option<CachedKey> {
+        match self.cached_entry(key_id) {
+            Some((key, Age::Fresh)) => Some(key),
+            _ => None,
+        }
+    }
+
+    /// The cached entry of the module's current generation, and whether it is due to be
+    /// re-read. An entry more than twice `key_refresh` old is not used at all.
+    pub(super) fn cached_entry(&self, key_id: &str) -> Option<(CachedKey, Age)> {
+        let keys = self.shared.keys.read();
+        let key = keys
+            .get(key_id)
+            .filter(|key| key.generation == self.shared.module.generation())?;
+        let age = key.read_at.elapsed();
+        let refresh = self.shared.key_refresh;
+        if age < refresh {
+            Some((key.clone(), Age::Fresh))
+        } else if age < refresh.saturating_mul(2) {
+            Some((key.clone(), Age::Stale))
+        } else {
+            None
+        }
+    }
+
+    /// The key's token object and its metadata as the token holds them now.
+    ///
+    /// A key this process has found before and that is missing now is an EKM fault
+    /// until proven otherwise: KMS takes KeyNotFound as permanent for the key. If the
+    /// token shows no objects at all, it is not the token it was (SoftHSM2 whose token
+    /// directory went away, an HSM partition swapped under a running module): the
+    /// lookup fails as a lost token, and the token class's recovery (re-initialize,
+    /// find the token again, back off) takes over. A key gone from a token that still
+    /// holds others is gone: KeyNotFound.
+    pub(super) fn read_token_key(
+        &mut self,
+        key_id: &str,
+    ) -> Result<(ObjectHandle, KeyMetadata), HsmError> {
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Token(true),
+            Attribute::Label(key_id.as_bytes().to_vec()),
+        ];
+        let seen_before = self.shared.known_keys.lock().contains(key_id);
+        let token = self.shared.token.clone();
+        let handles = self.call(
+            |s| {
+                let handles = s.find_objects(&template)?;
+                if handles.is_empty() && seen_before && token_is_empty(s)? {
+                    tracing::error!(key_id, %token, "a key found before is missing and the token shows no objects: treating the token as lost");
+                    return Err(CkError::Pkcs11(
+                        RvError::TokenNotRecognized,
+                        Function::FindObjects,
+                    ));
+                }
+                Ok(handles)
+            },
+            Function::FindObjects,
+        )?;
+        let handle = match handles.as_slice() {
+            [handle] => *handle,
+            [] => return Err(HsmError::KeyNotFound),
+            _ => return Err(HsmError::AmbiguousKey),
+        };
+        if !seen_before {
+            self.shared.known_keys.lock().insert(key_id.to_owned());
+        }
+        let attributes = self.call(
+            |s| s.get_attributes(handle, &KEY_ATTRIBUTES),
+            Function::GetAttributeValue,
+        )?;
+        // Disabling applies to the external key, every version of it.
+        let disabled = self.call(
+            |s| is_disabled(s, crate::hsm::base_key_id(key_id)),
+            Function::FindObjects,
+        )?;
+        Ok((handle, metadata_from_attributes(&attributes, disabled)))
+    }
+
+    /// The key's metadata read fresh from the token (GetKeyMetadata must reflect the key
+    /// as it is now), without a new session copy: GetKeyMetadata may come often, and
+    /// each copy is an object the module keeps until [`RETIRE_GRACE`] is over (on
+    /// SoftHSM2, every search then walks them all). The cached entry stays while it
+    /// still matches the token; a key replaced or changed is re-read at its next use.
+    pub(super) fn fresh_metadata(&mut self, key_id: &str) -> Result<KeyMetadata, HsmError> {
+        // Under the lookup lock, like [`Self::key`]: a search while another session
+        // copies the key can see the copy as a second key with the label.
+        let shared = Arc::clone(&self.shared);
+        let _lookup = shared.lookup.lock();
+        let generation = self.shared.module.generation();
+        let (source, metadata) = match self.read_token_key(key_id) {
+            Ok(read) => read,
+            Err(e) => {
+                if e == HsmError::KeyNotFound {
+                    self.forget(key_id);
+                }
+                return Err(e);
+            }
+        };
+        let stale = {
+            let mut keys = self.shared.keys.write();
+            let matches = keys.get(key_id).is_some_and(|k| {
+                k.source == source && k.generation == generation && k.metadata == metadata
+            });
+            if matches {
+                None
+            } else {
+                keys.remove(key_id)
+            }
+        };
+        self.discard(stale);
+        Ok(metadata)
+    }
+
+    pub(super) fn find_key(&mut self, key_id: &str) -> Result<CachedKey, HsmError> {
+        let generation = self.shared.module.generation();
+        let (handle, metadata) = self.read_token_key(key_id)?;
+        let source = handle;
+        // A session copy spares modules that re-check token objects on every use
+        // (SoftHSM2 stats and locks the object's file in each C_EncryptInit). The copy
+        // carries the same attributes; a module that refuses to copy keeps the original.
+        let (handle, owner) = if self.shared.session_key_copies {
+            match self.call(
+                |s| s.copy_object(handle, &[Attribute::Token(false)]),
+                Function::CopyObject,
+            ) {
+                // The call succeeded in the session this worker holds now.
+                Ok(copy) => (copy, self.session.as_ref().map(|open| open.serial)),
+                Err(e) => {
+                    tracing::warn!(key_id, error = %e, "cannot copy the key into the session; using the token object");
+                    (handle, None)
+                }
+            }
+        } else {
+            (handle, None)
+        };
+        if self.shared.module.generation() != generation {
+            // The module was re-initialized between our calls: the handles are dead.
+            return Err(HsmError::Unavailable(
+                "PKCS#11 module re-initialized during key lookup".into(),
+            ));
+        }
+        Ok(CachedKey {
+            handle,
+            source,
+            owner,
+            metadata,
+            read_at: Instant::now(),
+            generation,
+        })
+    }
+}

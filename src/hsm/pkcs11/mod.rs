@@ -1,0 +1,317 @@
+//! PKCS#11 backend: a bounded pool of logged-in sessions on dedicated threads.
+//!
+//! Each session is owned by one OS thread ("pkcs11-session-N") for its whole life (see
+//! [`super::pool`]), so PKCS#11 calls never run on tokio worker threads and a session is
+//! never used by two threads at once (PKCS#11 forbids that, and some modules bind
+//! sessions to threads). Admission (queue bound, deadlines, call timeouts) is the
+//! pool's.
+//!
+//! Key object handles are cached by external key id together with the key's attributes;
+//! an entry is re-read after `key_refresh` (so a key disabled in the HSM is noticed) and
+//! dropped at once when the HSM reports the handle stale. One session re-reads an entry
+//! that is due while the others go on with it, so the lookup never stalls them all.
+//!
+//! We use dedicated threads and a channel rather than deadpool: deadpool hands pooled
+//! objects to async tasks, which would then need `spawn_blocking` per call to get off
+//! the tokio workers. A thread that owns its session needs no handoff of the session.
+//!
+//! The module's parts, in the order a request descends through them:
+//! [`worker`] (a session thread: `call`, `attempt`, `recover`), [`gcm`] (encrypt and
+//! decrypt on a key, IV batches, output splitting), [`keys`] (the key cache and lookups),
+//! [`objects`] (attributes and disabled markers), [`module`] (library, C_Initialize,
+//! slot and login), [`errors`] (classification), [`settings`]; [`admin`] is key
+//! administration for `xks-proxy keys`.
+
+mod admin;
+mod errors;
+mod gcm;
+mod keys;
+mod module;
+mod objects;
+mod settings;
+mod worker;
+
+pub use admin::{create_key, destroy_key, list_keys, rotate_key, set_key_enabled, NewKeyUsage};
+pub use gcm::IV_BATCH;
+pub(crate) use module::initialize;
+pub use module::open_token;
+pub use objects::{current_version, DISABLED_MARKER_APPLICATION};
+pub use settings::{IvSource, Pkcs11Settings, TokenSelector, APPENDED_IV_LEN};
+
+use foldhash::{HashMap, HashMapExt};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cryptoki::context::Function;
+use cryptoki::types::AuthPin;
+use parking_lot::RwLock;
+
+use self::{errors::*, gcm::*, module::*, worker::*};
+use crate::hsm::pool::{Pool, PoolSettings};
+use crate::hsm::{health_round_trip, EkmInfo, HsmError, KeyMetadata, Plaintext, Sealed};
+use crate::metrics::Metrics;
+
+/// The PKCS#11 backend; cheap to share behind an `Arc`.
+pub struct Pkcs11Backend {
+    pool: Pool<Worker>,
+    shared: Arc<Shared>,
+    info: EkmInfo,
+    /// Current version per external key, and when it was read.
+    versions: Arc<RwLock<HashMap<String, (u32, Instant)>>>,
+    key_refresh: Duration,
+}
+
+impl fmt::Debug for Pkcs11Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pkcs11Backend")
+            .field("ekm", &self.info)
+            .field("pool", &self.pool)
+            .finish()
+    }
+}
+
+impl Pkcs11Backend {
+    /// Connects to the token, logs in and starts the session threads.
+    pub fn connect(settings: &Pkcs11Settings, metrics: Arc<Metrics>) -> Result<Self, HsmError> {
+        let module = Module::load(&settings.module)?;
+        let out = Arc::new(AtomicBool::new(false));
+        module.register(&settings.token, &out);
+        let shared = Arc::new(Shared {
+            module,
+            token: settings.token.clone(),
+            token_state: parking_lot::Mutex::new(TokenState::default()),
+            pin: parking_lot::Mutex::new(AuthPin::new(settings.pin.as_str().into())),
+            login_refused: parking_lot::Mutex::new(None),
+            keys: RwLock::new(HashMap::new()),
+            iv_source: settings.iv_source,
+            session_key_copies: settings.session_key_copies,
+            key_refresh: settings.key_refresh,
+            read_write_sessions: settings.read_write_sessions,
+            faults: settings.faults.clone(),
+            out,
+            retired: parking_lot::Mutex::new(Vec::new()),
+            lookup: parking_lot::Mutex::new(()),
+            sessions_opened: AtomicU64::new(0),
+            known_keys: parking_lot::Mutex::default(),
+        });
+        // The first worker opens its session (and logs in) now, so a wrong PIN or a
+        // missing token stops start-up with the reason.
+        let mut first = Worker {
+            shared: Arc::clone(&shared),
+            session: None,
+            ivs: IvBatch::new(),
+        };
+        let slot = first
+            .call(|s| s.get_session_info(), Function::GetSessionInfo)?
+            .slot_id();
+        let token = shared
+            .module
+            .state
+            .read()
+            .pkcs11
+            .get_token_info(slot)
+            .map_err(unexpected(Function::GetTokenInfo))?;
+        let fw = token.firmware_version();
+        let hw = token.hardware_version();
+        let info = EkmInfo {
+            id: non_empty(token.serial_number().trim(), "ekm-1"),
+            model: format!(
+                "{} {} (hardware {}.{}, firmware {}.{})",
+                token.manufacturer_id().trim(),
+                token.model().trim(),
+                hw.major(),
+                hw.minor(),
+                fw.major(),
+                fw.minor()
+            ),
+            vendor: non_empty(token.manufacturer_id().trim(), "unknown"),
+        };
+        let mut first = Some(first);
+        let workers = (0..settings.sessions.max(1))
+            .map(|_| {
+                first.take().unwrap_or_else(|| {
+                    let mut worker = Worker {
+                        shared: Arc::clone(&shared),
+                        session: None,
+                        ivs: IvBatch::new(),
+                    };
+                    // Open every session now so the first requests don't pay for it; a
+                    // failure here is retried on the session's first job.
+                    if let Err(e) = worker.call(|_| Ok(()), Function::OpenSession) {
+                        tracing::warn!(error = %e, "could not open a PKCS#11 session yet");
+                    }
+                    worker
+                })
+            })
+            .collect();
+        let pool = Pool::start(
+            &PoolSettings {
+                name: "pkcs11-session",
+                queue_depth: settings.queue_depth,
+                call_timeout: settings.call_timeout,
+            },
+            workers,
+            metrics,
+        )?;
+        Ok(Self {
+            pool,
+            shared,
+            info,
+            versions: Arc::new(RwLock::new(HashMap::new())),
+            key_refresh: settings.key_refresh,
+        })
+    }
+
+    /// False while the module is down or the token missing: calls fail fast until the
+    /// next attempt to bring it back is due.
+    pub fn in_service(&self) -> bool {
+        !self.shared.module.is_down() && !self.shared.is_missing()
+    }
+
+    /// How many times the module has been re-initialized in this process.
+    pub fn module_generation(&self) -> u64 {
+        self.shared.module.generation()
+    }
+
+    /// Requests admitted and not finished (queued or running), and how many the pool
+    /// takes in all: the EKM's free capacity is the difference.
+    pub fn load(&self) -> (usize, usize) {
+        self.pool.load()
+    }
+
+    /// The key's current version (see [`super::version_label`]), cached for
+    /// `key_refresh`, so a rotation is picked up within that time without a restart.
+    pub async fn current_version(&self, key_id: &str, deadline: Instant) -> Result<u32, HsmError> {
+        if let Some((version, read_at)) = self.versions.read().get(key_id) {
+            if read_at.elapsed() < self.key_refresh {
+                return Ok(*version);
+            }
+        }
+        let id = key_id.to_owned();
+        let version = self
+            .pool
+            .run_control("KeyVersion", deadline, move |w| {
+                w.call(|s| current_version(s, &id), Function::FindObjects)
+            })
+            .await?;
+        self.versions
+            .write()
+            .insert(key_id.to_owned(), (version, Instant::now()));
+        Ok(version)
+    }
+
+    /// AES-256-GCM encryption in the HSM.
+    pub async fn encrypt(
+        &self,
+        key_id: &str,
+        plaintext: Plaintext,
+        aad: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<Sealed, HsmError> {
+        let key_id = key_id.to_owned();
+        self.pool
+            .run("Encrypt", deadline, move |w| {
+                w.encrypt(&key_id, &plaintext, &aad)
+            })
+            .await
+    }
+
+    /// AES-256-GCM decryption in the HSM.
+    pub async fn decrypt(
+        &self,
+        key_id: &str,
+        sealed: Sealed,
+        aad: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<Plaintext, HsmError> {
+        let key_id = key_id.to_owned();
+        self.pool
+            .run("Decrypt", deadline, move |w| {
+                w.decrypt(&key_id, &sealed, &aad)
+            })
+            .await
+    }
+
+    /// The key's attributes, read fresh from the HSM (GetKeyMetadata is rare and must
+    /// reflect the key as it is now).
+    pub async fn key_metadata(
+        &self,
+        key_id: &str,
+        deadline: Instant,
+    ) -> Result<KeyMetadata, HsmError> {
+        let key_id = key_id.to_owned();
+        self.pool
+            .run_control("GetKeyMetadata", deadline, move |w| {
+                w.fresh_metadata(&key_id)
+            })
+            .await
+    }
+
+    /// A deep check in one trip to a session: the key read from the token itself
+    /// (session copies and cached handles can go on working for a while after the
+    /// token is gone), then an encrypt and decrypt with it.
+    pub async fn health_check(&self, key_id: &str, deadline: Instant) -> Result<(), HsmError> {
+        let key_id = key_id.to_owned();
+        self.pool
+            .run_control("HealthCheck", deadline, move |w| {
+                w.read_token_key(&key_id)?;
+                health_round_trip(
+                    w,
+                    |w, p| w.encrypt(&key_id, p, b""),
+                    |w, s| w.decrypt(&key_id, s, b""),
+                )
+            })
+            .await
+    }
+
+    /// A cheap round trip through a session thread and the token (C_GetSessionInfo),
+    /// for configurations without a health-check key.
+    pub async fn probe(&self, deadline: Instant) -> Result<(), HsmError> {
+        self.pool
+            .run_control("HealthCheck", deadline, |w| {
+                w.call(|s| s.get_session_info(), Function::GetSessionInfo)
+                    .map(|_| ())
+            })
+            .await
+    }
+
+    /// The token this backend serves.
+    pub fn token(&self) -> &TokenSelector {
+        &self.shared.token
+    }
+
+    /// Why logins are suspended (the token refused the PIN), if they are.
+    pub fn login_suspended(&self) -> Option<&'static str> {
+        *self.shared.login_refused.lock()
+    }
+
+    /// Takes up the PIN of a reloaded configuration. A different PIN ends a login
+    /// suspension; the same one leaves it (the token would refuse it again).
+    pub fn update_pin(&self, pin: &str) {
+        use secrecy::ExposeSecret as _;
+        let mut current = self.shared.pin.lock();
+        if current.expose_secret() == pin {
+            return;
+        }
+        *current = AuthPin::new(pin.into());
+        if self.shared.login_refused.lock().take().is_some() {
+            tracing::info!(token = %self.shared.token, "the PIN changed: logins resume");
+        }
+    }
+
+    /// Requests waiting for a session.
+    pub fn queued(&self) -> usize {
+        self.pool.queued()
+    }
+
+    /// Facts about the token.
+    pub fn ekm_info(&self) -> &EkmInfo {
+        &self.info
+    }
+}
+
+fn non_empty(s: &str, fallback: &str) -> String {
+    if s.is_empty() { fallback } else { s }.to_owned()
+}
