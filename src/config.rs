@@ -172,6 +172,11 @@ pub struct ServerSection {
     /// reloads, as SIGHUP does); 0 turns the checks off.
     #[serde(default = "default_reload_poll")]
     pub reload_poll_seconds: u64,
+    /// Bytes of log lines buffered for stderr at most. Past three quarters of it the
+    /// proxy refuses new requests (429) and is unready until the reader catches up;
+    /// audit lines are never dropped.
+    #[serde(default = "default_log_buffer")]
+    pub log_buffer_bytes: usize,
     /// Refuse a SigV4 signature seen before within its validity window. Off by default:
     /// KMS may legitimately retry a request with the same signature.
     #[serde(default)]
@@ -201,6 +206,10 @@ fn default_max_connections() -> usize {
 
 fn ten() -> u64 {
     10
+}
+
+fn default_log_buffer() -> usize {
+    crate::logging::MAX_PENDING
 }
 
 fn default_body_read_timeout_ms() -> u64 {
@@ -509,6 +518,8 @@ pub struct Config {
     pub sigv4_replay_protection: bool,
     /// Pin the tokio workers and the HSM session threads to CPUs.
     pub pin_threads: bool,
+    /// The log writer's buffer.
+    pub log_buffer_bytes: usize,
     /// How often the files below are checked for changes (`None`: never).
     pub reload_poll: Option<Duration>,
     /// The files whose change reloads the configuration: the file itself, TLS files,
@@ -699,6 +710,7 @@ impl Config {
             policy_file,
             sigv4_replay_protection: file.server.sigv4_replay_protection,
             pin_threads: file.server.pin_threads,
+            log_buffer_bytes: file.server.log_buffer_bytes,
             reload_poll: (file.server.reload_poll_seconds > 0)
                 .then(|| Duration::from_secs(file.server.reload_poll_seconds)),
             watched_files,
@@ -753,6 +765,12 @@ fn limits(server: &ServerSection) -> Result<Limits, ConfigError> {
         if value == 0 {
             return Err(invalid(field, "must be at least 1"));
         }
+    }
+    if server.log_buffer_bytes < 64 * 1024 {
+        return Err(invalid(
+            "server.log_buffer_bytes",
+            "must be at least 65536 (the default, 8388608, suits most)",
+        ));
     }
     if !(1..=60_000).contains(&server.body_read_timeout_ms) {
         return Err(invalid(

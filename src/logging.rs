@@ -13,18 +13,27 @@
 //!   quiet a line leaves at once.
 //! - **Whole lines.** `tracing-subscriber` formats an event into a buffer and hands it
 //!   over in one `write`; each `write` is appended whole, so lines never interleave.
-//! - **Bounded.** The buffer never grows past [`MAX_PENDING`]: a thread logging into a
-//!   full buffer waits for the writer, which is what a slow stderr did before. Audit
-//!   lines are never dropped.
+//! - **Bounded, and never a reason to hang.** The buffer never grows past its limit
+//!   ([`MAX_PENDING`] by default). An audit line (an event with a `kms_request_id`
+//!   field: one per request) waits for room, so none is ever lost; any other line is
+//!   dropped when there is none, and counted ([`dropped`]). Above three quarters of the
+//!   limit the writer is *congested* ([`congested`]): the server then refuses new
+//!   requests at once and turns readiness off, so the lines of the requests already in
+//!   flight fit in the last quarter, and no tokio worker, probe or scrape waits on a
+//!   log reader that stopped reading.
+//! - **Rate-limited where a client chooses the volume.** [`limit`] caps the lines that
+//!   unauthenticated rejects write, and counts what it suppresses.
 //! - **Flushed on exit.** [`LogWriter::flush`] writes out everything pending; `main`
 //!   calls it on the way out and from the panic hook.
 
+pub mod limit;
 mod text;
 
 pub use text::{TextFields, TextFormat};
 
 use std::io::{self, Write};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -51,11 +60,15 @@ impl std::fmt::Debug for LogWriter {
 
 struct Shared {
     state: Mutex<State>,
+    /// `state.pending.len()`, readable without the lock.
+    pending: AtomicUsize,
+    /// Lines other than audit lines dropped for want of room.
+    dropped: AtomicU64,
     /// The writer thread waits here for work.
     work: Condvar,
     /// Logging threads (over the limit) and `flush` wait here for a batch to be out.
     drained: Condvar,
-    max_pending: usize,
+    max_pending: AtomicUsize,
     /// After a write, the writer waits this long before the next one.
     linger: Duration,
 }
@@ -92,7 +105,9 @@ impl LogWriter {
             }),
             work: Condvar::new(),
             drained: Condvar::new(),
-            max_pending,
+            pending: AtomicUsize::new(0),
+            dropped: AtomicU64::new(0),
+            max_pending: AtomicUsize::new(max_pending),
             linger: LINGER,
         });
         let writer = Arc::clone(&shared);
@@ -147,13 +162,44 @@ impl LogWriter {
         self.shared.work.notify_one();
     }
 
-    fn append(&self, line: &[u8]) {
+    /// The process's writer, for [`congested`] and [`dropped`]: `main` registers the
+    /// one its subscriber writes to.
+    pub fn register(&self) {
+        let _ = REGISTERED.set(Arc::clone(&self.shared));
+    }
+
+    /// Changes the buffer's limit (`server.log_buffer_bytes`).
+    pub fn set_limit(&self, bytes: usize) {
+        self.shared
+            .max_pending
+            .store(bytes.max(1), Ordering::Relaxed);
+        self.shared.drained.notify_all();
+    }
+
+    /// True above three quarters of the limit: new work should be refused.
+    pub fn is_congested(&self) -> bool {
+        self.shared.congested()
+    }
+
+    fn append(&self, line: &[u8], audit: bool) {
         let mut state = self.shared.state.lock();
-        while state.pending.len() >= self.shared.max_pending && !state.closing {
+        let max = self.shared.max_pending.load(Ordering::Relaxed);
+        if !audit && state.pending.len() + line.len() > max && !state.closing {
+            // Only audit lines wait for room; another line is not worth a stalled thread.
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            self.shared.work.notify_one();
+            return;
+        }
+        while state.pending.len() >= self.shared.max_pending.load(Ordering::Relaxed)
+            && !state.closing
+        {
             self.shared.work.notify_one();
             self.shared.drained.wait(&mut state);
         }
         state.pending.extend_from_slice(line);
+        self.shared
+            .pending
+            .store(state.pending.len(), Ordering::Relaxed);
         state.appended += line.len() as u64;
         if !state.writing {
             // Idle writer: wake it. A busy one picks this line up with its next batch.
@@ -163,7 +209,29 @@ impl LogWriter {
     }
 }
 
+/// The writer `main` registered ([`LogWriter::register`]).
+static REGISTERED: OnceLock<Arc<Shared>> = OnceLock::new();
+
+/// Whether the registered log writer is congested (above three quarters of its limit):
+/// the server refuses new requests and reports itself unready meanwhile. One atomic
+/// read; false when no writer is registered (tests, benches).
+pub fn congested() -> bool {
+    REGISTERED.get().is_some_and(|shared| shared.congested())
+}
+
+/// Lines other than audit lines the registered writer dropped for want of room.
+pub fn dropped() -> u64 {
+    REGISTERED
+        .get()
+        .map_or(0, |shared| shared.dropped.load(Ordering::Relaxed))
+}
+
 impl Shared {
+    fn congested(&self) -> bool {
+        let max = self.max_pending.load(Ordering::Relaxed);
+        self.pending.load(Ordering::Relaxed) >= max - max / 4
+    }
+
     fn run(&self, out: &mut dyn Write) {
         let mut batch = Vec::with_capacity(64 * 1024);
         let mut state = self.state.lock();
@@ -177,6 +245,7 @@ impl Shared {
             }
             state.writing = true;
             std::mem::swap(&mut state.pending, &mut batch);
+            self.pending.store(0, Ordering::Relaxed);
             drop(state);
             // Nothing to do on failure: there is nowhere else to report it, and a
             // logging failure must not stop the proxy (as with a plain stderr write).
@@ -194,7 +263,10 @@ impl Shared {
             // Linger (still marked as writing, so nobody wakes us for one line): what is
             // logged meanwhile leaves in one write. `flush`, `close` and a full buffer
             // cut this short.
-            if state.pending.len() < self.max_pending && !state.closing && state.flushing == 0 {
+            if state.pending.len() < self.max_pending.load(Ordering::Relaxed)
+                && !state.closing
+                && state.flushing == 0
+            {
                 let _ = self.work.wait_for(&mut state, self.linger);
             }
         }
@@ -203,11 +275,15 @@ impl Shared {
 
 /// What `tracing-subscriber` writes one event into.
 #[derive(Debug)]
-pub struct LineWriter<'a>(&'a LogWriter);
+pub struct LineWriter<'a> {
+    writer: &'a LogWriter,
+    /// An audit line: it waits for room rather than being dropped.
+    audit: bool,
+}
 
 impl Write for LineWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.append(buf);
+        self.writer.append(buf, self.audit);
         Ok(buf.len())
     }
 
@@ -220,8 +296,26 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
     type Writer = LineWriter<'a>;
 
     fn make_writer(&'a self) -> Self::Writer {
-        LineWriter(self)
+        LineWriter {
+            writer: self,
+            audit: true,
+        }
     }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        LineWriter {
+            writer: self,
+            audit: is_audit(meta),
+        }
+    }
+}
+
+/// The field only the per-request audit line has (server::service, `log_request`).
+pub const AUDIT_FIELD: &str = "kms_request_id";
+
+/// Whether an event is a per-request audit line, which is never dropped.
+fn is_audit(meta: &tracing::Metadata<'_>) -> bool {
+    meta.fields().field(AUDIT_FIELD).is_some()
 }
 
 /// The subscriber `xks-proxy serve` logs through in its default format when stderr is
@@ -242,7 +336,6 @@ pub fn text_subscriber(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::time::Duration;
@@ -355,6 +448,61 @@ mod tests {
             biggest.lock()
         );
         assert_eq!(out.text().lines().count(), 40);
+    }
+
+    /// An output that blocks every write until it is opened.
+    #[derive(Clone, Default)]
+    struct Gate {
+        open: Arc<(Mutex<bool>, Condvar)>,
+        out: Recorder,
+    }
+
+    impl Write for Gate {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let (open, opened) = &*self.open;
+            let mut is_open = open.lock();
+            while !*is_open {
+                opened.wait(&mut is_open);
+            }
+            self.out.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_reader_congests_the_writer_which_drops_only_other_lines() {
+        let gate = Gate::default();
+        let writer = LogWriter::with_limit(gate.clone(), 1000).unwrap();
+        assert!(!writer.is_congested());
+        // The first line goes to the (blocked) write; the rest pile up.
+        let audit = |i: usize| format!("audit {i:04} {}\n", "a".repeat(40));
+        let mut sent = 0;
+        while !writer.is_congested() {
+            line(&writer, &audit(sent));
+            sent += 1;
+            assert!(sent < 100, "never congested");
+        }
+        let pending = writer.shared.pending.load(Ordering::Relaxed);
+        assert!((750..1000).contains(&pending), "{pending}");
+        // Up to the limit other lines still fit; past it they are dropped at once.
+        for _ in 0..20 {
+            writer.append(b"other line that is not an audit line\n", false);
+        }
+        assert!(writer.shared.dropped.load(Ordering::Relaxed) > 0);
+        assert!(writer.shared.pending.load(Ordering::Relaxed) <= 1000);
+        // The reader resumes: every audit line arrives, in order.
+        {
+            let (open, opened) = &*gate.open;
+            *open.lock() = true;
+            opened.notify_all();
+        }
+        writer.flush();
+        let text = gate.out.text();
+        let audits: Vec<&str> = text.lines().filter(|l| l.starts_with("audit")).collect();
+        assert_eq!(audits.len(), sent);
+        assert!(!writer.is_congested());
     }
 
     #[test]

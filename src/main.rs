@@ -171,7 +171,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let logs = init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Serve { config } => serve(&config),
+        Command::Serve { config } => serve(&config, logs.as_ref()),
         Command::Keys { action } => keys(action),
         Command::Credentials { action } => credentials(action),
         Command::Quickstart {
@@ -179,7 +179,7 @@ fn main() -> ExitCode {
             listen,
             module,
             setup_only,
-        } => run_quickstart(&dir, listen, module.as_deref(), setup_only),
+        } => run_quickstart(&dir, listen, module.as_deref(), setup_only, logs.as_ref()),
     };
     if let Some(logs) = logs {
         logs.close();
@@ -269,8 +269,13 @@ fn apply_environment(environment: &BTreeMap<String, String>) {
     }
 }
 
-fn serve(config_path: &Path) -> Result<(), Error> {
+fn serve(config_path: &Path, logs: Option<&LogWriter>) -> Result<(), Error> {
     let config = Config::load(config_path)?;
+    if let Some(logs) = logs {
+        // The server refuses new work while this writer is congested.
+        logs.set_limit(config.log_buffer_bytes);
+        logs.register();
+    }
     apply_environment(&config.environment);
     // Before the backend starts its session threads, which take their CPUs from it.
     let pinning = config.pin_threads.then(pinning_plan).flatten();
@@ -466,6 +471,7 @@ fn run_quickstart(
     listen: SocketAddr,
     module: Option<&Path>,
     setup_only: bool,
+    logs: Option<&LogWriter>,
 ) -> Result<(), Error> {
     let prepared = quickstart::prepare(dir, listen, module)?;
     println!("xks-proxy quickstart ready in {}", prepared.dir.display());
@@ -490,5 +496,5 @@ fn run_quickstart(
         "\nTry it:\n{}\n",
         quickstart::curl_example(&prepared, listen.port())
     );
-    serve(&prepared.config)
+    serve(&prepared.config, logs)
 }

@@ -96,6 +96,8 @@ pub enum ShedReason {
     ExpiredInQueue,
     /// Its deadline passed early in its call, after a long wait in the queue.
     ExpiredInCall,
+    /// The log writer is congested: the audit lines would have to wait.
+    LogBacklog,
     /// The key store's request quota.
     Quota,
 }
@@ -109,6 +111,7 @@ impl ShedReason {
             Self::Deadline => "deadline",
             Self::ExpiredInQueue => "expired_in_queue",
             Self::ExpiredInCall => "expired_in_call",
+            Self::LogBacklog => "log_backlog",
             Self::Quota => "quota",
         }
     }
@@ -134,6 +137,13 @@ pub struct ClosedLabels {
 pub struct EkmIdLabels {
     /// The EKM's id (as in GetHealthStatus).
     pub ekm: String,
+}
+
+/// A kind of log line (`routing`, `authentication`, `body`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// The kind.
+    pub kind: &'static str,
 }
 
 /// Result of a TLS handshake.
@@ -370,6 +380,8 @@ pub struct Metrics {
     pub tls_handshakes: Family<HandshakeLabels, Counter>,
     /// Client connections the proxy closed, by reason.
     pub connections_closed: Family<ClosedLabels, Counter>,
+    /// Log lines of unauthenticated rejects left out by the rate limit, by kind.
+    pub log_suppressed: Family<KindLabels, Counter>,
     /// EKM health.
     pub ekm_health: Family<EkmLabels, Gauge>,
     /// 1 while an EKM's logins are suspended because its token refused the PIN.
@@ -393,6 +405,25 @@ pub struct Metrics {
 pub struct ReloadLabels {
     /// `ok` or `error`.
     pub result: &'static str,
+}
+
+/// Lines other than audit lines the log writer dropped for want of room
+/// ([`crate::logging::dropped`]).
+#[derive(Debug)]
+struct DroppedLines;
+
+impl Collector for DroppedLines {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), fmt::Error> {
+        let counter = Counter::<u64>::default();
+        counter.inc_by(crate::logging::dropped());
+        let metric = encoder.encode_descriptor(
+            "xks_log_lines_dropped",
+            "Log lines other than audit lines dropped because the log buffer was full",
+            None,
+            MetricType::Counter,
+        )?;
+        counter.encode(metric)
+    }
 }
 
 /// Renders the hdrhistograms as Prometheus histograms, plus the budget share.
@@ -523,6 +554,13 @@ impl Metrics {
              body_timeout, control_frame_flood, per_client_limit",
             connections_closed.clone(),
         );
+        let log_suppressed = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "xks_log_lines_suppressed",
+            "Log lines of unauthenticated rejects left out by the rate limit, by kind",
+            log_suppressed.clone(),
+        );
+        registry.register_collector(Box::new(DroppedLines));
         let ekm_health = Family::<EkmLabels, Gauge>::default();
         registry.register(
             "xks_ekm_health",
@@ -576,6 +614,7 @@ impl Metrics {
             connections_open,
             tls_handshakes,
             connections_closed,
+            log_suppressed,
             ekm_health,
             ekm_login_suspended,
             pool_sessions,
@@ -598,6 +637,13 @@ impl Metrics {
     pub fn connection_closed(&self, reason: &'static str) {
         self.connections_closed
             .get_or_create(&ClosedLabels { reason })
+            .inc();
+    }
+
+    /// Counts a log line the rate limit left out.
+    pub fn log_suppressed(&self, kind: &'static str) {
+        self.log_suppressed
+            .get_or_create(&KindLabels { kind })
             .inc();
     }
 

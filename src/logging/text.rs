@@ -335,7 +335,6 @@ impl<W: fmt::Write> fmt::Write for Escaping<'_, W> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use std::sync::Arc;
 

@@ -237,6 +237,11 @@ impl<'a> RequestGuard<'a> {
         self.clock
     }
 
+    /// Whether the request passed SigV4.
+    pub fn is_authenticated(&self) -> bool {
+        self.authenticated
+    }
+
     /// The request passed SigV4: from its end on, the connection counts as one that
     /// serves KMS, and it does not expire while the request runs.
     pub fn authenticated(&mut self) {

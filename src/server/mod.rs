@@ -117,6 +117,8 @@ pub struct App {
     pub reload_poll: Option<std::time::Duration>,
     /// What we measure.
     pub metrics: Arc<Metrics>,
+    /// Caps the lines unauthenticated rejects write.
+    pub log_limits: crate::logging::limit::Limiter,
 }
 
 /// Assembles the application from a validated configuration and a backend.
@@ -149,6 +151,7 @@ pub fn app(mut config: Config, backend: Backend, metrics: Arc<Metrics>) -> Resul
         limits: config.limits,
         reload_poll: config.reload_poll,
         metrics,
+        log_limits: crate::logging::limit::Limiter::default(),
     })
 }
 

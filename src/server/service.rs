@@ -19,6 +19,7 @@ use super::guard::{CloseReason, ConnectionClock, RequestGuard};
 use super::live::{KeyStore, Live};
 use super::App;
 use crate::auth::RequestParts;
+use crate::logging::limit::{Kind as LimitKind, Verdict};
 use crate::metrics::{
     note_stage, Metrics, RequestLabels, ShedReason, Stage, StageTimes, REQUEST_STAGES,
 };
@@ -83,13 +84,30 @@ async fn serve(
         }
     }
     let _in_flight = InFlight::new(&app.metrics);
+    if crate::logging::congested() {
+        // The log reader is not keeping up: refuse new work at once, so that the lines
+        // of the requests in flight still fit and nothing waits on the log.
+        app.metrics.shed(ShedReason::LogBacklog);
+        count(
+            &app.metrics,
+            "none",
+            ErrorName::Throttling.as_str(),
+            started.elapsed(),
+        );
+        return error_response(&XksError::new(
+            ErrorName::Throttling,
+            "the proxy's audit log is not being written fast enough",
+        ));
+    }
     // The configuration this request is served with, even if a reload swaps it.
     let live = app.live.load_full();
     let path = request.uri().path().to_owned();
     let route = match live.router.route(request.method(), &path) {
         Ok(route) => route,
         Err(error) => {
-            tracing::info!(method = %request.method(), path = %sanitize(&path), error = %error.name(), "request rejected by routing");
+            if may_log(&app, LimitKind::Routing) {
+                tracing::info!(method = %request.method(), path = %sanitize(&path), error = %error.name(), "request rejected by routing");
+            }
             // Read (at most the limit of) the body before answering: a response that
             // overtakes the upload makes HTTP/2 reset the stream, and clients such as
             // curl then drop the response.
@@ -132,8 +150,41 @@ async fn serve(
         Err(e) => e.name().as_str(),
     };
     count(&app.metrics, route.operation.as_str(), outcome, latency);
-    log_request(store, &route, &audit, &result, latency);
+    // An authenticated request's audit line is always written. A client without
+    // credentials chooses how many lines its rejects write: those are rate-limited.
+    let unauthenticated = match &result {
+        _ if on_connection.is_authenticated() => None,
+        Err(e) if e.name() == ErrorName::AuthenticationFailed => Some(LimitKind::Authentication),
+        _ => Some(LimitKind::Body),
+    };
+    if unauthenticated.map_or(true, |kind| may_log(&app, kind)) {
+        if let (Some(LimitKind::Authentication), Err(error)) = (unauthenticated, &result) {
+            tracing::warn!(key_store = %store.name, reason = error.message(), "SigV4 authentication failed");
+        }
+        log_request(store, &route, &audit, &result, latency);
+    }
     response
+}
+
+/// Whether a line for an unauthenticated reject of `kind` may be written now (see
+/// [`crate::logging::limit`]); says how many were left out before it.
+fn may_log(app: &App, kind: LimitKind) -> bool {
+    match app.log_limits.check(kind, Instant::now()) {
+        Verdict::Suppress => {
+            app.metrics.log_suppressed(kind.as_str());
+            false
+        }
+        Verdict::Write { suppressed_before } => {
+            if suppressed_before > 0 {
+                tracing::info!(
+                    kind = kind.as_str(),
+                    suppressed = suppressed_before,
+                    "similar lines for unauthenticated rejects were suppressed"
+                );
+            }
+            true
+        }
+    }
 }
 
 /// The load balancer probes, answered the same on the main and the admin listener.
@@ -193,10 +244,8 @@ async fn authenticated<'a>(
         .record_stage(Stage::Auth, route.operation.as_str(), auth_time);
     let signature = match verified {
         Ok((_, signature)) => signature,
-        Err(error) => {
-            tracing::warn!(key_store = %store.name, reason = %error, "SigV4 authentication failed");
-            return (Err(error.into()), Audit::default());
-        }
+        // Logged (rate-limited) with the request's line.
+        Err(error) => return (Err(error.into()), Audit::default()),
     };
     on_connection.authenticated();
     if store.quota.as_ref().is_some_and(|q| !q.try_acquire()) {
@@ -323,6 +372,9 @@ fn readiness(app: &App) -> Response<Full<Bytes>> {
     };
     if !app.handler.monitor().ready() {
         return unavailable("the key manager cannot serve, or the proxy is shutting down");
+    }
+    if crate::logging::congested() {
+        return unavailable("the audit log is not being written fast enough");
     }
     // Every connection slot taken: new clients wait in the backlog, so a load
     // balancer should send them elsewhere.

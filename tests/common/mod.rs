@@ -149,6 +149,12 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn start(setup: Setup, env: &[(&str, &str)]) -> Self {
+        Self::start_gated(setup, env, LogGate::default())
+    }
+
+    /// Starts the proxy with its stderr read only while `gate` is open: closed, the
+    /// proxy's log reader has stopped reading.
+    pub fn start_gated(setup: Setup, env: &[(&str, &str)], gate: LogGate) -> Self {
         let mut command = Command::new(BIN);
         command
             .arg("serve")
@@ -166,7 +172,9 @@ impl Proxy {
         let sink = Arc::clone(&logs);
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
-            while let Ok(n) = stderr.read(&mut buf) {
+            loop {
+                gate.wait_open();
+                let Ok(n) = stderr.read(&mut buf) else { break };
                 if n == 0 {
                     break;
                 }
@@ -294,6 +302,31 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Whether a proxy's stderr is being read (see [`Proxy::start_gated`]); open by default.
+#[derive(Clone)]
+pub struct LogGate(Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+impl Default for LogGate {
+    fn default() -> Self {
+        Self(Arc::new((Mutex::new(true), std::sync::Condvar::new())))
+    }
+}
+
+impl LogGate {
+    /// Stops or resumes reading the proxy's stderr.
+    pub fn set_open(&self, open: bool) {
+        *self.0 .0.lock().unwrap() = open;
+        self.0 .1.notify_all();
+    }
+
+    fn wait_open(&self) {
+        let mut open = self.0 .0.lock().unwrap();
+        while !*open {
+            open = self.0 .1.wait(open).unwrap();
+        }
     }
 }
 
