@@ -149,3 +149,59 @@ async fn rotating_an_unknown_key_fails() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A reload (SIGHUP) refreshes the key cache at once: with keys trusted for five
+/// minutes, `keys rotate` and then `keys disable` each take effect right after SIGHUP.
+#[tokio::test]
+async fn a_reload_refreshes_the_key_cache_at_once() {
+    let setup = Setup::new();
+    setup.edit_config("[hsm]\n", "[hsm]\nkey_refresh_seconds = 300\n");
+    let proxy = setup.start();
+    let client = proxy.client();
+    let v1 = encrypt(&client, b"before").await;
+    assert!(v1.get("ciphertextMetadata").is_none(), "{v1}");
+    let out = proxy.setup.keys(&["rotate", "foo"]);
+    assert!(out.status.success(), "{out:?}");
+    // Without a reload the cache still serves version 1.
+    let still = encrypt(&client, b"cached").await;
+    assert!(still.get("ciphertextMetadata").is_none(), "{still}");
+    let hup = || {
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &proxy.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    hup();
+    let give_up = Instant::now() + Duration::from_secs(5);
+    loop {
+        let encrypted = encrypt(&client, b"after").await;
+        if encrypted.get("ciphertextMetadata").map(unb64) == Some(vec![1, 0, 0, 0, 2]) {
+            break;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "SIGHUP did not refresh the version"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = proxy.setup.keys(&["disable", "foo"]);
+    assert!(out.status.success(), "{out:?}");
+    hup();
+    let give_up = Instant::now() + Duration::from_secs(5);
+    loop {
+        let reply = client
+            .post(
+                Version::Http1,
+                &key_path("foo", "encrypt"),
+                &encrypt_body(b"x", None, false),
+            )
+            .await;
+        if reply.error_name() == "InvalidStateException" {
+            break;
+        }
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        assert!(Instant::now() < give_up, "SIGHUP did not refresh the key");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

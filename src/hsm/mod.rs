@@ -409,6 +409,16 @@ impl Backend {
         }
     }
 
+    /// Treats every EKM's cached keys and versions as due (see
+    /// [`pkcs11::Pkcs11Backend::refresh_keys`]).
+    pub fn refresh_keys(&self) {
+        for ekm in self.ekms() {
+            if let Self::Pkcs11(b) = ekm {
+                b.refresh_keys();
+            }
+        }
+    }
+
     /// Takes up the PINs of a reloaded configuration, EKM by EKM (matched by token).
     pub fn update_pins(&self, settings: &[pkcs11::Pkcs11Settings]) {
         for ekm in self.ekms() {

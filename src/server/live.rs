@@ -146,6 +146,9 @@ pub fn reload(app: &App, path: &Path) -> Result<(), String> {
             if let BackendConfig::Pkcs11(ekms) = &backend {
                 app.handler.backend().update_pins(ekms);
             }
+            // A reload is also how an operator says "the keys changed": a rotation or
+            // a disabled key takes effect now, not after hsm.key_refresh_seconds.
+            app.handler.backend().refresh_keys();
             let old = app.live.load();
             if old.fixed != live.fixed {
                 tracing::warn!(

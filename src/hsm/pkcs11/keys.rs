@@ -35,6 +35,19 @@ pub(super) enum Age {
     Stale,
 }
 
+impl Shared {
+    /// Makes every cached key entry too old to use: the next use looks the key up (and
+    /// retires its session copy as any replaced entry's).
+    pub(super) fn expire_keys(&self) {
+        let long_ago = Instant::now()
+            .checked_sub(self.key_refresh.saturating_mul(2))
+            .unwrap_or_else(Instant::now);
+        for key in self.keys.write().values_mut() {
+            key.read_at = key.read_at.min(long_ago);
+        }
+    }
+}
+
 /// How long a replaced session copy of a key lives on: longer than any call using it
 /// can take (calls that outlive their timeout are abandoned by their requests).
 pub(super) const RETIRE_GRACE: Duration = Duration::from_secs(30);

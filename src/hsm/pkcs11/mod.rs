@@ -277,6 +277,14 @@ impl Pkcs11Backend {
             .await
     }
 
+    /// Treats every cached key handle, attribute set and key version as due: the next
+    /// use reads the token (a reload asks for this, so that `xks-proxy keys rotate` or
+    /// `keys disable` followed by SIGHUP takes effect at once).
+    pub fn refresh_keys(&self) {
+        self.versions.write().clear();
+        self.shared.expire_keys();
+    }
+
     /// The token this backend serves.
     pub fn token(&self) -> &TokenSelector {
         &self.shared.token
