@@ -5,7 +5,8 @@
 //! XKS Proxy API specification). A request travels through these modules, in order:
 //!
 //! - [`server`]: TCP and TLS (rustls on aws-lc-rs), HTTP/1.1 and HTTP/2, connection
-//!   limits and shutdown; [`server::service`] is the per-request pipeline.
+//!   limits and deadlines ([`server::guard`]) and shutdown; [`server::service`] is the
+//!   per-request pipeline.
 //! - [`router`]: routes parsed once at start-up: path → (key store, operation, key id).
 //! - [`auth`]: SigV4 verification with cached signing keys.
 //! - [`authz`]: optional secondary authorization of `requestMetadata` with Cedar policies.
@@ -16,8 +17,12 @@
 //! - [`health`]: the background deep health check that GetHealthStatus and the
 //!   readiness probe read.
 //! - [`metrics`]: latency histograms (sharded hdrhistograms), counters, Prometheus text.
-//! - [`config`]: the TOML configuration and its validation.
-//! - [`logging`]: the log writer that batches lines off the request path.
+//! - [`config`]: the TOML configuration and its validation. A setting's type belongs to
+//!   the module that uses it (`hsm::pkcs11::Pkcs11Settings`, `hsm::simulated::SimulatedSettings`),
+//!   and `config` only builds it; the server's own settings (`TlsSettings`, `Limits`)
+//!   live in `config`, so no arrow runs from `config` up into `server`.
+//! - [`logging`]: the log writer that batches lines off the request path, sheds work
+//!   when its reader stalls, and rate-limits unauthenticated rejects' lines.
 //! - [`affinity`]: optional pinning of the workers and session threads to CPUs.
 //! - [`quickstart`]: a local SoftHSM2 token, keys, credentials, certificates and config
 //!   in one command.

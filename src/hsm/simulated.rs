@@ -79,7 +79,7 @@ impl Sampler {
 }
 
 /// Settings of the simulated HSM.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SimulatedSettings {
     /// Operations that run at once (the pool's sessions).
     pub parallelism: usize,

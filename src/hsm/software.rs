@@ -35,7 +35,7 @@ impl fmt::Debug for SoftwareBackend {
 }
 
 /// How to make one software key.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SoftwareKeySpec {
     /// External key id.
     pub id: String,

@@ -21,7 +21,7 @@ use super::tls;
 use super::{App, StartError};
 use crate::auth::{ReplayCache, Verifier};
 use crate::authz::Authorizer;
-use crate::config::{BackendConfig, Config};
+use crate::config::{BackendConfig, Config, RestartOnly};
 use crate::metrics::{ReloadLabels, SecretDates};
 use crate::router::Router;
 use crate::xks::KeySet;
@@ -53,21 +53,7 @@ pub struct Live {
     /// Dates for the metrics.
     pub secret_dates: SecretDates,
     /// What a reload compares to tell the operator that a restart is needed.
-    fixed: String,
-}
-
-/// The settings a reload cannot change, as text to compare.
-fn fixed_settings(config: &Config) -> String {
-    format!(
-        "{:?} {:?} {:?} {:?} {:?} {:?} {:?}",
-        config.listen,
-        config.admin_listen,
-        config.backend,
-        config.limits,
-        config.health,
-        config.max_body_bytes,
-        config.pin_threads
-    )
+    fixed: RestartOnly,
 }
 
 impl Live {
@@ -115,7 +101,7 @@ impl Live {
             tls,
             authorizer,
             secret_dates,
-            fixed: fixed_settings(config),
+            fixed: config.restart_only(),
         })
     }
 

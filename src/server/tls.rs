@@ -7,7 +7,8 @@
 //! as its common name or a DNS subject alternative name. Anything else — no
 //! certificate, an expired or self-signed one, another name — fails the handshake.
 
-use std::path::{Path, PathBuf};
+use crate::config::{MtlsSettings, TlsSettings};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -48,28 +49,6 @@ pub enum TlsError {
         /// The file.
         path: String,
     },
-}
-
-/// Client certificate authentication.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MtlsSettings {
-    /// PEM bundle of the CAs that issue client certificates.
-    pub ca_bundle: PathBuf,
-    /// Names a client certificate must carry (CN or DNS SAN), compared without case.
-    pub allowed_subjects: Vec<String>,
-}
-
-/// Everything the server's TLS configuration is made from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsSettings {
-    /// PEM certificate chain, leaf first.
-    pub certificate: PathBuf,
-    /// PEM private key.
-    pub private_key: PathBuf,
-    /// Offer h2.
-    pub http2: bool,
-    /// Client certificates, if required.
-    pub mtls: Option<MtlsSettings>,
 }
 
 /// Verifies the chain with webpki, then the subject against the allow-list.
