@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Interleaved A/B of proxy variants at 64 keep-alive connections on a SoftHSM2 token.
-# On a shared box single runs move by 15-25 % (RESULTS.md steps 21 and 25), so a change
+# On a shared box single runs move by 15-25 % (steps.md, "The target's ratios, with their spread"), so a change
 # is only judged against runs of the other variants taken in between: every round runs
 # each variant once, in an order that rotates from round to round, each time on a fresh
 # proxy, driven by xks-loadtest (Encrypt, 32-byte plaintext, 100-byte AAD).
@@ -19,7 +19,7 @@
 #          perf/ab.sh 8 base=target/release/xks-proxy sess=target/release/xks-proxy
 # Prints one line per run (req/s, p99, p99 / mean where mean = 64 / throughput by
 # Little's law, max, the proxy's CPU per request) and the range of each variant; writes
-# them to perf/runs/<UTC time>-ab/ and appends them to perf/RESULTS.md.
+# them to perf/runs/<UTC time>-ab/ and writes them to README.md there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -99,4 +99,4 @@ done
     END { for (n in r) printf "%-12s req/s %s  p99 %s ms  %s %s  max %s ms\n",
       n, range(r[n]), range(p[n]), spread, range(q[n]), range(m[n]) }' spread="$SPREAD" "$OUT/runs.txt" | sort
   echo '```'
-} | tee -a perf/RESULTS.md
+} | tee "$OUT/README.md"

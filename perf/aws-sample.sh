@@ -23,7 +23,7 @@
 # workspace would otherwise claim the sample's crate) and builds it (a few minutes).
 # SAMPLE_REPO=<url or path> clones from elsewhere (a local mirror, on a machine that
 # cannot reach GitHub). Writes perf/runs/<UTC time>-aws-sample/
-# and appends a summary to perf/RESULTS.md.
+# and writes a summary to README.md there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -258,4 +258,4 @@ locked() { # the version of crate $1 the sample was built with
   echo
   cat "$OUT/ratios.txt"
   echo '```'
-} | tee -a perf/RESULTS.md
+} | tee "$OUT/README.md"

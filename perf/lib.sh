@@ -28,7 +28,7 @@ prepare_run() {
 }
 
 # pin_threads CONFIG: the proxy's workers and session threads held on CPUs, as every
-# run here since RESULTS.md step 31 measures it.
+# run here since steps.md, "SoftHSM2 without its locks (no), and the busy threads held on CPUs (yes)", measures it.
 pin_threads() {
   sed -i 's/^pin_threads = false$/pin_threads = true/' "$1"
   grep -q '^pin_threads = true$' "$1"

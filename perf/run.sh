@@ -15,7 +15,8 @@
 # Usage: perf/run.sh [SECONDS_PER_RUN]   (default 10)
 # Writes perf/runs/<UTC time>/ (JSON reports and the console output, committed; HTML
 # charts and the proxy's log, which .gitignore keeps out of git) and
-# appends a summary section to perf/RESULTS.md. Run it on a quiet machine.
+# writes its summary to that folder's README.md (link it from perf/RESULTS.md when it
+# changes a figure there). Run it on a quiet machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -132,4 +133,4 @@ run softhsm-raw-copy hsm --config "$WORK/q/config.toml" --sessions 1,2,4 --sessi
   echo '```'
   cat "$COMMANDS"
   echo '```'
-} | tee -a perf/RESULTS.md
+} | tee "$OUT/README.md"

@@ -20,7 +20,7 @@
 #
 # Usage: [ROUNDS=n] perf/tail.sh [SECONDS_PER_RUN]   (defaults 3 and 10)
 # Writes perf/runs/<UTC time>-tail/ (reports and console output; the audit lines are
-# reduced to their percentiles) and appends a summary to perf/RESULTS.md.
+# reduced to their percentiles) and writes a summary to README.md there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -127,4 +127,4 @@ done
   echo '```'
   cat "$COMMANDS"
   echo '```'
-} | tee -a perf/RESULTS.md
+} | tee "$OUT/README.md"

@@ -4,7 +4,7 @@
 //! same box, an agent), the kernel keeps moving the tokio workers and the HSM session
 //! threads between CPUs, and a request's turn on a CPU comes less evenly. With one
 //! worker and a share of the session threads held on each CPU, p99 at 64 connections
-//! came closer to the mean on a 2-core box (perf/RESULTS.md, step 31).
+//! came closer to the mean on a 2-core box (perf/steps.md, "SoftHSM2 without its locks (no), and the busy threads held on CPUs (yes)").
 //!
 //! The plan is made once at start-up from the CPUs the process may run on (its own
 //! affinity mask, so `taskset`, cpusets and container limits are respected): tokio

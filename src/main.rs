@@ -25,7 +25,7 @@ use xks_proxy::server::{self, Server};
 /// runtime's under it) to them (`tests/cli.rs` checks every binding). On SoftHSM2 this
 /// took a tenth off the CPU per Encrypt, most of it glibc's `malloc` and `free` on the
 /// session threads and arena-lock hand-offs between them and the tokio workers
-/// (perf/RESULTS.md step 25). Replacing only Rust's allocator did not show.
+/// (perf/steps.md, "A faster box, and one allocator for the whole process"). Replacing only Rust's allocator did not show.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

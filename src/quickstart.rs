@@ -350,8 +350,9 @@ tls_private_key = "server-key.pem"
 # The latency budget).
 request_deadline_ms = 100
 # true: one tokio worker held on each CPU, the session threads spread over them. p99
-# comes closer to the mean when a load generator shares the box (perf/RESULTS.md,
-# step 31); the perf/ scripts turn it on.
+# comes closer to the mean when a load generator shares the box (perf/steps.md,
+# "SoftHSM2 without its locks (no), and the busy threads held on CPUs (yes)"); the
+# perf/ scripts turn it on.
 pin_threads = false
 
 # Prometheus metrics (/metrics) and probes (/livez, /readyz), plain HTTP, local only.

@@ -132,7 +132,7 @@ pub struct ServerSection {
     pub sigv4_replay_protection: bool,
     /// Hold each tokio worker (one per CPU the process may use) and the HSM session
     /// threads on CPUs of their own, for a box the proxy shares with few other busy
-    /// processes (perf/RESULTS.md, step 31). Off by default.
+    /// processes (perf/steps.md, "SoftHSM2 without its locks (no), and the busy threads held on CPUs (yes)"). Off by default.
     #[serde(default)]
     pub pin_threads: bool,
 }

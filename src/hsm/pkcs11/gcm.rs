@@ -15,7 +15,7 @@ use crate::hsm::{HsmError, Operation, Plaintext, Sealed, IV_LEN, TAG_LEN};
 
 /// IVs per C_GenerateRandom with [`IvSource::HsmRandom`]. In SoftHSM2 the call, not the
 /// bytes, is the cost: 9.7k instructions for 768 bytes against 8.1k for 12, and those
-/// 8.1k were a tenth of what it spent per Encrypt (perf/RESULTS.md, step 22).
+/// 8.1k were a tenth of what it spent per Encrypt (perf/steps.md, "The references, refined; IVs from the HSM in batches; what did not help").
 pub const IV_BATCH: usize = 64;
 
 /// IVs drawn from the HSM's RNG in batches, each handed out once. A session's own:
