@@ -15,29 +15,44 @@ use common::*;
 /// The tests here load the machine: one at a time.
 static ALONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// A proxy on the simulated HSM (`server` and `hsm` lines as in `Setup::simulated`),
+/// warmed up with 20 Encrypts on an HTTP/2 connection it returns too.
+async fn warmed_up(
+    server: &str,
+    hsm: &str,
+) -> (
+    Arc<Proxy>,
+    Arc<Client>,
+    hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>,
+) {
+    let setup = Setup::new();
+    setup.simulated(server, hsm, "");
+    let proxy = Arc::new(setup.start());
+    let client = Arc::new(proxy.client());
+    let body = encrypt_body(b"overload", None, false);
+    let path = key_path("foo", "encrypt");
+    let mut sender = client.h2_connection().await;
+    for _ in 0..20 {
+        assert_eq!(client.post_on(&mut sender, &path, &body).await.status, 200);
+    }
+    (proxy, client, sender)
+}
+
 /// Several times the simulated HSM's capacity: only 200 or 429, admitted requests within
 /// their deadline, bounded memory and queue, full service again once the load drops,
 /// and counters that match what the clients saw.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_sheds_with_429_and_recovers() {
     let _alone = ALONE.lock().await;
-    let setup = Setup::new();
     // 2 sessions × 10 ms: 200 requests a second. Deadline 150 ms.
-    setup.simulated(
+    let (proxy, client, mut sender) = warmed_up(
         "request_deadline_ms = 150\nsummary_interval_seconds = 1",
         "sessions = 2\nqueue_depth = 64\ncall_timeout_ms = 1000\n[hsm.simulated]\ndistribution = \"fixed\"\nmean_ms = 10.0",
-        "",
-    );
-    let proxy = Arc::new(setup.start());
-    let client = Arc::new(proxy.client());
+    )
+    .await;
     let body = encrypt_body(b"overload", None, false);
     let path = key_path("foo", "encrypt");
-
-    // Warm up, then note the memory.
-    let mut sender = client.h2_connection().await;
-    for _ in 0..20 {
-        assert_eq!(client.post_on(&mut sender, &path, &body).await.status, 200);
-    }
+    // Warmed up: note the memory.
     let rss_before = proxy.rss_kib();
 
     // 64 concurrent streams on 4 connections for 3 s, each sending again as soon as it
@@ -191,21 +206,14 @@ async fn overload_sheds_with_429_and_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_come_at_admission_not_after_waiting() {
     let _alone = ALONE.lock().await;
-    let setup = Setup::new();
     // 2 sessions × 10 ms (normal, 2 ms spread): 200 requests a second; deadline 100 ms.
-    setup.simulated(
+    let (proxy, client, _) = warmed_up(
         "request_deadline_ms = 100",
         "sessions = 2\nqueue_depth = 256\ncall_timeout_ms = 1000\n[hsm.simulated]\ndistribution = \"normal\"\nmean_ms = 10.0\nstddev_ms = 2.0",
-        "",
-    );
-    let proxy = Arc::new(setup.start());
-    let client = Arc::new(proxy.client());
+    )
+    .await;
     let body = encrypt_body(b"overload", None, false);
     let path = key_path("foo", "encrypt");
-    let mut sender = client.h2_connection().await;
-    for _ in 0..20 {
-        assert_eq!(client.post_on(&mut sender, &path, &body).await.status, 200);
-    }
     // Open loop: 4 connections, each sending a request every 7 ms whatever the
     // answers: about 570 a second offered against 200, light work for the proxy.
     let stop = Instant::now() + Duration::from_secs(4);

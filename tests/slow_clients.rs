@@ -80,6 +80,11 @@ impl Body for Dribble {
     }
 }
 
+/// Connections the proxy closed for `reason`, by its metrics.
+fn closed_for(metrics: &Metrics, reason: &str) -> f64 {
+    metrics.value("xks_connections_closed_total", &[("reason", reason)])
+}
+
 /// The configuration's `[server]` section gains `lines`.
 fn with_server_lines(setup: &Setup, lines: &str) {
     setup.edit_config(
@@ -212,10 +217,7 @@ async fn slow_bodies_are_cut_off_and_a_normal_client_is_served() {
     }
     let metrics = proxy.scrape().await;
     assert!(
-        metrics.value(
-            "xks_connections_closed_total",
-            &[("reason", "body_timeout")]
-        ) >= 32.0,
+        closed_for(&metrics, "body_timeout") >= 32.0,
         "{}",
         metrics.text
     );
@@ -364,10 +366,7 @@ async fn unauthenticated_connections_are_closed_and_kms_connections_kept_alive()
     );
     let metrics = proxy.scrape().await;
     assert!(
-        metrics.value(
-            "xks_connections_closed_total",
-            &[("reason", "unauthenticated")]
-        ) >= 2.0,
+        closed_for(&metrics, "unauthenticated") >= 2.0,
         "{}",
         metrics.text
     );
@@ -414,13 +413,7 @@ async fn an_http2_ping_flood_ends_the_connection() {
     // Far fewer than 200,000 PING ACKs (17 bytes each) were sent back.
     assert!(answered < 17 * 20_000, "{answered} bytes answered");
     let metrics = proxy.scrape().await;
-    assert_eq!(
-        metrics.value(
-            "xks_connections_closed_total",
-            &[("reason", "control_frame_flood")]
-        ),
-        1.0
-    );
+    assert_eq!(closed_for(&metrics, "control_frame_flood"), 1.0);
     let reply = proxy
         .client()
         .post(
@@ -465,10 +458,5 @@ async fn connections_per_client_address_are_bounded() {
     let (text, _) = read_until_closed(&mut third, Duration::from_secs(5)).await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     let metrics = proxy.scrape().await;
-    assert!(
-        metrics.value(
-            "xks_connections_closed_total",
-            &[("reason", "per_client_limit")]
-        ) >= 1.0
-    );
+    assert!(closed_for(&metrics, "per_client_limit") >= 1.0);
 }

@@ -40,6 +40,14 @@ fn start(copies: bool) -> Proxy {
     setup.start()
 }
 
+/// One Encrypt with `foo`.
+async fn encrypt(client: &Client) -> Reply {
+    let body = encrypt_body(b"outage", None, false);
+    client
+        .post(Version::Http1, &key_path("foo", "encrypt"), &body)
+        .await
+}
+
 async fn health(client: &Client) -> String {
     let body =
         json!({"requestMetadata": {"kmsRequestId": "t", "kmsOperation": "CreateCustomKeyStore"}});
@@ -52,10 +60,8 @@ async fn health(client: &Client) -> String {
 
 /// Encrypts every 50 ms until `until`, collecting each answer's status and error name.
 async fn encrypt_until(client: &Client, until: Instant, seen: &mut Vec<(u16, String)>) {
-    let path = key_path("foo", "encrypt");
-    let body = encrypt_body(b"outage", None, false);
     while Instant::now() < until {
-        let reply = client.post(Version::Http1, &path, &body).await;
+        let reply = encrypt(client).await;
         seen.push((reply.status, reply.error_name().to_owned()));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -122,14 +128,7 @@ async fn token_goes_away_and_returns(copies: bool) {
     // Back without a restart, within seconds.
     let returned = Instant::now();
     eventually(Duration::from_secs(15), "Encrypt served again", || async {
-        let reply = client
-            .post(
-                Version::Http1,
-                &key_path("foo", "encrypt"),
-                &encrypt_body(b"back", None, false),
-            )
-            .await;
-        reply.status == 200
+        encrypt(&client).await.status == 200
     })
     .await;
     eprintln!(
@@ -243,13 +242,7 @@ async fn a_refused_pin_suspends_logins_until_the_pin_changes() {
     assert_eq!(proxy.admin_get("/readyz").await.0, 503);
     let metrics = proxy.scrape().await;
     assert_eq!(metrics.value("xks_ekm_login_suspended", &[]), 1.0);
-    let reply = client
-        .post(
-            Version::Http1,
-            &key_path("foo", "encrypt"),
-            &encrypt_body(b"x", None, false),
-        )
-        .await;
+    let reply = encrypt(&client).await;
     assert_eq!(reply.status, 500, "{:?}", reply.body);
 
     // The operator corrects the PIN file; the proxy notices the change and logs in.
@@ -257,16 +250,7 @@ async fn a_refused_pin_suspends_logins_until_the_pin_changes() {
     eventually(
         Duration::from_secs(20),
         "served with the new PIN",
-        || async {
-            let reply = client
-                .post(
-                    Version::Http1,
-                    &key_path("foo", "encrypt"),
-                    &encrypt_body(b"x", None, false),
-                )
-                .await;
-            reply.status == 200
-        },
+        || async { encrypt(&client).await.status == 200 },
     )
     .await;
     eventually(Duration::from_secs(10), "health ACTIVE", || async {
