@@ -1,7 +1,8 @@
 //! Recovery without restart, on a real SoftHSM2 token: PKCS#11 errors of each class
 //! injected at the call boundary (the module underneath stays real), injected latency,
 //! a real outage (the module finalized under the proxy and the token taken away, then
-//! restored), and the GCM IV conventions of HSMs that choose their own IV.
+//! restored), the GCM IV conventions of HSMs that choose their own IV, and a PIN the
+//! token refuses while several sessions log in.
 //!
 //! Its own test binary: the module is process-wide state, and these tests finalize it.
 //! They run one at a time on one quickstart token.
@@ -472,4 +473,88 @@ async fn hsm_random_ivs_come_in_batches_each_used_once() {
             assert!(seen.insert(iv), "an IV came out twice");
         }
     }
+}
+
+/// The module re-initialized under a backend whose PIN the token now refuses
+/// (`refusal`: as the injector answers it, else as SoftHSM2 does): every session logs
+/// in again at once, yet the token sees one login attempt, and requests and health
+/// checks after it none. (Luna and nShield lock a partition after a few failures.)
+/// Returns the backend with its logins suspended, its injector and the reason.
+async fn refused_login_is_tried_once(
+    pin: &str,
+    refusal: Option<RvError>,
+) -> (Arc<Backend>, Arc<FaultInjector>, String) {
+    let (backend, faults) = connect_sessions(IvSource::HsmRandom, 4);
+    round_trip(&backend).await.unwrap();
+    pkcs11(&backend).update_pin(pin);
+    if let Some(rv) = refusal {
+        faults.fail(rv, Some(Function::Login), None);
+    }
+    // A slow login keeps the sessions' logins overlapping; each delay is one attempt.
+    faults.set_function_latency(Function::Login, Some(Duration::from_millis(200)));
+    faults.fail(RvError::DeviceRemoved, None, Some(1));
+    let attempts = faults.delayed();
+    let mut requests = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let backend = Arc::clone(&backend);
+        requests.spawn(async move { round_trip(&backend).await.is_err() });
+    }
+    while let Some(failed) = requests.join_next().await {
+        assert!(failed.unwrap(), "served with a refused PIN");
+    }
+    for _ in 0..3 {
+        assert!(round_trip(&backend).await.is_err());
+        assert!(backend.health_check(Some("foo"), deadline()).await.is_err());
+    }
+    assert_eq!(faults.delayed() - attempts, 1, "logins with a refused PIN");
+    let reason = pkcs11(&backend)
+        .login_suspended()
+        .expect("logins suspended")
+        .to_owned();
+    (backend, faults, reason)
+}
+
+fn pkcs11(backend: &Backend) -> &Pkcs11Backend {
+    match backend {
+        Backend::Pkcs11(b) => b,
+        _ => unreachable!(),
+    }
+}
+
+fn right_pin() -> String {
+    settings(IvSource::HsmRandom, 1, &Arc::new(FaultInjector::new()))
+        .pin
+        .as_str()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incorrect_pin_is_tried_once_however_many_sessions_log_in() {
+    let _one = setup().1.lock().await;
+    let (backend, faults, reason) = refused_login_is_tried_once("not-the-pin", None).await;
+    assert!(reason.contains("incorrect"), "{reason}");
+    // A reload with the same PIN changes nothing; the right PIN resumes service.
+    faults.clear();
+    pkcs11(&backend).update_pin("not-the-pin");
+    assert!(pkcs11(&backend).login_suspended().is_some());
+    assert!(round_trip(&backend).await.is_err());
+    pkcs11(&backend).update_pin(&right_pin());
+    assert!(pkcs11(&backend).login_suspended().is_none());
+    until_served(&backend, Duration::from_secs(10)).await;
+}
+
+/// SoftHSM2 never locks a PIN; the injector answers CKR_PIN_LOCKED as Luna would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_pin_is_tried_once_and_again_after_a_reload() {
+    let _one = setup().1.lock().await;
+    let (backend, faults, reason) =
+        refused_login_is_tried_once(&right_pin(), Some(RvError::PinLocked)).await;
+    assert!(reason.contains("locked"), "{reason}");
+    // The partition is unlocked with its PIN unchanged: a reload (same PIN) is one
+    // more attempt, and it succeeds.
+    faults.clear();
+    assert!(round_trip(&backend).await.is_err());
+    pkcs11(&backend).update_pin(&right_pin());
+    assert!(pkcs11(&backend).login_suspended().is_none());
+    until_served(&backend, Duration::from_secs(10)).await;
 }

@@ -23,13 +23,33 @@ pub(super) fn unexpected(function: Function) -> impl Fn(CkError) -> HsmError {
     }
 }
 
-/// Why the token refused a login's PIN, if that is what `error` says: these are
-/// never retried (HSMs lock a partition after a few failed logins).
-pub(super) fn pin_refusal(error: &CkError) -> Option<&'static str> {
-    match error {
-        CkError::Pkcs11(RvError::PinIncorrect, _) => Some("token PIN is incorrect"),
-        CkError::Pkcs11(RvError::PinLocked, _) => Some("token PIN is locked"),
-        _ => None,
+/// The token refused a login's PIN. Never retried as such: HSMs such as Luna and
+/// nShield lock a partition after a few failed logins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PinRefusal {
+    /// CKR_PIN_INCORRECT: the same PIN again would only count towards a lock.
+    Incorrect,
+    /// CKR_PIN_LOCKED: nothing succeeds until an officer unlocks it, perhaps keeping
+    /// the PIN.
+    Locked,
+}
+
+impl PinRefusal {
+    /// The refusal `error` is, if it is one.
+    pub(super) fn of(error: &CkError) -> Option<Self> {
+        match error {
+            CkError::Pkcs11(RvError::PinIncorrect, _) => Some(Self::Incorrect),
+            CkError::Pkcs11(RvError::PinLocked, _) => Some(Self::Locked),
+            _ => None,
+        }
+    }
+
+    /// Why, for logs and health.
+    pub(super) fn reason(self) -> &'static str {
+        match self {
+            Self::Incorrect => "token PIN is incorrect",
+            Self::Locked => "token PIN is locked",
+        }
     }
 }
 

@@ -292,20 +292,34 @@ impl Pkcs11Backend {
 
     /// Why logins are suspended (the token refused the PIN), if they are.
     pub fn login_suspended(&self) -> Option<&'static str> {
-        *self.shared.login_refused.lock()
+        self.shared.login_refused.lock().map(PinRefusal::reason)
     }
 
-    /// Takes up the PIN of a reloaded configuration. A different PIN ends a login
-    /// suspension; the same one leaves it (the token would refuse it again).
+    /// Takes up the PIN of a reloaded configuration, and ends a login suspension
+    /// when one more attempt may succeed: the PIN is another than the one the token
+    /// found incorrect, or the PIN was locked (an officer may have unlocked it
+    /// without changing it; an attempt on a locked PIN does not count towards
+    /// anything). Each reload is at most one attempt, never a loop.
     pub fn update_pin(&self, pin: &str) {
         use secrecy::ExposeSecret as _;
         let mut current = self.shared.pin.lock();
-        if current.expose_secret() == pin {
-            return;
+        let changed = current.expose_secret() != pin;
+        if changed {
+            *current = AuthPin::new(pin.into());
         }
-        *current = AuthPin::new(pin.into());
-        if self.shared.login_refused.lock().take().is_some() {
-            tracing::info!(token = %self.shared.token, "the PIN changed: logins resume");
+        let mut refused = self.shared.login_refused.lock();
+        let resume = match *refused {
+            Some(PinRefusal::Incorrect) => changed,
+            Some(PinRefusal::Locked) => true,
+            None => false,
+        };
+        if resume {
+            *refused = None;
+            if changed {
+                tracing::info!(token = %self.shared.token, "the PIN changed: logins resume");
+            } else {
+                tracing::info!(token = %self.shared.token, "reloaded after the PIN was locked: logins resume");
+            }
         }
     }
 

@@ -312,8 +312,8 @@ pub(super) fn find_slot(pkcs11: &Pkcs11, token: &TokenSelector) -> Result<Slot, 
 }
 
 pub(super) fn login(session: &Session, pin: &AuthPin) -> Result<(), HsmError> {
-    login_ck(session, pin).map_err(|e| match pin_refusal(&e) {
-        Some(reason) => HsmError::Unavailable(reason.into()),
+    login_ck(session, pin).map_err(|e| match PinRefusal::of(&e) {
+        Some(refusal) => HsmError::Unavailable(refusal.reason().into()),
         None => HsmError::Unavailable(format!("C_Login failed: {e}")),
     })
 }

@@ -25,10 +25,12 @@ pub(super) struct Shared {
     pub(super) token_state: parking_lot::Mutex<TokenState>,
     /// The user PIN; replaced by a reload that brings another one.
     pub(super) pin: parking_lot::Mutex<AuthPin>,
-    /// Set when the token refused the PIN (incorrect or locked): no more logins until
-    /// the PIN changes. HSMs lock a partition after a few failed logins, and every
-    /// health check and recovery would otherwise try again.
-    pub(super) login_refused: parking_lot::Mutex<Option<&'static str>>,
+    /// Set when the token refused the PIN: no more logins until a reload brings
+    /// another PIN (or any reload, for a locked one; see
+    /// [`Pkcs11Backend::update_pin`](super::Pkcs11Backend::update_pin)). HSMs lock a
+    /// partition after a few failed logins, and every session, health check and
+    /// recovery would otherwise try again.
+    pub(super) login_refused: parking_lot::Mutex<Option<PinRefusal>>,
     /// Handles are per application, not per session, so one cache serves all threads.
     pub(super) keys: RwLock<HashMap<String, CachedKey>>,
     pub(super) iv_source: IvSource,
@@ -114,28 +116,36 @@ impl Shared {
     pub(super) fn login_allowed(&self) -> Result<(), HsmError> {
         match *self.login_refused.lock() {
             None => Ok(()),
-            Some(reason) => Err(HsmError::Unavailable(format!(
-                "login suspended: {reason}; correct the PIN and reload the configuration"
+            Some(refusal) => Err(HsmError::Unavailable(format!(
+                "login suspended: {}; correct the PIN and reload the configuration",
+                refusal.reason()
             ))),
         }
     }
 
     /// Logs `session`'s application in; a PIN the token refuses suspends logins.
+    ///
+    /// One login at a time, and suspension is checked under the same lock: sessions
+    /// that were opening while another's login was refused do not try the PIN again.
     pub(super) fn log_in(&self, session: &Session) -> Result<(), LoginError> {
-        self.inject(Function::Login).map_err(LoginError::Call)?;
         let pin = self.pin.lock();
+        self.login_allowed().map_err(LoginError::Refused)?;
         tracing::debug!(token = %self.token, "C_Login");
-        let reason = match login_ck(session, &pin) {
+        // An injected error stands for the token's answer, a refused PIN included.
+        let result = self
+            .inject(Function::Login)
+            .and_then(|()| login_ck(session, &pin));
+        let refusal = match result {
             Ok(()) => return Ok(()),
-            Err(e) => match pin_refusal(&e) {
-                Some(reason) => reason,
+            Err(e) => match PinRefusal::of(&e) {
+                Some(refusal) => refusal,
                 None => return Err(LoginError::Call(e)),
             },
         };
-        *self.login_refused.lock() = Some(reason);
+        *self.login_refused.lock() = Some(refusal);
         tracing::error!(
             token = %self.token,
-            reason,
+            reason = refusal.reason(),
             "login suspended: no more login attempts until the PIN changes (HSMs lock a partition after a few failures); correct the PIN and reload the configuration"
         );
         Err(LoginError::Refused(
