@@ -28,15 +28,42 @@ fn token_dir(setup: &Setup) -> PathBuf {
         .unwrap()
 }
 
-/// A quickstart proxy that checks its EKM every second and re-reads keys every second.
-fn start(copies: bool) -> Proxy {
+/// How the proxy under test is configured.
+#[derive(Debug, Clone, Copy)]
+struct Variant {
+    /// `hsm.session_key_copies`.
+    copies: bool,
+    /// `hsm.key_refresh_seconds`: long, the session copies could go on encrypting
+    /// through the whole outage.
+    key_refresh_seconds: u64,
+    /// Whether `hsm.health_check_key` stays; without it the monitor only probes.
+    health_check_key: bool,
+}
+
+/// Copies re-read every second, the health-check key checked every second.
+const QUICK: Variant = Variant {
+    copies: true,
+    key_refresh_seconds: 1,
+    health_check_key: true,
+};
+
+/// A quickstart proxy as `variant` says, that checks its EKM every second.
+fn start(variant: Variant) -> Proxy {
     let setup = Setup::new();
+    let Variant {
+        copies,
+        key_refresh_seconds,
+        health_check_key,
+    } = variant;
     setup.edit_config(
         "session_key_copies = true",
         &format!(
-            "session_key_copies = {copies}\nhealth_check_interval_seconds = 1\nkey_refresh_seconds = 1"
+            "session_key_copies = {copies}\nhealth_check_interval_seconds = 1\nkey_refresh_seconds = {key_refresh_seconds}"
         ),
     );
+    if !health_check_key {
+        setup.edit_config("health_check_key = \"xks-health-check\"", "");
+    }
     setup.start()
 }
 
@@ -80,8 +107,8 @@ where
     }
 }
 
-async fn token_goes_away_and_returns(copies: bool) {
-    let proxy = start(copies);
+async fn token_goes_away_and_returns(variant: Variant) {
+    let proxy = start(variant);
     let client = proxy.client();
     let mut seen = Vec::new();
     encrypt_until(&client, Instant::now() + Duration::from_secs(1), &mut seen).await;
@@ -112,18 +139,18 @@ async fn token_goes_away_and_returns(copies: bool) {
     assert!(
         during.iter().all(|(status, name)| *status == 200
             || (*status == 500 && name == "InternalException")),
-        "copies={copies}: {during:?}"
+        "{variant:?}: {during:?}"
     );
     let failed = during.iter().filter(|(s, _)| *s == 500).count();
     assert!(
         failed * 2 > during.len(),
-        "copies={copies}: the outage went unnoticed: {during:?}"
+        "{variant:?}: the outage went unnoticed: {during:?}"
     );
     assert!(
         unavailable_seen,
-        "copies={copies}: health never said UNAVAILABLE"
+        "{variant:?}: health never said UNAVAILABLE"
     );
-    assert!(unready_seen, "copies={copies}: /readyz never said 503");
+    assert!(unready_seen, "{variant:?}: /readyz never said 503");
 
     // Back without a restart, within seconds.
     let returned = Instant::now();
@@ -132,7 +159,7 @@ async fn token_goes_away_and_returns(copies: bool) {
     })
     .await;
     eprintln!(
-        "copies={copies}: {failed} of {} answers failed during the outage; served {:?} after the token returned",
+        "{variant:?}: {failed} of {} answers failed during the outage; served {:?} after the token returned",
         during.len(),
         returned.elapsed()
     );
@@ -146,11 +173,25 @@ async fn token_goes_away_and_returns(copies: bool) {
     assert_eq!(proxy.admin_get("/readyz").await.0, 200);
 }
 
+/// Three proxies at once: session copies that could encrypt through the outage (the
+/// health check must read the token, not the cache), token objects used directly, and
+/// copies without a health-check key (the monitor's probe must look at the token).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_that_goes_away_is_an_ekm_fault_and_service_resumes_when_it_returns() {
     tokio::join!(
-        token_goes_away_and_returns(true),
-        token_goes_away_and_returns(false)
+        token_goes_away_and_returns(Variant {
+            key_refresh_seconds: 60,
+            ..QUICK
+        }),
+        token_goes_away_and_returns(Variant {
+            copies: false,
+            ..QUICK
+        }),
+        token_goes_away_and_returns(Variant {
+            key_refresh_seconds: 60,
+            health_check_key: false,
+            ..QUICK
+        }),
     );
 }
 
@@ -158,7 +199,7 @@ async fn a_token_that_goes_away_is_an_ekm_fault_and_service_resumes_when_it_retu
 /// and the EKM stays healthy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_destroyed_on_a_healthy_token_is_key_not_found() {
-    let proxy = start(true);
+    let proxy = start(QUICK);
     let client = proxy.client();
     let path = key_path("foo", "encrypt");
     let body = encrypt_body(b"x", None, false);
@@ -203,7 +244,7 @@ fn change_pin(setup: &Setup, old: &str, new: &str) {
 /// reason, a metric, one ERROR line) until the PIN file changes, and then resume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_pin_suspends_logins_until_the_pin_changes() {
-    let proxy = start(true);
+    let proxy = start(QUICK);
     let client = proxy.client();
     let pin_file = proxy.setup.path("hsm-pin");
     let old = std::fs::read_to_string(&pin_file)
@@ -213,7 +254,8 @@ async fn a_refused_pin_suspends_logins_until_the_pin_changes() {
     let new = format!("{old}-2");
     change_pin(&proxy.setup, &old, &new);
 
-    // The proxy logs in again after the token comes back from an outage.
+    // The proxy logs in again after the token comes back from an outage. While the
+    // token is away no session opens, so no login is tried.
     let dir = token_dir(&proxy.setup);
     let away = proxy.setup.path("token-away");
     std::fs::rename(&dir, &away).unwrap();
@@ -221,29 +263,35 @@ async fn a_refused_pin_suspends_logins_until_the_pin_changes() {
         health(&client).await == "UNAVAILABLE"
     })
     .await;
+    // Each login attempt logs "C_Login" at debug level (the tests run with debug).
+    let logins = |logs: &str| logs.matches("C_Login").count();
+    let before = logins(&proxy.logs());
     std::fs::rename(&away, &dir).unwrap();
-    eventually(Duration::from_secs(15), "logins suspended", || async {
-        proxy.logs().contains("login suspended")
-    })
+    eventually(
+        Duration::from_secs(15),
+        "a login with the old PIN",
+        || async { logins(&proxy.logs()) > before },
+    )
     .await;
 
-    // Several health checks (one a second) later: still the one refused login.
-    let logins = |logs: &str| logs.matches("C_Login").count();
-    let at_suspension = logins(&proxy.logs());
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Several health checks (one a second) and requests later: still the one login.
+    for _ in 0..8 {
+        let reply = encrypt(&client).await;
+        assert_eq!(reply.status, 500, "{:?}", reply.body);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let logs = proxy.logs();
-    assert_eq!(logins(&logs), at_suspension, "logins were retried");
+    assert_eq!(logins(&logs) - before, 1, "logins with a refused PIN");
     assert_eq!(
         logs.matches("login suspended: no more login attempts")
             .count(),
         1
     );
     assert_eq!(health(&client).await, "UNAVAILABLE");
+    assert!(logs.contains("token PIN is incorrect"), "no reason logged");
     assert_eq!(proxy.admin_get("/readyz").await.0, 503);
     let metrics = proxy.scrape().await;
     assert_eq!(metrics.value("xks_ekm_login_suspended", &[]), 1.0);
-    let reply = encrypt(&client).await;
-    assert_eq!(reply.status, 500, "{:?}", reply.body);
 
     // The operator corrects the PIN file; the proxy notices the change and logs in.
     std::fs::write(&pin_file, format!("{new}\n")).unwrap();

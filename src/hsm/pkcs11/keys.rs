@@ -1,11 +1,11 @@
 //! The key cache: handles and attributes by external key id, re-read when due, and
 //! session copies of keys retired only when no call can still use them.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cryptoki::context::Function;
-use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
 
 use super::{objects::*, worker::*};
@@ -161,13 +161,10 @@ impl Worker {
 
     /// The key's token object and its metadata as the token holds them now.
     ///
-    /// A key this process has found before and that is missing now is an EKM fault
-    /// until proven otherwise: KMS takes KeyNotFound as permanent for the key. If the
-    /// token shows no objects at all, it is not the token it was (SoftHSM2 whose token
-    /// directory went away, an HSM partition swapped under a running module): the
-    /// lookup fails as a lost token, and the token class's recovery (re-initialize,
-    /// find the token again, back off) takes over. A key gone from a token that still
-    /// holds others is gone: KeyNotFound.
+    /// A missing key is an EKM fault until proven otherwise: KMS takes KeyNotFound as
+    /// permanent for the key. If the token held keys before and now shows no objects
+    /// at all, the lookup fails as a lost token ([`Shared::check_not_emptied`]); a key
+    /// gone from a token that still holds others is gone: KeyNotFound.
     pub(super) fn read_token_key(
         &mut self,
         key_id: &str,
@@ -177,17 +174,12 @@ impl Worker {
             Attribute::Token(true),
             Attribute::Label(key_id.as_bytes().to_vec()),
         ];
-        let seen_before = self.shared.known_keys.lock().contains(key_id);
-        let token = self.shared.token.clone();
+        let shared = Arc::clone(&self.shared);
         let handles = self.call(
             |s| {
                 let handles = s.find_objects(&template)?;
-                if handles.is_empty() && seen_before && token_is_empty(s)? {
-                    tracing::error!(key_id, %token, "a key found before is missing and the token shows no objects: treating the token as lost");
-                    return Err(CkError::Pkcs11(
-                        RvError::TokenNotRecognized,
-                        Function::FindObjects,
-                    ));
+                if handles.is_empty() {
+                    shared.check_not_emptied(s, Some(key_id))?;
                 }
                 Ok(handles)
             },
@@ -198,9 +190,7 @@ impl Worker {
             [] => return Err(HsmError::KeyNotFound),
             _ => return Err(HsmError::AmbiguousKey),
         };
-        if !seen_before {
-            self.shared.known_keys.lock().insert(key_id.to_owned());
-        }
+        self.shared.keys_seen.store(true, Ordering::Relaxed);
         let attributes = self.call(
             |s| s.get_attributes(handle, &KEY_ATTRIBUTES),
             Function::GetAttributeValue,

@@ -94,7 +94,7 @@ impl Pkcs11Backend {
             retired: parking_lot::Mutex::new(Vec::new()),
             lookup: parking_lot::Mutex::new(()),
             sessions_opened: AtomicU64::new(0),
-            known_keys: parking_lot::Mutex::default(),
+            keys_seen: AtomicBool::new(false),
         });
         // The first worker opens its session (and logs in) now, so a wrong PIN or a
         // missing token stops start-up with the reason.
@@ -271,12 +271,19 @@ impl Pkcs11Backend {
     }
 
     /// A cheap round trip through a session thread and the token (C_GetSessionInfo),
-    /// for configurations without a health-check key.
+    /// for configurations without a health-check key; a token that held keys and now
+    /// shows no objects fails it as a lost token (see [`Shared::check_not_emptied`]).
     pub async fn probe(&self, deadline: Instant) -> Result<(), HsmError> {
+        let shared = Arc::clone(&self.shared);
         self.pool
-            .run_control("HealthCheck", deadline, |w| {
-                w.call(|s| s.get_session_info(), Function::GetSessionInfo)
-                    .map(|_| ())
+            .run_control("HealthCheck", deadline, move |w| {
+                w.call(
+                    |s| {
+                        s.get_session_info()?;
+                        shared.check_not_emptied(s, None)
+                    },
+                    Function::GetSessionInfo,
+                )
             })
             .await
     }

@@ -1,6 +1,8 @@
 //! Objects on the token: the attributes GetKeyMetadata reads, the data objects that
 //! mark keys disabled, and key versions.
 
+use std::num::NonZeroUsize;
+
 use cryptoki::error::Error as CkError;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
@@ -80,9 +82,12 @@ pub(super) fn find_secret_keys(
     ])
 }
 
-/// Whether the token shows no token objects at all: not one key, not one marker.
+/// Whether the token shows no token objects at all: not one key, not one marker. The
+/// search stops at the first object.
 pub(super) fn token_is_empty(session: &Session) -> Result<bool, CkError> {
-    Ok(session.find_objects(&[Attribute::Token(true)])?.is_empty())
+    let mut objects =
+        session.iter_objects_with_cache_size(&[Attribute::Token(true)], NonZeroUsize::MIN)?;
+    Ok(objects.next().transpose()?.is_none())
 }
 
 /// Whether the key's disabled marker exists (see [`metadata_from_attributes`]).

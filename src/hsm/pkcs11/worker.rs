@@ -14,7 +14,7 @@ use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use parking_lot::RwLock;
 
-use super::{errors::*, gcm::*, keys::*, module::*, settings::*};
+use super::{errors::*, gcm::*, keys::*, module::*, objects::token_is_empty, settings::*};
 use crate::hsm::faults::FaultInjector;
 use crate::hsm::HsmError;
 
@@ -46,9 +46,9 @@ pub(super) struct Shared {
     pub(super) lookup: parking_lot::Mutex<()>,
     /// Serial numbers for the sessions the workers open.
     pub(super) sessions_opened: AtomicU64,
-    /// Keys found on the token at least once: one missing later makes the token
-    /// suspect (see [`Worker::read_token_key`]).
-    pub(super) known_keys: parking_lot::Mutex<std::collections::HashSet<String>>,
+    /// Set once the token has shown this process a key: a token that shows no objects
+    /// after that is not the token it was (see [`Shared::check_not_emptied`]).
+    pub(super) keys_seen: AtomicBool,
 }
 
 impl Shared {
@@ -150,6 +150,32 @@ impl Shared {
         );
         Err(LoginError::Refused(
             self.login_allowed().expect_err("just suspended"),
+        ))
+    }
+
+    /// Fails as a lost token (CKR_TOKEN_NOT_RECOGNIZED, the token class: re-initialize,
+    /// find the token again, back off) when the token has shown this process keys and
+    /// now shows no objects at all. A module may keep running while its token's objects
+    /// vanish (SoftHSM2 whose token directory went away, an HSM partition swapped under
+    /// a live client): searches then simply find nothing, and a key answered as
+    /// KeyNotFound would be lost for good to KMS. `missing`: the key whose absence
+    /// raised the question, if one did.
+    pub(super) fn check_not_emptied(
+        &self,
+        session: &Session,
+        missing: Option<&str>,
+    ) -> Result<(), CkError> {
+        if !self.keys_seen.load(Ordering::Relaxed) || !token_is_empty(session)? {
+            return Ok(());
+        }
+        tracing::error!(
+            token = %self.token,
+            key_id = missing,
+            "the token shows no objects although it held keys: treating it as lost"
+        );
+        Err(CkError::Pkcs11(
+            RvError::TokenNotRecognized,
+            Function::FindObjects,
         ))
     }
 
