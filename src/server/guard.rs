@@ -34,8 +34,8 @@ use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -77,27 +77,6 @@ impl CloseReason {
             Self::PerClientLimit => "per_client_limit",
         }
     }
-
-    const ALL: [Self; 6] = [
-        Self::Unauthenticated,
-        Self::Idle,
-        Self::HeaderTimeout,
-        Self::BodyTimeout,
-        Self::ControlFrameFlood,
-        Self::PerClientLimit,
-    ];
-
-    fn code(self) -> u8 {
-        Self::ALL
-            .iter()
-            .position(|r| *r == self)
-            .expect("every reason is in ALL") as u8
-            + 1
-    }
-
-    fn from_code(code: u8) -> Option<Self> {
-        Self::ALL.get(usize::from(code).checked_sub(1)?).copied()
-    }
 }
 
 /// "Never" and "none" in the clock's millisecond fields.
@@ -119,8 +98,8 @@ pub struct ConnectionClock {
     /// When the first byte of the HTTP/1.1 request head being read arrived (ms after
     /// `epoch`), [`UNSET`] while no head is being read.
     head_started_ms: AtomicU64,
-    /// A close asked for by the service ([`CloseReason::code`], 0 for none).
-    close_reason: AtomicU8,
+    /// A close asked for by the service; the first reason stays.
+    close_reason: OnceLock<CloseReason>,
     close_asked: Notify,
 }
 
@@ -139,7 +118,7 @@ impl ConnectionClock {
             authenticated_in_flight: AtomicUsize::new(0),
             last_authenticated_ms: AtomicU64::new(UNSET),
             head_started_ms: AtomicU64::new(UNSET),
-            close_reason: AtomicU8::new(0),
+            close_reason: OnceLock::new(),
             close_asked: Notify::new(),
         }
     }
@@ -170,18 +149,13 @@ impl ConnectionClock {
 
     /// Asks the connection to close once its requests in flight are answered.
     pub fn close(&self, reason: CloseReason) {
-        let _ = self.close_reason.compare_exchange(
-            0,
-            reason.code(),
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
+        let _ = self.close_reason.set(reason);
         self.close_asked.notify_one();
     }
 
     /// True once the service asked the connection to close.
     pub fn closing(&self) -> bool {
-        self.close_reason.load(Ordering::Acquire) != 0
+        self.close_reason.get().is_some()
     }
 
     /// Completes with the reason when the connection must close: see the module's
@@ -192,9 +166,8 @@ impl ConnectionClock {
         let unauthenticated =
             (limits.unauthenticated_timeout.min(limits.idle_timeout)).as_millis() as u64;
         loop {
-            if let Some(reason) = CloseReason::from_code(self.close_reason.load(Ordering::Acquire))
-            {
-                return reason;
+            if let Some(reason) = self.close_reason.get() {
+                return *reason;
             }
             let now = self.now_ms();
             let mut next = now + TICK.as_millis() as u64;

@@ -441,7 +441,7 @@ async fn drive<C>(
     conn.as_mut().graceful_shutdown();
     // Requests in flight are bounded by the body timeout and the request deadline;
     // whatever is left after them is a client holding on.
-    let drain = app.limits.body_read_timeout + app.limits.request_deadline + TICK_SLACK;
+    let drain = app.limits.body_read_timeout + app.limits.request_deadline + DRAIN_SLACK;
     match tokio::time::timeout(drain, conn).await {
         Ok(result) => log_connection_end(peer, result),
         Err(_) => tracing::debug!(%peer, "connection did not drain in time; dropped"),
@@ -449,7 +449,7 @@ async fn drive<C>(
 }
 
 /// Margin past the longest a request may legitimately take when draining.
-const TICK_SLACK: Duration = Duration::from_secs(1);
+const DRAIN_SLACK: Duration = Duration::from_secs(1);
 
 fn log_connection_end(peer: SocketAddr, result: Result<(), hyper::Error>) {
     if let Err(e) = result {
