@@ -412,22 +412,25 @@ impl Backend {
     /// Treats every EKM's cached keys and versions as due (see
     /// [`pkcs11::Pkcs11Backend::refresh_keys`]).
     pub fn refresh_keys(&self) {
-        for ekm in self.ekms() {
-            if let Self::Pkcs11(b) = ekm {
-                b.refresh_keys();
-            }
-        }
+        self.pkcs11_ekms()
+            .for_each(pkcs11::Pkcs11Backend::refresh_keys);
     }
 
     /// Takes up the PINs of a reloaded configuration, EKM by EKM (matched by token).
     pub fn update_pins(&self, settings: &[pkcs11::Pkcs11Settings]) {
-        for ekm in self.ekms() {
-            if let Self::Pkcs11(b) = ekm {
-                if let Some(new) = settings.iter().find(|s| s.token == *b.token()) {
-                    b.update_pin(&new.pin);
-                }
+        for ekm in self.pkcs11_ekms() {
+            if let Some(new) = settings.iter().find(|s| s.token == *ekm.token()) {
+                ekm.update_pin(&new.pin);
             }
         }
+    }
+
+    /// The PKCS#11 EKMs behind this backend.
+    fn pkcs11_ekms(&self) -> impl Iterator<Item = &pkcs11::Pkcs11Backend> {
+        self.ekms().into_iter().filter_map(|ekm| match ekm {
+            Self::Pkcs11(b) => Some(b),
+            _ => None,
+        })
     }
 
     /// The single EKMs behind this backend: a fleet's members, or itself.
