@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what xks-proxy's quickstart and tests need beyond Rust, when missing:
 # SoftHSM2 (the PKCS#11 token) and curl (an independent SigV4 signer in the tests).
-# Usage: scripts/setup.sh [PACKAGE ...]   (extra tools, each a package of that name)
+# Usage: scripts/setup.sh [TOOL[:PACKAGE] ...]   (extra commands; PACKAGE when its name differs,
+#        e.g. promtool:prometheus)
 set -euo pipefail
 
 need=()
@@ -11,9 +12,12 @@ for module in /usr/lib/softhsm/libsofthsm2.so /usr/lib/*-linux-gnu/softhsm/libso
 done
 $softhsm_found || need+=(softhsm2)
 command -v curl >/dev/null 2>&1 || need+=(curl)
-# Extra tools a caller asks for by package name (perf/run.sh: wrk).
-for tool in "$@"; do
-  command -v "$tool" >/dev/null 2>&1 || need+=("$tool")
+# Extra commands a caller asks for (perf/run.sh: wrk), each with its Debian package when the
+# names differ (promtool:prometheus).
+for spec in "$@"; do
+  tool="${spec%%:*}"
+  package="${spec#*:}"
+  command -v "$tool" >/dev/null 2>&1 || need+=("$package")
 done
 
 if [ ${#need[@]} -gt 0 ]; then
