@@ -297,7 +297,9 @@ fn bench_floor(c: &mut Criterion) {
     let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &KEY_MATERIAL).expect("32-byte key"));
     let aad = hsm_aad(&aad(), &[]).expect("AAD fits");
     let fixture = HandlerFixture::new();
-    let xks_proxy::hsm::Backend::Software(software) = &*fixture.backend else {
+    let xks_proxy::hsm::Backend::Single(xks_proxy::hsm::Ekm::Software(software)) =
+        &*fixture.backend
+    else {
         unreachable!("the fixture's backend is the software one")
     };
 

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 
-use crate::hsm::{Backend, EkmHealth, HsmError};
+use crate::hsm::{Backend, Ekm, EkmHealth, HsmError};
 use crate::metrics::{EkmIdLabels, EkmLabels, Metrics};
 
 /// A cached result may not be older than this (spec: GetHealthStatus).
@@ -68,7 +68,7 @@ impl HealthMonitor {
             status: EkmHealth::Unavailable,
             at: now.checked_sub(MAX_AGE).unwrap_or(now),
         };
-        let ekms = backend.ekms().len();
+        let ekms = backend.ekms().count();
         Self {
             backend,
             key,
@@ -82,16 +82,16 @@ impl HealthMonitor {
 
     /// Checks every EKM now and caches the results; returns the best of them.
     pub async fn check(&self) -> EkmHealth {
-        for (i, ekm) in self.backend.ekms().into_iter().enumerate() {
+        for (i, ekm) in self.backend.ekms().enumerate() {
             let status = self.check_one(i, ekm).await;
-            if let Backend::Fleet(fleet) = &*self.backend {
+            if let Some(fleet) = self.backend.fleet() {
                 fleet.note_health(i, status);
             }
         }
         self.current()
     }
 
-    async fn check_one(&self, i: usize, ekm: &Backend) -> EkmHealth {
+    async fn check_one(&self, i: usize, ekm: &Ekm) -> EkmHealth {
         let started = Instant::now();
         let result = ekm
             .health_check(self.key.as_deref(), started + self.budget)

@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use xks_proxy::affinity;
 use xks_proxy::config::{BackendConfig, Config};
 use xks_proxy::hsm::pkcs11::{self, NewKeyUsage};
+use xks_proxy::hsm::Backend;
 use xks_proxy::logging::LogWriter;
 use xks_proxy::metrics::Metrics;
 use xks_proxy::quickstart;
@@ -280,7 +281,7 @@ fn serve(config_path: &Path, logs: Option<&LogWriter>) -> Result<(), Error> {
     // Before the backend starts its session threads, which take their CPUs from it.
     let pinning = config.pin_threads.then(pinning_plan).flatten();
     let metrics = Metrics::new(config.limits.request_deadline);
-    let backend = server::backend(&config.backend, &metrics)?;
+    let backend = Backend::build(&config.backend, &metrics)?;
     for ekm in backend.ekms() {
         tracing::info!(ekm = ?ekm.ekm_info(), "connected to the key manager");
     }

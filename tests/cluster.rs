@@ -25,7 +25,7 @@ use xks_proxy::health::HealthMonitor;
 use xks_proxy::hsm::faults::FaultInjector;
 use xks_proxy::hsm::fleet::Fleet;
 use xks_proxy::hsm::pkcs11::{IvSource, Pkcs11Backend, Pkcs11Settings, TokenSelector};
-use xks_proxy::hsm::{Backend, EkmHealth, HsmError};
+use xks_proxy::hsm::{Backend, Ekm, EkmHealth, HsmError};
 use xks_proxy::metrics::Metrics;
 
 const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
@@ -102,7 +102,7 @@ fn find_token(pkcs11: &Pkcs11, label: &str) -> cryptoki::slot::Slot {
         .unwrap()
 }
 
-fn ekm(label: &str, pin: &str, faults: &Arc<FaultInjector>) -> Backend {
+fn ekm(label: &str, pin: &str, faults: &Arc<FaultInjector>) -> Ekm {
     let settings = Pkcs11Settings {
         module: MODULE.into(),
         token: TokenSelector::Label(label.into()),
@@ -116,7 +116,7 @@ fn ekm(label: &str, pin: &str, faults: &Arc<FaultInjector>) -> Backend {
         read_write_sessions: false,
         faults: Some(Arc::clone(faults)),
     };
-    Backend::Pkcs11(
+    Ekm::Pkcs11(
         Pkcs11Backend::connect(&settings, Metrics::new(Duration::from_millis(100))).unwrap(),
     )
 }

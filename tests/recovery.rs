@@ -20,7 +20,7 @@ use cryptoki::error::RvError;
 use xks_proxy::health::HealthMonitor;
 use xks_proxy::hsm::faults::{FaultInjector, VendorIv};
 use xks_proxy::hsm::pkcs11::{IvSource, Pkcs11Backend, Pkcs11Settings, TokenSelector, IV_BATCH};
-use xks_proxy::hsm::{Backend, EkmHealth, HsmError, Sealed};
+use xks_proxy::hsm::{Backend, Ekm, EkmHealth, HsmError, Sealed};
 use xks_proxy::metrics::Metrics;
 
 const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
@@ -67,7 +67,7 @@ fn connect_sessions(iv_source: IvSource, sessions: usize) -> (Arc<Backend>, Arc<
         Metrics::new(Duration::from_millis(100)),
     )
     .unwrap();
-    (Arc::new(Backend::Pkcs11(backend)), faults)
+    (Arc::new(Ekm::Pkcs11(backend).into()), faults)
 }
 
 fn deadline() -> Instant {
@@ -92,7 +92,7 @@ async fn round_trip(backend: &Backend) -> Result<Sealed, HsmError> {
 
 fn generation(backend: &Backend) -> u64 {
     match backend {
-        Backend::Pkcs11(b) => b.module_generation(),
+        Backend::Single(Ekm::Pkcs11(b)) => b.module_generation(),
         _ => unreachable!(),
     }
 }
@@ -228,7 +228,7 @@ async fn a_module_that_stays_down_fails_fast_and_health_says_so_until_it_returns
     }
     assert_eq!(monitor.check().await, EkmHealth::Unavailable);
     match &*backend {
-        Backend::Pkcs11(b) => assert!(!b.in_service()),
+        Backend::Single(Ekm::Pkcs11(b)) => assert!(!b.in_service()),
         _ => unreachable!(),
     }
 
@@ -282,9 +282,9 @@ async fn one_session_rereads_a_key_while_the_others_serve() {
     let faults = Arc::new(FaultInjector::new());
     let mut settings = settings(IvSource::HsmRandom, 2, &faults);
     settings.key_refresh = Duration::from_millis(500);
-    let backend = Arc::new(Backend::Pkcs11(
+    let backend = Arc::new(Backend::from(Ekm::Pkcs11(
         Pkcs11Backend::connect(&settings, Metrics::new(Duration::from_millis(100))).unwrap(),
-    ));
+    )));
     round_trip(&backend).await.unwrap();
     // Past key_refresh (but within twice it): the next use re-reads the key, slowly.
     tokio::time::sleep(Duration::from_millis(600)).await;
@@ -316,9 +316,9 @@ async fn a_slow_hsm_answers_503_in_the_call_timeout_and_recovers() {
     let faults = Arc::new(FaultInjector::new());
     let mut settings = settings(IvSource::HsmRandom, 2, &faults);
     settings.call_timeout = Duration::from_millis(100);
-    let backend = Backend::Pkcs11(
+    let backend = Backend::from(Ekm::Pkcs11(
         Pkcs11Backend::connect(&settings, Metrics::new(Duration::from_millis(100))).unwrap(),
-    );
+    ));
     round_trip(&backend).await.unwrap();
     faults.set_latency(Some(Duration::from_millis(400)));
     let started = Instant::now();
@@ -360,7 +360,7 @@ async fn a_real_outage_module_finalized_and_token_gone_then_restored() {
         assert!(started.elapsed() < CALL_TIMEOUT / 10, "a request hung");
     }
     match &*backend {
-        Backend::Pkcs11(b) => assert!(!b.in_service()),
+        Backend::Single(Ekm::Pkcs11(b)) => assert!(!b.in_service()),
         _ => unreachable!(),
     }
 
@@ -504,7 +504,8 @@ async fn refused_login_is_tried_once(
     }
     for _ in 0..3 {
         assert!(round_trip(&backend).await.is_err());
-        assert!(backend.health_check(Some("foo"), deadline()).await.is_err());
+        let ekm = backend.ekms().next().unwrap();
+        assert!(ekm.health_check(Some("foo"), deadline()).await.is_err());
     }
     assert_eq!(faults.delayed() - attempts, 1, "logins with a refused PIN");
     let reason = pkcs11(&backend)
@@ -516,7 +517,7 @@ async fn refused_login_is_tried_once(
 
 fn pkcs11(backend: &Backend) -> &Pkcs11Backend {
     match backend {
-        Backend::Pkcs11(b) => b,
+        Backend::Single(Ekm::Pkcs11(b)) => b,
         _ => unreachable!(),
     }
 }

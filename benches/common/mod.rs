@@ -35,7 +35,7 @@ use serde_json::{json, Value};
 use xks_proxy::config::{Config, FileConfig};
 use xks_proxy::health::HealthMonitor;
 use xks_proxy::hsm::software::{SoftwareBackend, SoftwareKeySpec};
-use xks_proxy::hsm::{Backend, KeyUsage};
+use xks_proxy::hsm::{Backend, Ekm, KeyUsage};
 use xks_proxy::metrics::Metrics;
 use xks_proxy::server::guard::ConnectionClock;
 use xks_proxy::server::service::serve_request;
@@ -218,7 +218,7 @@ impl HandlerFixture {
         };
         let software =
             SoftwareBackend::new(vec![spec(KEY_ID), spec(HEALTH_KEY_ID)]).expect("software keys");
-        let backend = Arc::new(Backend::Software(software));
+        let backend = Arc::new(Backend::from(Ekm::Software(software)));
         let monitor = Arc::new(HealthMonitor::new(
             Arc::clone(&backend),
             Some(HEALTH_KEY_ID.into()),
@@ -357,8 +357,7 @@ secret_access_key_file = "sigv4-secret"
         let config = Config::from_file(file, dir.path()).expect("the fixture's config is valid");
         let header_read_timeout = config.limits.header_read_timeout;
         let metrics = Metrics::new(config.limits.request_deadline);
-        let backend =
-            xks_proxy::server::backend(&config.backend, &metrics).expect("software backend");
+        let backend = Backend::build(&config.backend, &metrics).expect("software backend");
         let app = Arc::new(xks_proxy::server::app(config, backend, metrics).expect("app"));
         let runtime = runtime();
         runtime.block_on(app.handler.monitor().check());

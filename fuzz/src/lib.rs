@@ -24,7 +24,7 @@ use serde_json::Value;
 use xks_proxy::auth::{AuthError, Credential, RequestParts, Verifier};
 use xks_proxy::health::HealthMonitor;
 use xks_proxy::hsm::software::{SoftwareBackend, SoftwareKeySpec};
-use xks_proxy::hsm::{Backend, KeyUsage};
+use xks_proxy::hsm::{Backend, Ekm, KeyUsage};
 use xks_proxy::metrics::Metrics;
 use xks_proxy::router::{
     is_valid_key_id, normalize_prefix, Router, API_ROOT, MAX_KEY_ID_LEN, MAX_URI_PATH_LEN,
@@ -234,7 +234,7 @@ fn request_harness() -> &'static RequestHarness {
             spec("enc", ENC_KEY, vec![KeyUsage::Encrypt]),
         ])
         .expect("software backend");
-        let backend = Arc::new(Backend::Software(software));
+        let backend = Arc::new(Backend::from(Ekm::Software(software)));
         let monitor = Arc::new(HealthMonitor::new(
             backend.clone(),
             None,

@@ -33,6 +33,7 @@ use serde::Deserialize;
 use zeroize::Zeroizing;
 
 use crate::hsm::pkcs11::{IvSource, Pkcs11Settings, TokenSelector};
+pub use crate::hsm::BackendConfig;
 use crate::hsm::KeyUsage;
 use crate::router::{is_valid_key_id, normalize_prefix};
 
@@ -228,17 +229,6 @@ pub struct HealthSettings {
     pub key: Option<String>,
     /// Time between checks.
     pub interval: Duration,
-}
-
-/// The validated backend choice.
-#[derive(Debug)]
-pub enum BackendConfig {
-    /// PKCS#11: one to ten EKMs (tokens) holding the same keys.
-    Pkcs11(Vec<Pkcs11Settings>),
-    /// Software keys.
-    Software(Vec<crate::hsm::software::SoftwareKeySpec>),
-    /// The simulated HSM.
-    Simulated(crate::hsm::simulated::SimulatedSettings),
 }
 
 /// A validated key store.

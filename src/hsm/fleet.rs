@@ -18,7 +18,7 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{Backend, EkmHealth, HsmError, KeyMetadata, Plaintext, Sealed};
+use super::{Ekm, EkmHealth, HsmError, KeyMetadata, Plaintext, Sealed};
 
 /// The most EKMs a key store may have (spec: ekmFleetDetails).
 pub const MAX_EKMS: usize = 10;
@@ -29,7 +29,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// One EKM and what the fleet knows of it.
 pub struct Member {
-    backend: Backend,
+    ekm: Ekm,
     /// Out of service until this many nanoseconds after the fleet's epoch (0: in).
     out_until_ns: AtomicU64,
     /// Failures in a row.
@@ -43,7 +43,7 @@ pub struct Member {
 impl std::fmt::Debug for Member {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Member")
-            .field("ekm", &self.backend.ekm_info().id)
+            .field("ekm", &self.ekm.ekm_info().id)
             .field("failures", &self.failures.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
@@ -58,9 +58,9 @@ const fn health_code(health: EkmHealth) -> u8 {
 }
 
 impl Member {
-    /// The EKM's backend.
-    pub fn backend(&self) -> &Backend {
-        &self.backend
+    /// The EKM.
+    pub fn ekm(&self) -> &Ekm {
+        &self.ekm
     }
 
     /// Requests this EKM has answered.
@@ -78,7 +78,7 @@ impl Member {
 
     /// Free places in the EKM's session pool.
     fn free(&self) -> usize {
-        let (taken, capacity) = self.backend.load();
+        let (taken, capacity) = self.ekm.load();
         capacity.saturating_sub(taken)
     }
 }
@@ -102,19 +102,19 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// A fleet of 1 to [`MAX_EKMS`] backends, in configuration order.
-    pub fn new(backends: Vec<Backend>) -> Result<Self, HsmError> {
-        if backends.is_empty() || backends.len() > MAX_EKMS {
+    /// A fleet of 1 to [`MAX_EKMS`] EKMs, in configuration order.
+    pub fn new(ekms: Vec<Ekm>) -> Result<Self, HsmError> {
+        if ekms.is_empty() || ekms.len() > MAX_EKMS {
             return Err(HsmError::Unavailable(format!(
                 "a key store has 1 to {MAX_EKMS} EKMs, not {}",
-                backends.len()
+                ekms.len()
             )));
         }
         Ok(Self {
-            members: backends
+            members: ekms
                 .into_iter()
-                .map(|backend| Member {
-                    backend,
+                .map(|ekm| Member {
+                    ekm,
                     out_until_ns: AtomicU64::new(0),
                     failures: AtomicU32::new(0),
                     health: AtomicU8::new(health_code(EkmHealth::Active)),
@@ -139,7 +139,7 @@ impl Fleet {
     /// claimed by one request (the probe) by pushing its time out forward.
     fn admit(&self, i: usize, now: u64) -> bool {
         let member = &self.members[i];
-        if !member.backend.in_service() {
+        if !member.ekm.in_service() {
             return false;
         }
         let until = member.out_until_ns.load(Ordering::Acquire);
@@ -200,7 +200,7 @@ impl Fleet {
             .out_until_ns
             .store(self.now_ns() + backoff.as_nanos() as u64, Ordering::Release);
         if failures == 1 {
-            tracing::warn!(ekm = %member.backend.ekm_info().id, error = %error, backoff_ms = backoff.as_millis() as u64, "EKM taken out of service");
+            tracing::warn!(ekm = %member.ekm.ekm_info().id, error = %error, backoff_ms = backoff.as_millis() as u64, "EKM taken out of service");
         }
     }
 
@@ -211,7 +211,7 @@ impl Fleet {
         if member.out_until_ns.load(Ordering::Relaxed) != 0 {
             member.out_until_ns.store(0, Ordering::Release);
             if member.failures.swap(0, Ordering::AcqRel) != 0 {
-                tracing::info!(ekm = %member.backend.ekm_info().id, "EKM back in service");
+                tracing::info!(ekm = %member.ekm.ekm_info().id, "EKM back in service");
             }
         }
     }
@@ -231,7 +231,7 @@ impl Fleet {
                 if member.out_until_ns.swap(0, Ordering::AcqRel) != 0
                     && member.failures.swap(0, Ordering::AcqRel) != 0
                 {
-                    tracing::info!(ekm = %member.backend.ekm_info().id, "EKM back in service");
+                    tracing::info!(ekm = %member.ekm.ekm_info().id, "EKM back in service");
                 }
             }
         }
@@ -241,7 +241,7 @@ impl Fleet {
     /// sheds and the deadline allows.
     async fn run<'a, T, F, Fut>(&'a self, deadline: Instant, mut op: F) -> Result<T, HsmError>
     where
-        F: FnMut(&'a Backend, bool) -> Fut,
+        F: FnMut(&'a Ekm, bool) -> Fut,
         Fut: std::future::Future<Output = Result<T, HsmError>>,
     {
         let candidates = self.candidates();
@@ -254,7 +254,7 @@ impl Fleet {
             if Instant::now() >= deadline {
                 break;
             }
-            outcome = op(&self.members[i].backend, i == last).await;
+            outcome = op(&self.members[i].ekm, i == last).await;
             match &outcome {
                 Err(HsmError::Busy(_)) => {} // a full pool is not a failure: try another
                 Err(e) if is_ekm_failure(e) => self.failed(i, e),
@@ -276,7 +276,7 @@ impl Fleet {
         deadline: Instant,
     ) -> Result<Sealed, HsmError> {
         let mut plaintext = Some(plaintext);
-        self.run(deadline, |backend, last| {
+        self.run(deadline, |ekm, last| {
             // The last candidate may have the plaintext itself; others get a copy
             // (zeroized when dropped, like the original).
             let plaintext = if last {
@@ -286,7 +286,7 @@ impl Fleet {
             }
             .unwrap_or_default();
             let aad = aad.clone();
-            backend.leaf_encrypt(key_id, plaintext, aad, deadline)
+            ekm.encrypt(key_id, plaintext, aad, deadline)
         })
         .await
     }
@@ -299,20 +299,18 @@ impl Fleet {
         aad: Vec<u8>,
         deadline: Instant,
     ) -> Result<Plaintext, HsmError> {
-        self.run(deadline, |backend, _| {
+        self.run(deadline, |ekm, _| {
             let sealed = sealed.clone();
             let aad = aad.clone();
-            backend.leaf_decrypt(key_id, sealed, aad, deadline)
+            ekm.decrypt(key_id, sealed, aad, deadline)
         })
         .await
     }
 
     /// The key's current version, from the best EKM.
     pub async fn current_version(&self, key_id: &str, deadline: Instant) -> Result<u32, HsmError> {
-        self.run(deadline, |backend, _| {
-            backend.leaf_current_version(key_id, deadline)
-        })
-        .await
+        self.run(deadline, |ekm, _| ekm.current_version(key_id, deadline))
+            .await
     }
 
     /// The key's metadata, from the best EKM.
@@ -321,9 +319,7 @@ impl Fleet {
         key_id: &str,
         deadline: Instant,
     ) -> Result<KeyMetadata, HsmError> {
-        self.run(deadline, |backend, _| {
-            backend.leaf_key_metadata(key_id, deadline)
-        })
-        .await
+        self.run(deadline, |ekm, _| ekm.key_metadata(key_id, deadline))
+            .await
     }
 }

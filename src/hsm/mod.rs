@@ -1,7 +1,9 @@
 //! The external key manager side: AES-256-GCM and key metadata by external key id.
 //!
-//! [`Backend`] is what the XKS handlers call. It knows nothing of HTTP or JSON: it takes
-//! bytes and an external key id and returns bytes, [`KeyMetadata`] or an [`HsmError`].
+//! [`Backend`] is what the XKS handlers call: one [`Ekm`] or a [`fleet`] of them, built
+//! from the `[hsm]` settings by [`Backend::build`]. It knows nothing of HTTP or JSON: it
+//! takes bytes and an external key id and returns bytes, [`KeyMetadata`] or an
+//! [`HsmError`].
 //!
 //! - [`pkcs11`]: the product. A bounded pool of logged-in PKCS#11 sessions, each owned by
 //!   a dedicated OS thread, fed through a bounded queue; key handles cached by id.
@@ -10,20 +12,21 @@
 //! - [`simulated`]: the software backend's AES-GCM behind the real session pool, with a
 //!   modelled service time and parallelism: backpressure tests and capacity planning.
 //!
-//! Every operation takes the request's deadline; the pool ([`pool`]) refuses work that
-//! cannot finish before it.
+//! Every operation takes the request's deadline; the session pool (`pool`) refuses work
+//! that cannot finish before it. The PKCS#11 and simulated EKMs say what one session
+//! does (`pooled::SessionOps`); the pool's facade over them is written once.
 
+mod backend;
 pub mod faults;
 pub mod fleet;
 pub mod pkcs11;
 mod pool;
+mod pooled;
 pub mod simulated;
-
-pub(crate) use pool::exit_by;
 pub mod software;
 
-use std::fmt;
-use std::time::Instant;
+pub use backend::{Backend, BackendConfig, Ekm};
+pub(crate) use pool::exit_by;
 
 /// The cryptographic operation a request asks of a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,31 +211,6 @@ impl EkmHealth {
     }
 }
 
-/// The backend the handlers talk to. An enum rather than a trait object: the set is
-/// closed, and static dispatch keeps the hot path free of boxing.
-pub enum Backend {
-    /// A PKCS#11 module and token.
-    Pkcs11(pkcs11::Pkcs11Backend),
-    /// In-process AES-GCM (benchmarks only).
-    Software(software::SoftwareBackend),
-    /// A modelled HSM (backpressure tests, capacity planning).
-    Simulated(simulated::SimulatedBackend),
-    /// Several EKMs holding the same keys (PKCS#11 configurations are always a fleet,
-    /// of one or more). Its members are never fleets themselves.
-    Fleet(fleet::Fleet),
-}
-
-impl fmt::Debug for Backend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Pkcs11(b) => f.debug_tuple("Pkcs11").field(b).finish(),
-            Self::Software(b) => f.debug_tuple("Software").field(b).finish(),
-            Self::Simulated(b) => f.debug_tuple("Simulated").field(b).finish(),
-            Self::Fleet(b) => f.debug_tuple("Fleet").field(b).finish(),
-        }
-    }
-}
-
 /// The HSM label of `version` of an external key: version 1 is the key labelled with
 /// the id itself (every key before its first rotation), version N ≥ 2 is labelled
 /// `<id>#vN`. `#` is not allowed in key ids, so no external key id can look like a
@@ -267,210 +245,5 @@ pub(crate) fn health_round_trip<S>(
         Err(HsmError::Inconsistent(
             "health check decrypted to other bytes",
         ))
-    }
-}
-
-/// A fleet's members are single EKMs.
-fn nested_fleet() -> HsmError {
-    HsmError::Unavailable("a fleet cannot be an EKM of another fleet".into())
-}
-
-impl Backend {
-    /// Encrypts `plaintext` under the key with the HSM's AES-GCM; `aad` is the HSM AAD
-    /// (already built by the spec formula).
-    pub async fn encrypt(
-        &self,
-        key_id: &str,
-        plaintext: Plaintext,
-        aad: Vec<u8>,
-        deadline: Instant,
-    ) -> Result<Sealed, HsmError> {
-        match self {
-            Self::Fleet(f) => f.encrypt(key_id, plaintext, aad, deadline).await,
-            _ => self.leaf_encrypt(key_id, plaintext, aad, deadline).await,
-        }
-    }
-
-    async fn leaf_encrypt(
-        &self,
-        key_id: &str,
-        plaintext: Plaintext,
-        aad: Vec<u8>,
-        deadline: Instant,
-    ) -> Result<Sealed, HsmError> {
-        match self {
-            Self::Pkcs11(b) => b.encrypt(key_id, plaintext, aad, deadline).await,
-            Self::Software(b) => b.encrypt(key_id, &plaintext, &aad),
-            Self::Simulated(b) => b.encrypt(key_id, plaintext, aad, deadline).await,
-            Self::Fleet(_) => Err(nested_fleet()),
-        }
-    }
-
-    /// Decrypts and authenticates.
-    pub async fn decrypt(
-        &self,
-        key_id: &str,
-        sealed: Sealed,
-        aad: Vec<u8>,
-        deadline: Instant,
-    ) -> Result<Plaintext, HsmError> {
-        match self {
-            Self::Fleet(f) => f.decrypt(key_id, sealed, aad, deadline).await,
-            _ => self.leaf_decrypt(key_id, sealed, aad, deadline).await,
-        }
-    }
-
-    async fn leaf_decrypt(
-        &self,
-        key_id: &str,
-        sealed: Sealed,
-        aad: Vec<u8>,
-        deadline: Instant,
-    ) -> Result<Plaintext, HsmError> {
-        match self {
-            Self::Pkcs11(b) => b.decrypt(key_id, sealed, aad, deadline).await,
-            Self::Software(b) => b.decrypt(key_id, &sealed, &aad),
-            Self::Simulated(b) => b.decrypt(key_id, sealed, aad, deadline).await,
-            Self::Fleet(_) => Err(nested_fleet()),
-        }
-    }
-
-    /// The external key's current version (see [`version_label`]): the highest N for
-    /// which versions 2..=N exist in the HSM, 1 when the key was never rotated. The
-    /// PKCS#11 backend caches it for `key_refresh_seconds`; the others have no versions.
-    pub async fn current_version(&self, key_id: &str, deadline: Instant) -> Result<u32, HsmError> {
-        match self {
-            Self::Fleet(f) => f.current_version(key_id, deadline).await,
-            _ => self.leaf_current_version(key_id, deadline).await,
-        }
-    }
-
-    async fn leaf_current_version(&self, key_id: &str, deadline: Instant) -> Result<u32, HsmError> {
-        match self {
-            Self::Pkcs11(b) => b.current_version(key_id, deadline).await,
-            Self::Software(_) | Self::Simulated(_) => Ok(1),
-            Self::Fleet(_) => Err(nested_fleet()),
-        }
-    }
-
-    /// Reads the key's metadata.
-    pub async fn key_metadata(
-        &self,
-        key_id: &str,
-        deadline: Instant,
-    ) -> Result<KeyMetadata, HsmError> {
-        match self {
-            Self::Fleet(f) => f.key_metadata(key_id, deadline).await,
-            _ => self.leaf_key_metadata(key_id, deadline).await,
-        }
-    }
-
-    async fn leaf_key_metadata(
-        &self,
-        key_id: &str,
-        deadline: Instant,
-    ) -> Result<KeyMetadata, HsmError> {
-        match self {
-            Self::Pkcs11(b) => b.key_metadata(key_id, deadline).await,
-            Self::Software(b) => b.key_metadata(key_id),
-            Self::Simulated(b) => b.key_metadata(key_id, deadline).await,
-            Self::Fleet(_) => Err(nested_fleet()),
-        }
-    }
-
-    /// False while the EKM is known to be out of service (its calls would fail at
-    /// once); a fleet is in service while any member is.
-    pub fn in_service(&self) -> bool {
-        match self {
-            Self::Pkcs11(b) => b.in_service(),
-            Self::Software(_) | Self::Simulated(_) => true,
-            Self::Fleet(f) => f.members().iter().any(|m| m.backend().in_service()),
-        }
-    }
-
-    /// Requests admitted and not finished, and the most the EKM admits.
-    pub fn load(&self) -> (usize, usize) {
-        match self {
-            Self::Pkcs11(b) => b.load(),
-            Self::Simulated(b) => b.load(),
-            Self::Software(_) => (0, usize::MAX),
-            Self::Fleet(f) => f.members().iter().fold((0, 0), |(t, c), m| {
-                let (taken, capacity) = m.backend().load();
-                (t + taken, c.saturating_add(capacity))
-            }),
-        }
-    }
-
-    /// Why this EKM's logins are suspended (its token refused the PIN), if they are.
-    pub fn login_suspended(&self) -> Option<&'static str> {
-        match self {
-            Self::Pkcs11(b) => b.login_suspended(),
-            _ => None,
-        }
-    }
-
-    /// Treats every EKM's cached keys and versions as due (see
-    /// [`pkcs11::Pkcs11Backend::refresh_keys`]).
-    pub fn refresh_keys(&self) {
-        self.pkcs11_ekms()
-            .for_each(pkcs11::Pkcs11Backend::refresh_keys);
-    }
-
-    /// Takes up the PINs of a reloaded configuration, EKM by EKM (matched by token).
-    pub fn update_pins(&self, settings: &[pkcs11::Pkcs11Settings]) {
-        for ekm in self.pkcs11_ekms() {
-            if let Some(new) = settings.iter().find(|s| s.token == *ekm.token()) {
-                ekm.update_pin(&new.pin);
-            }
-        }
-    }
-
-    /// The PKCS#11 EKMs behind this backend.
-    fn pkcs11_ekms(&self) -> impl Iterator<Item = &pkcs11::Pkcs11Backend> {
-        self.ekms().into_iter().filter_map(|ekm| match ekm {
-            Self::Pkcs11(b) => Some(b),
-            _ => None,
-        })
-    }
-
-    /// The single EKMs behind this backend: a fleet's members, or itself.
-    pub fn ekms(&self) -> Vec<&Self> {
-        match self {
-            Self::Fleet(f) => f.members().iter().map(fleet::Member::backend).collect(),
-            _ => vec![self],
-        }
-    }
-
-    /// A deep check: a real encrypt and decrypt with `key_id` (a health-check key, never
-    /// a KMS key). Without a key, the PKCS#11 backend checks that a session answers.
-    pub async fn health_check(
-        &self,
-        key_id: Option<&str>,
-        deadline: Instant,
-    ) -> Result<(), HsmError> {
-        match (self, key_id) {
-            (Self::Pkcs11(b), Some(key)) => b.health_check(key, deadline).await,
-            (Self::Pkcs11(b), None) => b.probe(deadline).await,
-            (Self::Software(b), Some(key)) => health_round_trip(
-                &mut (),
-                |(), p| b.encrypt(key, p, b""),
-                |(), s| b.decrypt(key, s, b""),
-            ),
-            (Self::Software(_), None) => Ok(()),
-            (Self::Simulated(b), key) => b.health_check(key, deadline).await,
-            (Self::Fleet(_), _) => Err(HsmError::Unavailable(
-                "check a fleet's members one by one".into(),
-            )),
-        }
-    }
-
-    /// Facts about the EKM for GetHealthStatus.
-    pub fn ekm_info(&self) -> &EkmInfo {
-        match self {
-            Self::Pkcs11(b) => b.ekm_info(),
-            Self::Software(b) => b.ekm_info(),
-            Self::Simulated(b) => b.ekm_info(),
-            Self::Fleet(f) => f.members()[0].backend().ekm_info(),
-        }
     }
 }

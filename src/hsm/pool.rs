@@ -103,14 +103,39 @@ fn next_estimate(old: u64, sample: u64) -> u64 {
 /// How many times the current estimate one sample may count for.
 const OUTLIER_CAP: u64 = 4;
 
-/// Whether a call teaches the pool's service-time estimate.
+/// What a pooled call does: labels its stage timings and its log lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Learn {
-    /// A request's call (Encrypt, Decrypt): the work admission predicts.
-    Yes,
-    /// A health check or a key lookup: first calls log in, copy keys or search the
-    /// token and take far longer than the requests queued behind them will.
-    No,
+pub(crate) enum Call {
+    /// A request's encryption.
+    Encrypt,
+    /// A request's decryption.
+    Decrypt,
+    /// A request's key metadata, read fresh.
+    GetKeyMetadata,
+    /// A lookup of a key's current version.
+    KeyVersion,
+    /// The health monitor's check.
+    HealthCheck,
+}
+
+impl Call {
+    /// The label.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Encrypt => "Encrypt",
+            Self::Decrypt => "Decrypt",
+            Self::GetKeyMetadata => "GetKeyMetadata",
+            Self::KeyVersion => "KeyVersion",
+            Self::HealthCheck => "HealthCheck",
+        }
+    }
+
+    /// Whether the call's time is a sample of the service time requests wait for:
+    /// first control calls log in, copy keys or search the token and take far longer
+    /// than the requests queued behind them will.
+    fn teaches(self) -> bool {
+        matches!(self, Self::Encrypt | Self::Decrypt)
+    }
 }
 
 /// A bounded pool of sessions `S`.
@@ -273,36 +298,16 @@ impl<S: Send + 'static> Pool<S> {
         Ok(place)
     }
 
-    /// Runs a request's call `f` (Encrypt, Decrypt) on a session before `deadline`, and
-    /// learns from how long it took. `operation` labels the stage timings.
+    /// Runs `call`'s work `f` on a session before `deadline`. The time of a request's
+    /// call (Encrypt, Decrypt) teaches the service-time estimate; a control call's (a
+    /// health check, a key lookup) says nothing about the requests behind it.
     pub(crate) async fn run<T: Send + 'static>(
         &self,
-        operation: &'static str,
+        call: Call,
         deadline: Instant,
         f: impl FnOnce(&mut S) -> Result<T, HsmError> + Send + 'static,
     ) -> Result<T, HsmError> {
-        self.run_as(operation, Learn::Yes, deadline, f).await
-    }
-
-    /// Runs `f` like [`Pool::run`], but a call whose time says nothing about the
-    /// requests behind it (a health check, a key lookup) does not teach the
-    /// service-time estimate.
-    pub(crate) async fn run_control<T: Send + 'static>(
-        &self,
-        operation: &'static str,
-        deadline: Instant,
-        f: impl FnOnce(&mut S) -> Result<T, HsmError> + Send + 'static,
-    ) -> Result<T, HsmError> {
-        self.run_as(operation, Learn::No, deadline, f).await
-    }
-
-    async fn run_as<T: Send + 'static>(
-        &self,
-        operation: &'static str,
-        learn: Learn,
-        deadline: Instant,
-        f: impl FnOnce(&mut S) -> Result<T, HsmError> + Send + 'static,
-    ) -> Result<T, HsmError> {
+        let operation = call.as_str();
         let shared = &self.shared;
         let now = Instant::now();
         let Some(remaining) = deadline
@@ -358,7 +363,7 @@ impl<S: Send + 'static> Pool<S> {
             let service = started.elapsed();
             shared.busy.fetch_sub(1, Ordering::Relaxed);
             shared.metrics.pool_busy.dec();
-            if learn == Learn::Yes {
+            if call.teaches() {
                 shared.observe_service(service);
             }
             shared
@@ -498,7 +503,7 @@ mod tests {
         let task = tokio::spawn(async move {
             let deadline = Instant::now() + Duration::from_secs(10);
             let _ = pool
-                .run("Test", deadline, move |()| {
+                .run(Call::Encrypt, deadline, move |()| {
                     flag.store(true, Ordering::SeqCst);
                     std::thread::sleep(d);
                     Ok(())
@@ -519,7 +524,7 @@ mod tests {
         let flag = Arc::clone(&ran);
         let deadline = Instant::now() + Duration::from_millis(50);
         let result = pool
-            .run("Test", deadline, move |()| {
+            .run(Call::Encrypt, deadline, move |()| {
                 flag.store(true, Ordering::SeqCst);
                 Ok(())
             })
@@ -531,7 +536,7 @@ mod tests {
         // given back yet (that happens just after the answer): up to three waves,
         // 900 ms, must fit the deadline, or admission refuses this call.
         pool.run(
-            "Test",
+            Call::Encrypt,
             Instant::now() + Duration::from_secs(5),
             sleeper(Duration::ZERO),
         )
@@ -551,7 +556,7 @@ mod tests {
         let pool = pool(1, 1, Duration::from_secs(10));
         // Teach the pool that a call takes about 100 ms.
         pool.run(
-            "Test",
+            Call::Encrypt,
             Instant::now() + Duration::from_secs(1),
             sleeper(Duration::from_millis(100)),
         )
@@ -562,7 +567,7 @@ mod tests {
         let before = Instant::now();
         let result = pool
             .run(
-                "Test",
+                Call::Encrypt,
                 before + Duration::from_millis(150),
                 sleeper(Duration::ZERO),
             )
@@ -577,7 +582,7 @@ mod tests {
             let pool = Arc::clone(&pool);
             tokio::spawn(async move {
                 pool.run(
-                    "Test",
+                    Call::Encrypt,
                     Instant::now() + Duration::from_secs(5),
                     sleeper(Duration::ZERO),
                 )
@@ -589,7 +594,7 @@ mod tests {
         }
         let result = pool
             .run(
-                "Test",
+                Call::Encrypt,
                 Instant::now() + Duration::from_secs(5),
                 sleeper(Duration::ZERO),
             )
@@ -606,7 +611,7 @@ mod tests {
         let calls: Vec<_> = (0..count)
             .map(|_| {
                 let pool = Arc::clone(pool);
-                tokio::spawn(async move { pool.run("Test", deadline, sleeper(each)).await })
+                tokio::spawn(async move { pool.run(Call::Encrypt, deadline, sleeper(each)).await })
             })
             .collect();
         let mut refused = 0;
@@ -641,7 +646,7 @@ mod tests {
         let quick = Duration::from_millis(1);
         for _ in 0..16 {
             pool.run(
-                "Test",
+                Call::Encrypt,
                 Instant::now() + Duration::from_secs(1),
                 sleeper(quick),
             )
@@ -650,7 +655,7 @@ mod tests {
         }
         // One call stalls for longer than a request's whole budget.
         pool.run(
-            "Test",
+            Call::Encrypt,
             Instant::now() + Duration::from_secs(5),
             sleeper(Duration::from_millis(600)),
         )
@@ -667,8 +672,8 @@ mod tests {
         let pool = pool(1, 64, Duration::from_secs(10));
         // A first health check that logs in and copies keys: slow, and not what
         // requests will take.
-        pool.run_control(
-            "HealthCheck",
+        pool.run(
+            Call::HealthCheck,
             Instant::now() + Duration::from_secs(5),
             sleeper(Duration::from_millis(600)),
         )
@@ -707,14 +712,18 @@ mod tests {
             // A control call, so that the service-time estimate stays empty and the
             // request below is not shed before its call for lack of time.
             tokio::spawn(async move {
-                pool.run_control("Test", deadline, sleeper(Duration::from_millis(300)))
-                    .await
+                pool.run(
+                    Call::HealthCheck,
+                    deadline,
+                    sleeper(Duration::from_millis(300)),
+                )
+                .await
             })
         };
         // A request with 400 ms left whose call would take 600 ms.
         let slow_request = || {
-            pool.run_control(
-                "Test",
+            pool.run(
+                Call::HealthCheck,
                 Instant::now() + Duration::from_millis(400),
                 sleeper(Duration::from_millis(600)),
             )
@@ -742,7 +751,7 @@ mod tests {
         let before = Instant::now();
         let result = pool
             .run(
-                "Test",
+                Call::Encrypt,
                 before + Duration::from_secs(5),
                 sleeper(Duration::from_millis(400)),
             )
@@ -756,7 +765,7 @@ mod tests {
         );
         // The other session serves.
         pool.run(
-            "Test",
+            Call::Encrypt,
             Instant::now() + Duration::from_secs(1),
             sleeper(Duration::ZERO),
         )

@@ -18,6 +18,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, LogNormal, Normal};
 
 use super::pool::{Pool, PoolSettings};
+use super::pooled::SessionOps;
 use super::software::{SoftwareBackend, SoftwareKeySpec};
 use super::{health_round_trip, EkmInfo, HsmError, KeyMetadata, Plaintext, Sealed};
 use crate::metrics::Metrics;
@@ -96,7 +97,7 @@ pub struct SimulatedSettings {
 }
 
 /// One simulated session.
-struct Worker {
+pub(crate) struct Worker {
     keys: Arc<SoftwareBackend>,
     sampler: Sampler,
     key_latency: Arc<HashMap<String, Duration>>,
@@ -118,6 +119,41 @@ impl Worker {
     }
 }
 
+impl SessionOps for Worker {
+    fn encrypt(&mut self, key_id: &str, plaintext: &[u8], aad: &[u8]) -> Result<Sealed, HsmError> {
+        self.serve(key_id);
+        self.keys.encrypt(key_id, plaintext, aad)
+    }
+
+    fn decrypt(
+        &mut self,
+        key_id: &str,
+        sealed: &Sealed,
+        aad: &[u8],
+    ) -> Result<Plaintext, HsmError> {
+        self.serve(key_id);
+        self.keys.decrypt(key_id, sealed, aad)
+    }
+
+    fn key_metadata(&mut self, key_id: &str) -> Result<KeyMetadata, HsmError> {
+        self.serve(key_id);
+        self.keys.key_metadata(key_id)
+    }
+
+    fn health_check(&mut self, key_id: Option<&str>) -> Result<(), HsmError> {
+        self.serve(key_id.unwrap_or_default());
+        let Some(key_id) = key_id else {
+            return Ok(());
+        };
+        let keys = &self.keys;
+        health_round_trip(
+            &mut (),
+            |(), p| keys.encrypt(key_id, p, b""),
+            |(), s| keys.decrypt(key_id, s, b""),
+        )
+    }
+}
+
 /// The simulated HSM backend.
 pub struct SimulatedBackend {
     pool: Pool<Worker>,
@@ -134,11 +170,6 @@ impl fmt::Debug for SimulatedBackend {
 }
 
 impl SimulatedBackend {
-    /// Requests admitted and not finished, and the most the pool admits.
-    pub fn load(&self) -> (usize, usize) {
-        self.pool.load()
-    }
-
     /// Builds the keys and starts `parallelism` session threads.
     pub fn start(settings: SimulatedSettings, metrics: Arc<Metrics>) -> Result<Self, HsmError> {
         let keys = Arc::new(SoftwareBackend::new(settings.keys)?);
@@ -172,81 +203,9 @@ impl SimulatedBackend {
         })
     }
 
-    /// AES-GCM encryption after the simulated service time.
-    pub async fn encrypt(
-        &self,
-        key_id: &str,
-        plaintext: Plaintext,
-        aad: Vec<u8>,
-        deadline: Instant,
-    ) -> Result<Sealed, HsmError> {
-        let key_id = key_id.to_owned();
-        self.pool
-            .run("Encrypt", deadline, move |w| {
-                w.serve(&key_id);
-                w.keys.encrypt(&key_id, &plaintext, &aad)
-            })
-            .await
-    }
-
-    /// AES-GCM decryption after the simulated service time.
-    pub async fn decrypt(
-        &self,
-        key_id: &str,
-        sealed: Sealed,
-        aad: Vec<u8>,
-        deadline: Instant,
-    ) -> Result<Plaintext, HsmError> {
-        let key_id = key_id.to_owned();
-        self.pool
-            .run("Decrypt", deadline, move |w| {
-                w.serve(&key_id);
-                w.keys.decrypt(&key_id, &sealed, &aad)
-            })
-            .await
-    }
-
-    /// Key metadata after the simulated service time.
-    pub async fn key_metadata(
-        &self,
-        key_id: &str,
-        deadline: Instant,
-    ) -> Result<KeyMetadata, HsmError> {
-        let key_id = key_id.to_owned();
-        self.pool
-            .run_control("GetKeyMetadata", deadline, move |w| {
-                w.serve(&key_id);
-                w.keys.key_metadata(&key_id)
-            })
-            .await
-    }
-
-    /// Encrypt and decrypt with `key_id` in one trip to a session.
-    /// Without a key, a session round trip at the modelled service time.
-    pub async fn health_check(
-        &self,
-        key_id: Option<&str>,
-        deadline: Instant,
-    ) -> Result<(), HsmError> {
-        let Some(key_id) = key_id.map(str::to_owned) else {
-            return self
-                .pool
-                .run_control("HealthCheck", deadline, |w| {
-                    w.serve("");
-                    Ok(())
-                })
-                .await;
-        };
-        self.pool
-            .run_control("HealthCheck", deadline, move |w| {
-                w.serve(&key_id);
-                health_round_trip(
-                    w,
-                    |w, p| w.keys.encrypt(&key_id, p, b""),
-                    |w, s| w.keys.decrypt(&key_id, s, b""),
-                )
-            })
-            .await
+    /// The session pool, which runs the operations (see [`super::pooled`]).
+    pub(crate) fn sessions(&self) -> &Pool<Worker> {
+        &self.pool
     }
 
     /// The keys, for tests that check results independently.

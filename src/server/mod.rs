@@ -43,12 +43,8 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
 use crate::auth::ReplayCache;
-use crate::config::{BackendConfig, Config, Limits};
+use crate::config::{Config, Limits};
 use crate::health::HealthMonitor;
-use crate::hsm::fleet::Fleet;
-use crate::hsm::pkcs11::Pkcs11Backend;
-use crate::hsm::simulated::SimulatedBackend;
-use crate::hsm::software::SoftwareBackend;
 use crate::hsm::{Backend, HsmError};
 use crate::metrics::{HandshakeLabels, Metrics};
 use crate::xks::{Handler, HealthInfo};
@@ -78,24 +74,6 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
-}
-
-/// Builds the backend a configuration asks for.
-pub fn backend(config: &BackendConfig, metrics: &Arc<Metrics>) -> Result<Backend, HsmError> {
-    let metrics = Arc::clone(metrics);
-    Ok(match config {
-        BackendConfig::Pkcs11(ekms) => Backend::Fleet(Fleet::new(
-            ekms.iter()
-                .map(|settings| {
-                    Pkcs11Backend::connect(settings, Arc::clone(&metrics)).map(Backend::Pkcs11)
-                })
-                .collect::<Result<_, _>>()?,
-        )?),
-        BackendConfig::Software(keys) => Backend::Software(SoftwareBackend::new(keys.clone())?),
-        BackendConfig::Simulated(settings) => {
-            Backend::Simulated(SimulatedBackend::start(settings.clone(), metrics)?)
-        }
-    })
 }
 
 /// Everything the service needs, shared by all connections.

@@ -61,7 +61,6 @@ pub(crate) fn get_health_status<'a>(
             .as_deref()
             .unwrap_or(&monitor.backend().ekm_info().vendor),
         ekm_fleet_details: ekms
-            .iter()
             .zip(statuses)
             .map(|(ekm, health)| EkmDetails {
                 id: &ekm.ekm_info().id,

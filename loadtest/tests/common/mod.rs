@@ -46,7 +46,7 @@ impl Proxy {
     pub fn serve(config: &Path) -> Self {
         let config_value = Config::load(config).unwrap();
         let metrics = Metrics::new(config_value.limits.request_deadline);
-        let backend = server::backend(&config_value.backend, &metrics).unwrap();
+        let backend = xks_proxy::hsm::Backend::build(&config_value.backend, &metrics).unwrap();
         let listen = config_value.listen;
         let admin = config_value.admin_listen;
         let app = server::app(config_value, backend, metrics).unwrap();

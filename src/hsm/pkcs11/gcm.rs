@@ -121,7 +121,7 @@ impl Worker {
         }
     }
 
-    pub(super) fn encrypt(
+    pub(super) fn seal(
         &mut self,
         key_id: &str,
         plaintext: &[u8],
@@ -163,7 +163,7 @@ impl Worker {
         split_gcm_output(iv_source, plaintext.len(), output, iv)
     }
 
-    pub(super) fn decrypt(
+    pub(super) fn open(
         &mut self,
         key_id: &str,
         sealed: &Sealed,

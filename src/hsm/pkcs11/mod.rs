@@ -49,7 +49,8 @@ use cryptoki::types::AuthPin;
 use parking_lot::RwLock;
 
 use self::{errors::*, gcm::*, module::*, worker::*};
-use crate::hsm::pool::{Pool, PoolSettings};
+use crate::hsm::pool::{Call, Pool, PoolSettings};
+use crate::hsm::pooled::SessionOps;
 use crate::hsm::{health_round_trip, EkmInfo, HsmError, KeyMetadata, Plaintext, Sealed};
 use crate::metrics::Metrics;
 
@@ -175,10 +176,9 @@ impl Pkcs11Backend {
         self.shared.module.generation()
     }
 
-    /// Requests admitted and not finished (queued or running), and how many the pool
-    /// takes in all: the EKM's free capacity is the difference.
-    pub fn load(&self) -> (usize, usize) {
-        self.pool.load()
+    /// The session pool, which runs the operations (see [`super::pooled`]).
+    pub(crate) fn sessions(&self) -> &Pool<Worker> {
+        &self.pool
     }
 
     /// The key's current version (see [`super::version_label`]), cached for
@@ -192,7 +192,7 @@ impl Pkcs11Backend {
         let id = key_id.to_owned();
         let version = self
             .pool
-            .run_control("KeyVersion", deadline, move |w| {
+            .run(Call::KeyVersion, deadline, move |w| {
                 w.call(|s| current_version(s, &id), Function::FindObjects)
             })
             .await?;
@@ -200,92 +200,6 @@ impl Pkcs11Backend {
             .write()
             .insert(key_id.to_owned(), (version, Instant::now()));
         Ok(version)
-    }
-
-    /// AES-256-GCM encryption in the HSM.
-    pub async fn encrypt(
-        &self,
-        key_id: &str,
-        plaintext: Plaintext,
-        aad: Vec<u8>,
-        deadline: Instant,
-    ) -> Result<Sealed, HsmError> {
-        let key_id = key_id.to_owned();
-        self.pool
-            .run("Encrypt", deadline, move |w| {
-                w.encrypt(&key_id, &plaintext, &aad)
-            })
-            .await
-    }
-
-    /// AES-256-GCM decryption in the HSM.
-    pub async fn decrypt(
-        &self,
-        key_id: &str,
-        sealed: Sealed,
-        aad: Vec<u8>,
-        deadline: Instant,
-    ) -> Result<Plaintext, HsmError> {
-        let key_id = key_id.to_owned();
-        self.pool
-            .run("Decrypt", deadline, move |w| {
-                w.decrypt(&key_id, &sealed, &aad)
-            })
-            .await
-    }
-
-    /// The key's attributes, read fresh from the HSM (GetKeyMetadata is rare and must
-    /// reflect the key as it is now).
-    pub async fn key_metadata(
-        &self,
-        key_id: &str,
-        deadline: Instant,
-    ) -> Result<KeyMetadata, HsmError> {
-        let key_id = key_id.to_owned();
-        self.pool
-            .run_control("GetKeyMetadata", deadline, move |w| {
-                w.fresh_metadata(&key_id)
-            })
-            .await
-    }
-
-    /// A deep check in one trip to a session: the key read from the token itself
-    /// (session copies and cached handles can go on working for a while after the
-    /// token is gone), then an encrypt and decrypt with it.
-    pub async fn health_check(&self, key_id: &str, deadline: Instant) -> Result<(), HsmError> {
-        let key_id = key_id.to_owned();
-        self.pool
-            .run_control("HealthCheck", deadline, move |w| {
-                // With the key cached, read it from the token too; without, the
-                // round trip's own lookup reads it.
-                if w.cached(&key_id).is_some() {
-                    w.read_token_key(&key_id)?;
-                }
-                health_round_trip(
-                    w,
-                    |w, p| w.encrypt(&key_id, p, b""),
-                    |w, s| w.decrypt(&key_id, s, b""),
-                )
-            })
-            .await
-    }
-
-    /// A cheap round trip through a session thread and the token (C_GetSessionInfo),
-    /// for configurations without a health-check key; a token that held keys and now
-    /// shows no objects fails it as a lost token (see [`Shared::check_not_emptied`]).
-    pub async fn probe(&self, deadline: Instant) -> Result<(), HsmError> {
-        let shared = Arc::clone(&self.shared);
-        self.pool
-            .run_control("HealthCheck", deadline, move |w| {
-                w.call(
-                    |s| {
-                        s.get_session_info()?;
-                        shared.check_not_emptied(s, None)
-                    },
-                    Function::GetSessionInfo,
-                )
-            })
-            .await
     }
 
     /// Treats every cached key handle, attribute set and key version as due: the next
@@ -334,14 +248,58 @@ impl Pkcs11Backend {
         }
     }
 
-    /// Requests waiting for a session.
-    pub fn queued(&self) -> usize {
-        self.pool.queued()
-    }
-
     /// Facts about the token.
     pub fn ekm_info(&self) -> &EkmInfo {
         &self.info
+    }
+}
+
+impl SessionOps for Worker {
+    fn encrypt(&mut self, key_id: &str, plaintext: &[u8], aad: &[u8]) -> Result<Sealed, HsmError> {
+        self.seal(key_id, plaintext, aad)
+    }
+
+    fn decrypt(
+        &mut self,
+        key_id: &str,
+        sealed: &Sealed,
+        aad: &[u8],
+    ) -> Result<Plaintext, HsmError> {
+        self.open(key_id, sealed, aad)
+    }
+
+    /// Read fresh from the HSM: GetKeyMetadata is rare and must reflect the key as it
+    /// is now.
+    fn key_metadata(&mut self, key_id: &str) -> Result<KeyMetadata, HsmError> {
+        self.fresh_metadata(key_id)
+    }
+
+    /// With a key: the key read from the token itself (session copies and cached
+    /// handles can go on working for a while after the token is gone), then an encrypt
+    /// and decrypt with it. Without: a cheap round trip through the token
+    /// (C_GetSessionInfo); a token that held keys and now shows no objects fails it as
+    /// a lost token (see [`Shared::check_not_emptied`]).
+    fn health_check(&mut self, key_id: Option<&str>) -> Result<(), HsmError> {
+        let Some(key_id) = key_id else {
+            let shared = Arc::clone(&self.shared);
+            return self.call(
+                |s| {
+                    s.get_session_info()?;
+                    shared.check_not_emptied(s, None)
+                },
+                Function::GetSessionInfo,
+            );
+        };
+        // With the key cached, read it from the token too; without, the round trip's
+        // own lookup reads it.
+        if self.cached(key_id).is_some() {
+            self.read_token_key(key_id)?;
+        }
+        health_round_trip(
+            self,
+            |w, p| w.seal(key_id, p, b""),
+            |w, s| w.open(key_id, s, b""),
+        )
     }
 }
 

@@ -203,7 +203,7 @@ pub(super) struct OpenSession {
 }
 
 /// A session thread's state.
-pub(super) struct Worker {
+pub(crate) struct Worker {
     pub(super) shared: Arc<Shared>,
     pub(super) session: Option<OpenSession>,
     pub(super) ivs: IvBatch,
