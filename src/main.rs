@@ -11,8 +11,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use xks_proxy::affinity;
-use xks_proxy::config::{BackendConfig, Config};
-use xks_proxy::hsm::pkcs11::{self, NewKeyUsage};
+use xks_proxy::config::Config;
+use xks_proxy::hsm::pkcs11::{self, KeyAction, NewKeyUsage};
 use xks_proxy::hsm::Backend;
 use xks_proxy::logging::LogWriter;
 use xks_proxy::metrics::Metrics;
@@ -369,100 +369,34 @@ fn credentials(action: CredentialsCommand) -> Result<(), Error> {
 }
 
 fn keys(action: KeysCommand) -> Result<(), Error> {
-    let config_path = match &action {
-        KeysCommand::Create { config, .. }
-        | KeysCommand::List { config }
-        | KeysCommand::Disable { config, .. }
-        | KeysCommand::Enable { config, .. }
-        | KeysCommand::Rotate { config, .. }
-        | KeysCommand::Destroy { config, .. } => config,
-    };
-    let config = Config::load(config_path)?;
-    apply_environment(&config.environment);
-    let BackendConfig::Pkcs11(ekms) = &config.backend else {
-        return Err(
-            "`keys` manages keys on a PKCS#11 token; this configuration uses the software backend"
-                .into(),
-        );
-    };
-    // HSM clusters replicate keys among their members; on tokens that do not, run the
-    // command against each token's configuration.
-    let settings = &ekms[0];
-    if ekms.len() > 1 {
-        eprintln!(
-            "note: acting on the first of {} EKMs ({}); an HSM cluster replicates the change to the others",
-            ekms.len(),
-            settings.token
-        );
-    }
-    let (_pkcs11, _slot, session) =
-        pkcs11::open_token(&settings.module, &settings.token, &settings.pin)?;
-    match action {
+    let (config_path, action) = match action {
         KeysCommand::Create {
+            config,
             id,
             encrypt_only,
             decrypt_only,
             no_usage,
-            ..
         } => {
-            if !xks_proxy::router::is_valid_key_id(&id) {
-                return Err(
-                    "an external key id is 1 to 128 characters of A-Z, a-z, 0-9, '-', '.' and '_'"
-                        .into(),
-                );
-            }
             let usage = NewKeyUsage {
                 encrypt: !no_usage && !decrypt_only,
                 decrypt: !no_usage && !encrypt_only,
             };
-            match pkcs11::create_key(&session, &id, usage) {
-                Err(xks_proxy::hsm::HsmError::AmbiguousKey) => {
-                    return Err(format!("a key labelled {id:?} exists already").into())
-                }
-                other => other?,
-            }
-            println!(
-                "created {id} (AES-256, encrypt={}, decrypt={})",
-                usage.encrypt, usage.decrypt
-            );
+            (config, KeyAction::Create { id, usage })
         }
-        KeysCommand::List { .. } => {
-            for (label, metadata) in pkcs11::list_keys(&session)? {
-                let usages: Vec<_> = metadata.usages.iter().map(|u| u.as_str()).collect();
-                println!(
-                    "{label}\t{}\t{}\t{}",
-                    metadata.key_spec,
-                    if metadata.enabled {
-                        "ENABLED"
-                    } else {
-                        "DISABLED"
-                    },
-                    usages.join(",")
-                );
-            }
-        }
-        KeysCommand::Disable { id, .. } => {
-            pkcs11::set_key_enabled(&session, &id, false)?;
-            println!("disabled {id}");
-        }
-        KeysCommand::Enable { id, .. } => {
-            pkcs11::set_key_enabled(&session, &id, true)?;
-            println!("enabled {id}");
-        }
-        KeysCommand::Rotate { id, .. } => {
-            let version = pkcs11::rotate_key(&session, &id).map_err(|e| match e {
-                xks_proxy::hsm::HsmError::KeyNotFound => format!("no key labelled {id:?}"),
-                other => other.to_string(),
-            })?;
-            println!(
-                "rotated {id}: version {version} ({}) is current",
-                xks_proxy::hsm::version_label(&id, version)
-            );
-        }
-        KeysCommand::Destroy { id, .. } => {
-            pkcs11::destroy_key(&session, &id)?;
-            println!("destroyed {id}");
-        }
+        KeysCommand::List { config } => (config, KeyAction::List),
+        KeysCommand::Disable { config, id } => (config, KeyAction::Disable(id)),
+        KeysCommand::Enable { config, id } => (config, KeyAction::Enable(id)),
+        KeysCommand::Rotate { config, id } => (config, KeyAction::Rotate(id)),
+        KeysCommand::Destroy { config, id, .. } => (config, KeyAction::Destroy(id)),
+    };
+    let config = Config::load(&config_path)?;
+    apply_environment(&config.environment);
+    let report = pkcs11::administer(&config.backend, action)?;
+    if let Some(note) = report.note {
+        eprintln!("note: {note}");
+    }
+    for line in report.lines {
+        println!("{line}");
     }
     Ok(())
 }

@@ -153,3 +153,138 @@ pub fn set_key_enabled(session: &Session, key_id: &str, enabled: bool) -> Result
     }
     Ok(())
 }
+
+/// One `xks-proxy keys` action on an external key id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyAction {
+    /// Create an AES-256 key with these usages.
+    Create {
+        /// External key id.
+        id: String,
+        /// Usages.
+        usage: NewKeyUsage,
+    },
+    /// List the token's secret keys.
+    List,
+    /// Mark the key disabled (every version).
+    Disable(String),
+    /// Remove the disabled marker.
+    Enable(String),
+    /// Create the next version.
+    Rotate(String),
+    /// Destroy the key (every version).
+    Destroy(String),
+}
+
+/// Why a key action could not be done, in words for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyAdminError {
+    /// The configuration's backend has no token.
+    #[error("`keys` manages keys on a PKCS#11 token; this configuration uses the {0} backend")]
+    NoToken(&'static str),
+    /// Not an external key id the API could name.
+    #[error("an external key id is 1 to 128 characters of A-Z, a-z, 0-9, '-', '.' and '_'")]
+    InvalidId,
+    /// Create found the label taken.
+    #[error("a key labelled {0:?} exists already")]
+    Exists(String),
+    /// Rotate found no key.
+    #[error("no key labelled {0:?}")]
+    NotFound(String),
+    /// The token refused or failed.
+    #[error(transparent)]
+    Hsm(#[from] HsmError),
+}
+
+/// What a key action reports: lines for standard output, and a note for standard error.
+#[derive(Debug, Default)]
+pub struct KeyReport {
+    /// Which EKM was acted on, when the configuration has several.
+    pub note: Option<String>,
+    /// The result, a line each.
+    pub lines: Vec<String>,
+}
+
+/// Does `action` on the first EKM of `backend`. HSM clusters replicate keys among their
+/// members; on tokens that do not, run the command against each token's configuration.
+pub fn administer(
+    backend: &crate::hsm::BackendConfig,
+    action: KeyAction,
+) -> Result<KeyReport, KeyAdminError> {
+    let ekms = match backend {
+        crate::hsm::BackendConfig::Pkcs11(ekms) => ekms,
+        crate::hsm::BackendConfig::Software(_) => return Err(KeyAdminError::NoToken("software")),
+        crate::hsm::BackendConfig::Simulated(_) => return Err(KeyAdminError::NoToken("simulated")),
+    };
+    let settings = &ekms[0];
+    let mut report = KeyReport {
+        note: (ekms.len() > 1).then(|| {
+            format!(
+                "acting on the first of {} EKMs ({}); an HSM cluster replicates the change to the others",
+                ekms.len(),
+                settings.token
+            )
+        }),
+        lines: Vec::new(),
+    };
+    let (_pkcs11, _slot, session) =
+        super::open_token(&settings.module, &settings.token, &settings.pin)?;
+    let line = match action {
+        KeyAction::Create { id, usage } => {
+            if !crate::router::is_valid_key_id(&id) {
+                return Err(KeyAdminError::InvalidId);
+            }
+            match create_key(&session, &id, usage) {
+                Err(HsmError::AmbiguousKey) => return Err(KeyAdminError::Exists(id)),
+                other => other?,
+            }
+            format!(
+                "created {id} (AES-256, encrypt={}, decrypt={})",
+                usage.encrypt, usage.decrypt
+            )
+        }
+        KeyAction::List => {
+            report.lines = list_keys(&session)?
+                .into_iter()
+                .map(|(label, metadata)| {
+                    let usages: Vec<_> = metadata.usages.iter().map(|u| u.as_str()).collect();
+                    let state = if metadata.enabled {
+                        "ENABLED"
+                    } else {
+                        "DISABLED"
+                    };
+                    format!(
+                        "{label}\t{}\t{state}\t{}",
+                        metadata.key_spec,
+                        usages.join(",")
+                    )
+                })
+                .collect();
+            return Ok(report);
+        }
+        KeyAction::Disable(id) => {
+            set_key_enabled(&session, &id, false)?;
+            format!("disabled {id}")
+        }
+        KeyAction::Enable(id) => {
+            set_key_enabled(&session, &id, true)?;
+            format!("enabled {id}")
+        }
+        KeyAction::Rotate(id) => {
+            let version = match rotate_key(&session, &id) {
+                Err(HsmError::KeyNotFound) => return Err(KeyAdminError::NotFound(id)),
+                other => other?,
+            };
+            format!(
+                "rotated {id}: version {version} ({}) is current",
+                crate::hsm::version_label(&id, version)
+            )
+        }
+        KeyAction::Destroy(id) => {
+            destroy_key(&session, &id)?;
+            format!("destroyed {id}")
+        }
+    };
+    report.lines.push(line);
+    Ok(report)
+}

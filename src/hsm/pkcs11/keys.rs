@@ -1,12 +1,15 @@
-//! The key cache: handles and attributes by external key id, re-read when due, and
-//! session copies of keys retired only when no call can still use them.
+//! The key cache ([`KeyCache`]): handles and attributes by external key id, re-read when
+//! due, and session copies of keys retired only when no call can still use them; and
+//! the session's key lookups that fill it.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cryptoki::context::Function;
 use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
+use foldhash::{HashMap, HashMapExt};
+use parking_lot::{Mutex, MutexGuard, RwLock};
 
 use super::{objects::*, worker::*};
 use crate::hsm::{HsmError, KeyMetadata};
@@ -35,16 +38,142 @@ pub(super) enum Age {
     Stale,
 }
 
-impl Shared {
-    /// Makes every cached key entry too old to use: the next use looks the key up (and
+/// The key cache of one EKM, shared by its session threads (PKCS#11 handles belong to
+/// the application, not to a session): handles and attributes by external key id,
+/// key versions, session copies waiting to be destroyed, and the lock that makes key
+/// lookups one at a time.
+pub(super) struct KeyCache {
+    /// How long an entry is used without re-reading the token.
+    refresh: Duration,
+    entries: RwLock<HashMap<String, CachedKey>>,
+    /// Current version per external key, and when it was read.
+    versions: RwLock<HashMap<String, (u32, Instant)>>,
+    /// Replaced session copies of keys (handle, module generation, when replaced),
+    /// destroyed once no call can still use them.
+    retired: Mutex<Vec<(ObjectHandle, u64, Instant)>>,
+    /// Held while a key is looked up in the token.
+    lookup: Mutex<()>,
+    /// Set once the token has shown this process a key: a token that shows no objects
+    /// after that is not the token it was (see [`Shared::check_not_emptied`]).
+    seen: AtomicBool,
+}
+
+impl KeyCache {
+    pub(super) fn new(refresh: Duration) -> Self {
+        Self {
+            refresh,
+            entries: RwLock::new(HashMap::new()),
+            versions: RwLock::new(HashMap::new()),
+            retired: Mutex::new(Vec::new()),
+            lookup: Mutex::new(()),
+            seen: AtomicBool::new(false),
+        }
+    }
+
+    /// The entry of module generation `generation`, and whether it is due to be
+    /// re-read. An entry more than twice the refresh time old is not used at all.
+    pub(super) fn entry(&self, key_id: &str, generation: u64) -> Option<(CachedKey, Age)> {
+        let entries = self.entries.read();
+        let key = entries
+            .get(key_id)
+            .filter(|key| key.generation == generation)?;
+        let age = key.read_at.elapsed();
+        if age < self.refresh {
+            Some((key.clone(), Age::Fresh))
+        } else if age < self.refresh.saturating_mul(2) {
+            Some((key.clone(), Age::Stale))
+        } else {
+            None
+        }
+    }
+
+    /// Caches `key`; returns the entry it replaces.
+    pub(super) fn insert(&self, key_id: &str, key: CachedKey) -> Option<CachedKey> {
+        self.entries.write().insert(key_id.to_owned(), key)
+    }
+
+    /// Removes the entry unless `keep` says it still holds; returns what was removed.
+    pub(super) fn remove_unless(
+        &self,
+        key_id: &str,
+        keep: impl FnOnce(&CachedKey) -> bool,
+    ) -> Option<CachedKey> {
+        let mut entries = self.entries.write();
+        if entries.get(key_id).is_some_and(keep) {
+            None
+        } else {
+            entries.remove(key_id)
+        }
+    }
+
+    /// Forgets the key copies made in session `serial`, which is going or gone and has
+    /// taken them with it. They are not destroyed: their handles are dead.
+    pub(super) fn forget_copies_of(&self, serial: u64) {
+        self.entries
+            .write()
+            .retain(|_, key| key.owner != Some(serial));
+    }
+
+    /// Makes every entry and version too old to use: the next use reads the token (and
     /// retires its session copy as any replaced entry's).
-    pub(super) fn expire_keys(&self) {
+    pub(super) fn expire(&self) {
+        self.versions.write().clear();
         let long_ago = Instant::now()
-            .checked_sub(self.key_refresh.saturating_mul(2))
+            .checked_sub(self.refresh.saturating_mul(2))
             .unwrap_or_else(Instant::now);
-        for key in self.keys.write().values_mut() {
+        for key in self.entries.write().values_mut() {
             key.read_at = key.read_at.min(long_ago);
         }
+    }
+
+    /// The key's current version, while fresh.
+    pub(super) fn version(&self, key_id: &str) -> Option<u32> {
+        let versions = self.versions.read();
+        let (version, read_at) = versions.get(key_id)?;
+        (read_at.elapsed() < self.refresh).then_some(*version)
+    }
+
+    pub(super) fn set_version(&self, key_id: &str, version: u32) {
+        self.versions
+            .write()
+            .insert(key_id.to_owned(), (version, Instant::now()));
+    }
+
+    /// Retires a replaced session copy; returns the copies of module generation
+    /// `generation` now past [`RETIRE_GRACE`], for the caller to destroy. Older
+    /// generations' handles may be someone else's now: they are dropped, never
+    /// destroyed.
+    pub(super) fn retire(&self, old: &CachedKey, generation: u64) -> Vec<ObjectHandle> {
+        let mut retired = self.retired.lock();
+        retired.push((old.handle, old.generation, Instant::now()));
+        let (due, keep): (Vec<_>, Vec<_>) = retired
+            .drain(..)
+            .partition(|(_, _, at)| at.elapsed() >= RETIRE_GRACE);
+        *retired = keep;
+        due.into_iter()
+            .filter(|(_, g, _)| *g == generation)
+            .map(|(handle, _, _)| handle)
+            .collect()
+    }
+
+    /// Waits for the lookup lock.
+    pub(super) fn lookup(&self) -> MutexGuard<'_, ()> {
+        self.lookup.lock()
+    }
+
+    /// The lookup lock, if no other session holds it.
+    pub(super) fn try_lookup(&self) -> Option<MutexGuard<'_, ()>> {
+        self.lookup.try_lock()
+    }
+
+    /// Notes that the token has shown a key.
+    pub(super) fn note_seen(&self) {
+        self.seen.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the token has ever shown this process a key.
+    pub(super) fn seen(&self) -> bool {
+        self.seen.load(Ordering::Relaxed)
     }
 }
 
@@ -54,7 +183,7 @@ pub(super) const RETIRE_GRACE: Duration = Duration::from_secs(30);
 
 impl Worker {
     pub(super) fn forget(&mut self, key_id: &str) {
-        let old = self.shared.keys.write().remove(key_id);
+        let old = self.shared.keys.remove_unless(key_id, |_| false);
         self.discard(old);
     }
 
@@ -65,28 +194,19 @@ impl Worker {
         let Some(old) = old.filter(|k| k.owner.is_some()) else {
             return;
         };
-        let due: Vec<_> = {
-            let mut retired = self.shared.retired.lock();
-            retired.push((old.handle, old.generation, Instant::now()));
-            let (due, keep) = retired
-                .drain(..)
-                .partition(|(_, _, at)| at.elapsed() >= RETIRE_GRACE);
-            *retired = keep;
-            due
-        };
+        let module = Arc::clone(&self.shared.module);
+        let generation = module.generation();
+        let due = self.shared.keys.retire(&old, generation);
         if due.is_empty() {
             return;
         }
-        let module = Arc::clone(&self.shared.module);
         let Ok(guard) = module.enter(None) else {
             return;
         };
-        let generation = module.generation();
         let Some(open) = self.session.as_ref().filter(|o| o.generation == generation) else {
             return;
         };
-        // Handles of an older generation may be someone else's now: never destroy them.
-        for (handle, _, _) in due.into_iter().filter(|(_, g, _)| *g == generation) {
+        for handle in due {
             if let Err(e) = open.session.destroy_object(handle) {
                 tracing::debug!(error = %e, "could not destroy a session copy of a key");
             }
@@ -111,11 +231,11 @@ impl Worker {
             // more on SoftHSM2), the others go on with the entry they have instead of
             // queueing behind the lookup. The replaced copy outlives them
             // (RETIRE_GRACE).
-            Some(key) => match shared.lookup.try_lock() {
+            Some(key) => match shared.keys.try_lookup() {
                 Some(guard) => guard,
                 None => return Ok(key),
             },
-            None => shared.lookup.lock(),
+            None => shared.keys.lookup(),
         };
         if let Some(key) = self.cached(key_id) {
             return Ok(key);
@@ -125,11 +245,7 @@ impl Worker {
             self.forget(key_id);
         }
         let key = found?;
-        let old = self
-            .shared
-            .keys
-            .write()
-            .insert(key_id.to_owned(), key.clone());
+        let old = self.shared.keys.insert(key_id, key.clone());
         self.discard(old);
         Ok(key)
     }
@@ -144,19 +260,9 @@ impl Worker {
     /// The cached entry of the module's current generation, and whether it is due to be
     /// re-read. An entry more than twice `key_refresh` old is not used at all.
     pub(super) fn cached_entry(&self, key_id: &str) -> Option<(CachedKey, Age)> {
-        let keys = self.shared.keys.read();
-        let key = keys
-            .get(key_id)
-            .filter(|key| key.generation == self.shared.module.generation())?;
-        let age = key.read_at.elapsed();
-        let refresh = self.shared.key_refresh;
-        if age < refresh {
-            Some((key.clone(), Age::Fresh))
-        } else if age < refresh.saturating_mul(2) {
-            Some((key.clone(), Age::Stale))
-        } else {
-            None
-        }
+        self.shared
+            .keys
+            .entry(key_id, self.shared.module.generation())
     }
 
     /// The key's token object and its metadata as the token holds them now.
@@ -190,7 +296,7 @@ impl Worker {
             [] => return Err(HsmError::KeyNotFound),
             _ => return Err(HsmError::AmbiguousKey),
         };
-        self.shared.keys_seen.store(true, Ordering::Relaxed);
+        self.shared.keys.note_seen();
         let attributes = self.call(
             |s| s.get_attributes(handle, &KEY_ATTRIBUTES),
             Function::GetAttributeValue,
@@ -212,7 +318,7 @@ impl Worker {
         // Under the lookup lock, like [`Self::key`]: a search while another session
         // copies the key can see the copy as a second key with the label.
         let shared = Arc::clone(&self.shared);
-        let _lookup = shared.lookup.lock();
+        let _lookup = shared.keys.lookup();
         let generation = self.shared.module.generation();
         let (source, metadata) = match self.read_token_key(key_id) {
             Ok(read) => read,
@@ -223,17 +329,9 @@ impl Worker {
                 return Err(e);
             }
         };
-        let stale = {
-            let mut keys = self.shared.keys.write();
-            let matches = keys.get(key_id).is_some_and(|k| {
-                k.source == source && k.generation == generation && k.metadata == metadata
-            });
-            if matches {
-                None
-            } else {
-                keys.remove(key_id)
-            }
-        };
+        let stale = self.shared.keys.remove_unless(key_id, |k| {
+            k.source == source && k.generation == generation && k.metadata == metadata
+        });
         self.discard(stale);
         Ok(metadata)
     }

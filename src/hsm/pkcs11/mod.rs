@@ -31,24 +31,25 @@ mod objects;
 mod settings;
 mod worker;
 
-pub use admin::{create_key, destroy_key, list_keys, rotate_key, set_key_enabled, NewKeyUsage};
+pub use admin::{
+    administer, create_key, destroy_key, list_keys, rotate_key, set_key_enabled, KeyAction,
+    KeyAdminError, KeyReport, NewKeyUsage,
+};
 pub use gcm::IV_BATCH;
 pub(crate) use module::initialize;
 pub use module::open_token;
 pub use objects::{current_version, DISABLED_MARKER_APPLICATION};
 pub use settings::{IvSource, Pkcs11Settings, TokenSelector, APPENDED_IV_LEN};
 
-use foldhash::{HashMap, HashMapExt};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use cryptoki::context::Function;
 use cryptoki::types::AuthPin;
-use parking_lot::RwLock;
 
-use self::{errors::*, gcm::*, module::*, worker::*};
+use self::{errors::*, gcm::*, keys::KeyCache, module::*, worker::*};
 use crate::hsm::pool::{Call, Pool, PoolSettings};
 use crate::hsm::pooled::SessionOps;
 use crate::hsm::{health_round_trip, EkmInfo, HsmError, KeyMetadata, Plaintext, Sealed};
@@ -59,9 +60,6 @@ pub struct Pkcs11Backend {
     pool: Pool<Worker>,
     shared: Arc<Shared>,
     info: EkmInfo,
-    /// Current version per external key, and when it was read.
-    versions: Arc<RwLock<HashMap<String, (u32, Instant)>>>,
-    key_refresh: Duration,
 }
 
 impl fmt::Debug for Pkcs11Backend {
@@ -85,17 +83,13 @@ impl Pkcs11Backend {
             token_state: parking_lot::Mutex::new(TokenState::default()),
             pin: parking_lot::Mutex::new(AuthPin::new(settings.pin.as_str().into())),
             login_refused: parking_lot::Mutex::new(None),
-            keys: RwLock::new(HashMap::new()),
+            keys: KeyCache::new(settings.key_refresh),
             iv_source: settings.iv_source,
             session_key_copies: settings.session_key_copies,
-            key_refresh: settings.key_refresh,
             read_write_sessions: settings.read_write_sessions,
             faults: settings.faults.clone(),
             out,
-            retired: parking_lot::Mutex::new(Vec::new()),
-            lookup: parking_lot::Mutex::new(()),
             sessions_opened: AtomicU64::new(0),
-            keys_seen: AtomicBool::new(false),
         });
         // The first worker opens its session (and logs in) now, so a wrong PIN or a
         // missing token stops start-up with the reason.
@@ -156,13 +150,7 @@ impl Pkcs11Backend {
             workers,
             metrics,
         )?;
-        Ok(Self {
-            pool,
-            shared,
-            info,
-            versions: Arc::new(RwLock::new(HashMap::new())),
-            key_refresh: settings.key_refresh,
-        })
+        Ok(Self { pool, shared, info })
     }
 
     /// False while the module is down or the token missing: calls fail fast until the
@@ -184,10 +172,8 @@ impl Pkcs11Backend {
     /// The key's current version (see [`super::version_label`]), cached for
     /// `key_refresh`, so a rotation is picked up within that time without a restart.
     pub async fn current_version(&self, key_id: &str, deadline: Instant) -> Result<u32, HsmError> {
-        if let Some((version, read_at)) = self.versions.read().get(key_id) {
-            if read_at.elapsed() < self.key_refresh {
-                return Ok(*version);
-            }
+        if let Some(version) = self.shared.keys.version(key_id) {
+            return Ok(version);
         }
         let id = key_id.to_owned();
         let version = self
@@ -196,9 +182,7 @@ impl Pkcs11Backend {
                 w.call(|s| current_version(s, &id), Function::FindObjects)
             })
             .await?;
-        self.versions
-            .write()
-            .insert(key_id.to_owned(), (version, Instant::now()));
+        self.shared.keys.set_version(key_id, version);
         Ok(version)
     }
 
@@ -206,8 +190,7 @@ impl Pkcs11Backend {
     /// use reads the token (a reload asks for this, so that `xks-proxy keys rotate` or
     /// `keys disable` followed by SIGHUP takes effect at once).
     pub fn refresh_keys(&self) {
-        self.versions.write().clear();
-        self.shared.expire_keys();
+        self.shared.keys.expire();
     }
 
     /// The token this backend serves.

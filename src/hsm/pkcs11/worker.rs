@@ -1,18 +1,15 @@
 //! A session thread's state: what the threads of one EKM share, the thread's own
 //! session, and recovery from a lost session, token or module.
 
-use foldhash::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use cryptoki::context::{Function, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
-use cryptoki::object::ObjectHandle;
 use cryptoki::session::Session;
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
-use parking_lot::RwLock;
 
 use super::{errors::*, gcm::*, keys::*, module::*, objects::token_is_empty, settings::*};
 use crate::hsm::faults::FaultInjector;
@@ -31,33 +28,18 @@ pub(super) struct Shared {
     /// partition after a few failed logins, and every session, health check and
     /// recovery would otherwise try again.
     pub(super) login_refused: parking_lot::Mutex<Option<PinRefusal>>,
-    /// Handles are per application, not per session, so one cache serves all threads.
-    pub(super) keys: RwLock<HashMap<String, CachedKey>>,
+    pub(super) keys: KeyCache,
     pub(super) iv_source: IvSource,
     pub(super) session_key_copies: bool,
-    pub(super) key_refresh: Duration,
     pub(super) read_write_sessions: bool,
     pub(super) faults: Option<Arc<FaultInjector>>,
     /// Set while the token is lost; cleared by the next call that succeeds.
     pub(super) out: Arc<AtomicBool>,
-    /// Replaced session copies of keys, destroyed once no call can still use them.
-    pub(super) retired: parking_lot::Mutex<Vec<(ObjectHandle, u64, Instant)>>,
-    /// Held while a key is looked up in the token.
-    pub(super) lookup: parking_lot::Mutex<()>,
     /// Serial numbers for the sessions the workers open.
     pub(super) sessions_opened: AtomicU64,
-    /// Set once the token has shown this process a key: a token that shows no objects
-    /// after that is not the token it was (see [`Shared::check_not_emptied`]).
-    pub(super) keys_seen: AtomicBool,
 }
 
 impl Shared {
-    /// Forgets the cached key copies made in session `serial`, which is going or gone
-    /// and has taken them with it. They are not destroyed: their handles are dead.
-    pub(super) fn forget_copies_of(&self, serial: u64) {
-        self.keys.write().retain(|_, key| key.owner != Some(serial));
-    }
-
     pub(super) fn inject(&self, function: Function) -> Result<(), CkError> {
         self.faults.as_ref().map_or(Ok(()), |f| f.before(function))
     }
@@ -165,7 +147,7 @@ impl Shared {
         session: &Session,
         missing: Option<&str>,
     ) -> Result<(), CkError> {
-        if !self.keys_seen.load(Ordering::Relaxed) || !token_is_empty(session)? {
+        if !self.keys.seen() || !token_is_empty(session)? {
             return Ok(());
         }
         tracing::error!(
@@ -213,7 +195,7 @@ impl Drop for Worker {
     fn drop(&mut self) {
         self.abandon_if_stale();
         if let Some(open) = &self.session {
-            self.shared.forget_copies_of(open.serial);
+            self.shared.keys.forget_copies_of(open.serial);
         }
     }
 }
@@ -310,7 +292,7 @@ impl Worker {
                 tracing::warn!(error = %error, "PKCS#11 session lost; reopening");
                 if let Some(open) = self.session.take() {
                     // Closed or lost, the session takes its objects with it.
-                    self.shared.forget_copies_of(open.serial);
+                    self.shared.keys.forget_copies_of(open.serial);
                     if !close || open.generation != generation {
                         std::mem::forget(open.session);
                     }
