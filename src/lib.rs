@@ -7,7 +7,8 @@
 //! - [`server`]: TCP and TLS (rustls on aws-lc-rs), HTTP/1.1 and HTTP/2, connection
 //!   limits and deadlines ([`server::guard`]) and shutdown; [`server::service`] is the
 //!   per-request pipeline.
-//! - [`router`]: routes parsed once at start-up: path → (key store, operation, key id).
+//! - [`router`]: routes parsed once at start-up: path → (key store, operation, key id);
+//!   the operations themselves are the leaf [`operation`].
 //! - [`auth`]: SigV4 verification with cached signing keys.
 //! - [`authz`]: optional secondary authorization of `requestMetadata` with Cedar policies.
 //! - [`xks`]: the four APIs — request validation, the spec's AAD and CDIV encodings,
@@ -41,6 +42,7 @@ pub mod health;
 pub mod hsm;
 pub mod logging;
 pub mod metrics;
+pub mod operation;
 pub mod quickstart;
 pub mod router;
 pub mod server;

@@ -103,6 +103,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, LazyLock};
 
+pub use crate::operation::ApiOperation;
 use cedar_policy as cedar;
 use cedar_policy::{
     Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId, PolicySet,
@@ -143,15 +144,16 @@ pub enum AuthzError {
 pub struct AuthzRequest<'a> {
     /// `requestMetadata.awsPrincipalArn`.
     pub principal_arn: &'a str,
-    /// The XKS operation: `"Encrypt"`, `"Decrypt"` or `"GetKeyMetadata"`. Anything else
-    /// is denied (GetHealthStatus is exempt from authorization and never asked about).
-    pub operation: &'a str,
+    /// The XKS operation. GetHealthStatus is exempt from authorization and never asked
+    /// about; asked, it is denied.
+    pub operation: ApiOperation,
     /// The key store the request's path routed to.
     pub key_store: &'a str,
     /// The external key id from the path.
     pub key_id: &'a str,
-    /// The whole `requestMetadata` object as received.
-    pub metadata: &'a serde_json::Map<String, serde_json::Value>,
+    /// Every field of `requestMetadata` with a string value, by its JSON name (see
+    /// `xks::request::RequestMetadata::fields`).
+    pub metadata: &'a [(&'a str, &'a str)],
 }
 
 /// The outcome of [`Authorizer::authorize`]. `Display` renders it for the log.
@@ -400,11 +402,11 @@ impl Authorizer {
             None => key.push('-'),
         };
         part(Some(r.principal_arn));
-        part(Some(r.operation));
+        part(Some(r.operation.as_str()));
         part(Some(r.key_store));
         part(Some(r.key_id));
         for name in &self.needs.named {
-            part(r.metadata.get(*name).and_then(serde_json::Value::as_str));
+            part(field(r.metadata, name));
         }
         Some(key)
     }

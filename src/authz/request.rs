@@ -63,7 +63,7 @@ pub(super) fn build_request(
         .ok_or_else(|| {
             format!(
                 "operation `{}` is not subject to authorization",
-                r.operation
+                r.operation.as_str()
             )
         })?
         .clone();
@@ -82,18 +82,15 @@ pub(super) fn build_request(
 /// The context record: the known string fields, and `fields` with every string field
 /// (each only when `needs` says a policy may read it).
 pub(super) fn context_pairs(
-    metadata: &serde_json::Map<String, serde_json::Value>,
+    metadata: &[(&str, &str)],
     needs: &ContextNeeds,
 ) -> Vec<(String, RestrictedExpression)> {
     let mut pairs = Vec::with_capacity(CONTEXT_FIELDS.len() + 1);
     let mut fields = Vec::with_capacity(if needs.fields { metadata.len() } else { 0 });
-    for (name, value) in metadata {
-        let Some(value) = value.as_str() else {
-            continue;
-        };
-        if needs.named.contains(&name.as_str()) {
+    for &(name, value) in metadata {
+        if needs.named.contains(&name) {
             pairs.push((
-                name.clone(),
+                name.to_owned(),
                 RestrictedExpression::new_string(value.to_owned()),
             ));
         }
@@ -105,6 +102,13 @@ pub(super) fn context_pairs(
         pairs.push(("fields".to_owned(), RestrictedExpression::new_set(fields)));
     }
     pairs
+}
+
+/// The value of the string field `name`, if the metadata has one.
+pub(super) fn field<'a>(metadata: &[(&str, &'a str)], name: &str) -> Option<&'a str> {
+    metadata
+        .iter()
+        .find_map(|&(n, value)| (n == name).then_some(value))
 }
 
 /// The account of `arn:partition:service:region:account:resource` when it is 12

@@ -82,12 +82,12 @@ impl Model {
         }
     }
 
-    pub(super) fn action(&self, operation: &str) -> Option<&EntityUid> {
+    pub(super) fn action(&self, operation: ApiOperation) -> Option<&EntityUid> {
         match operation {
-            "Encrypt" => Some(&self.encrypt),
-            "Decrypt" => Some(&self.decrypt),
-            "GetKeyMetadata" => Some(&self.get_key_metadata),
-            _ => None,
+            ApiOperation::Encrypt => Some(&self.encrypt),
+            ApiOperation::Decrypt => Some(&self.decrypt),
+            ApiOperation::GetKeyMetadata => Some(&self.get_key_metadata),
+            ApiOperation::GetHealthStatus => None,
         }
     }
 }

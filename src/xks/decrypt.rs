@@ -8,17 +8,17 @@ use serde::{Deserialize, Serialize};
 use super::aad::{aws_sample_aad, hsm_aad, parse_version_metadata, MAX_METADATA_LEN};
 use super::error::XksError;
 use super::request::{
-    base64, check_algorithm, check_size, optional_base64, parse_json, required_base64, Audit,
-    RequestMetadata, Required, MAX_AAD_BYTES, MAX_PLAINTEXT_BYTES,
+    base64, check_algorithm, check_size, optional_base64, required_base64, RequestMetadata,
+    MAX_AAD_BYTES, MAX_PLAINTEXT_BYTES,
 };
 use super::KeyRef;
 use crate::hsm::{version_label, Backend, HsmError, Sealed, TAG_LEN};
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct DecryptRequest<'a> {
+pub(crate) struct DecryptRequest<'a> {
     #[serde(borrow)]
-    request_metadata: Option<RequestMetadata<'a>>,
+    pub(crate) request_metadata: Option<RequestMetadata<'a>>,
     #[serde(borrow, default, deserialize_with = "super::request::borrowed")]
     ciphertext: Option<Cow<'a, str>>,
     #[serde(borrow, default, deserialize_with = "super::request::borrowed")]
@@ -38,23 +38,13 @@ struct DecryptResponse {
     plaintext: String,
 }
 
-/// Handles a Decrypt request body for `key`.
-pub(crate) async fn decrypt<'a>(
+/// Handles a Decrypt request for `key` (its metadata already checked).
+pub(crate) async fn decrypt(
     backend: &Backend,
     key: KeyRef<'_>,
-    body: &'a [u8],
-    audit: &mut Audit<'a>,
+    request: DecryptRequest<'_>,
     deadline: Instant,
 ) -> Result<Vec<u8>, XksError> {
-    let request: DecryptRequest<'_> = parse_json(body)?;
-    let metadata = request
-        .request_metadata
-        .ok_or_else(|| XksError::validation("requestMetadata is required"))?;
-    *audit = metadata.audit();
-    metadata.require(Required {
-        principal: true,
-        key_arn: true,
-    })?;
     check_algorithm(request.encryption_algorithm.as_ref())?;
     let key_id = key.id()?;
     let ciphertext = required_base64(request.ciphertext.as_ref(), "ciphertext")?;

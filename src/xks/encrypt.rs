@@ -9,17 +9,17 @@ use zeroize::Zeroizing;
 use super::aad::{cdiv, hsm_aad, version_metadata};
 use super::error::{ErrorName, XksError};
 use super::request::{
-    base64, check_algorithm, check_size, optional_base64, parse_json, required_base64, Audit,
-    RequestMetadata, Required, MAX_AAD_BYTES, MAX_PLAINTEXT_BYTES,
+    base64, check_algorithm, check_size, optional_base64, required_base64, RequestMetadata,
+    MAX_AAD_BYTES, MAX_PLAINTEXT_BYTES,
 };
 use super::KeyRef;
 use crate::hsm::{version_label, Backend, HsmError};
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct EncryptRequest<'a> {
+pub(crate) struct EncryptRequest<'a> {
     #[serde(borrow)]
-    request_metadata: Option<RequestMetadata<'a>>,
+    pub(crate) request_metadata: Option<RequestMetadata<'a>>,
     #[serde(borrow, default, deserialize_with = "super::request::borrowed")]
     plaintext: Option<Cow<'a, str>>,
     #[serde(borrow, default, deserialize_with = "super::request::borrowed")]
@@ -42,23 +42,13 @@ struct EncryptResponse {
     ciphertext_data_integrity_value: Option<String>,
 }
 
-/// Handles an Encrypt request body for `key`.
-pub(crate) async fn encrypt<'a>(
+/// Handles an Encrypt request for `key` (its metadata already checked).
+pub(crate) async fn encrypt(
     backend: &Backend,
     key: KeyRef<'_>,
-    body: &'a [u8],
-    audit: &mut Audit<'a>,
+    request: EncryptRequest<'_>,
     deadline: Instant,
 ) -> Result<Vec<u8>, XksError> {
-    let request: EncryptRequest<'_> = parse_json(body)?;
-    let metadata = request
-        .request_metadata
-        .ok_or_else(|| XksError::validation("requestMetadata is required"))?;
-    *audit = metadata.audit();
-    metadata.require(Required {
-        principal: true,
-        key_arn: true,
-    })?;
     check_algorithm(request.encryption_algorithm.as_ref())?;
     let key_id = key.id()?;
     let want_cdiv = match request.ciphertext_data_integrity_value_algorithm.as_deref() {

@@ -12,7 +12,6 @@
 use serde::Serialize;
 
 use super::error::XksError;
-use super::request::{parse_json, Audit, MetadataOnly, Required};
 use super::HealthInfo;
 use crate::health::HealthMonitor;
 
@@ -34,22 +33,11 @@ struct EkmDetails<'a> {
     health_status: &'static str,
 }
 
-/// Handles a GetHealthStatus request body.
-pub(crate) fn get_health_status<'a>(
+/// Answers GetHealthStatus (its metadata already checked).
+pub(crate) fn get_health_status(
     monitor: &HealthMonitor,
     info: &HealthInfo,
-    body: &'a [u8],
-    audit: &mut Audit<'a>,
 ) -> Result<Vec<u8>, XksError> {
-    let request: MetadataOnly<'_> = parse_json(body)?;
-    let metadata = request
-        .request_metadata
-        .ok_or_else(|| XksError::validation("requestMetadata is required"))?;
-    *audit = metadata.audit();
-    metadata.require(Required {
-        principal: false,
-        key_arn: false,
-    })?;
     let ekms = monitor.backend().ekms();
     let statuses = monitor.statuses();
     let response = HealthResponse {

@@ -5,7 +5,6 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::error::XksError;
-use super::request::{parse_json, Audit, MetadataOnly, Required};
 use super::KeyRef;
 use crate::hsm::{version_label, Backend};
 
@@ -17,23 +16,12 @@ struct KeyMetadataResponse<'a> {
     key_status: &'static str,
 }
 
-/// Handles a GetKeyMetadata request body for `key`.
-pub(crate) async fn get_key_metadata<'a>(
+/// Handles a GetKeyMetadata request for `key` (its metadata already checked).
+pub(crate) async fn get_key_metadata(
     backend: &Backend,
     key: KeyRef<'_>,
-    body: &'a [u8],
-    audit: &mut Audit<'a>,
     deadline: Instant,
 ) -> Result<Vec<u8>, XksError> {
-    let request: MetadataOnly<'_> = parse_json(body)?;
-    let metadata = request
-        .request_metadata
-        .ok_or_else(|| XksError::validation("requestMetadata is required"))?;
-    *audit = metadata.audit();
-    metadata.require(Required {
-        principal: true,
-        key_arn: false,
-    })?;
     let key_id = key.id()?;
     // The current version's metadata: that is the key Encrypt uses now.
     let version = backend.current_version(key_id, deadline).await?;

@@ -10,50 +10,18 @@ mod health_status;
 mod key_metadata;
 pub mod request;
 
-use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
+pub use crate::operation::ApiOperation;
 pub use error::{ErrorName, XksError};
 pub use request::Audit;
+use request::{parse_json, MetadataOnly, RequestMetadata, Required};
 
 use crate::authz::{Authorizer, AuthzRequest};
 use crate::health::HealthMonitor;
 use crate::hsm::Backend;
-
-/// The four XKS APIs (spec: API operations).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ApiOperation {
-    /// `POST .../health`
-    GetHealthStatus,
-    /// `POST .../keys/{id}/metadata`
-    GetKeyMetadata,
-    /// `POST .../keys/{id}/encrypt`
-    Encrypt,
-    /// `POST .../keys/{id}/decrypt`
-    Decrypt,
-}
-
-impl ApiOperation {
-    /// Every operation, for metrics.
-    pub const ALL: [Self; 4] = [
-        Self::GetHealthStatus,
-        Self::GetKeyMetadata,
-        Self::Encrypt,
-        Self::Decrypt,
-    ];
-
-    /// The spec's name of the API.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::GetHealthStatus => "GetHealthStatus",
-            Self::GetKeyMetadata => "GetKeyMetadata",
-            Self::Encrypt => "Encrypt",
-            Self::Decrypt => "Decrypt",
-        }
-    }
-}
 
 /// What GetHealthStatus reports about this proxy.
 #[derive(Debug, Clone)]
@@ -151,103 +119,137 @@ impl Handler {
         authz: Option<(&Authorizer, &str)>,
     ) -> Outcome<'a> {
         let mut audit = Audit::default();
+        let result = self
+            .run(operation, keys, key_id, body, deadline, authz, &mut audit)
+            .await;
+        Outcome { result, audit }
+    }
+
+    /// [`Self::handle`]'s work. What every operation shares comes first, in the order
+    /// whose error the client should see first: the body parsed once, `requestMetadata`
+    /// present (from here on the log line names the request), the policies' decision,
+    /// the fields the operation requires. Then the operation's own checks and work.
+    #[allow(clippy::too_many_arguments)]
+    async fn run<'a>(
+        &self,
+        operation: ApiOperation,
+        keys: &KeySet,
+        key_id: &str,
+        body: &'a [u8],
+        deadline: Instant,
+        authz: Option<(&Authorizer, &str)>,
+        audit: &mut Audit<'a>,
+    ) -> Result<Vec<u8>, XksError> {
+        let (metadata, request) = parse_request(operation, body)?;
+        *audit = metadata.audit();
         if let (Some((authorizer, key_store)), false) =
             (authz, operation == ApiOperation::GetHealthStatus)
         {
-            if let Some(denied) = authorize(authorizer, key_store, operation, key_id, body) {
-                return denied;
-            }
+            authorize(authorizer, key_store, operation, key_id, &metadata, audit)?;
         }
+        metadata.require(required(operation))?;
         let backend = &*self.backend;
-        // The key store's membership is checked by each operation after the request
-        // is validated, so the log line of a KeyNotFound still names its kmsRequestId.
+        // The key store's membership is checked by each operation after its own
+        // fields, so the client learns of a malformed request first.
         let key = KeyRef {
             id: key_id,
             known: keys.contains(key_id),
             aws_sample_metadata: keys.aws_sample_metadata.as_deref(),
         };
-        let result = match operation {
-            ApiOperation::GetHealthStatus => {
-                health_status::get_health_status(&self.monitor, &self.health, body, &mut audit)
+        match request {
+            Request::GetHealthStatus => {
+                health_status::get_health_status(&self.monitor, &self.health)
             }
-            ApiOperation::GetKeyMetadata => {
-                key_metadata::get_key_metadata(backend, key, body, &mut audit, deadline).await
-            }
-            ApiOperation::Encrypt => {
-                encrypt::encrypt(backend, key, body, &mut audit, deadline).await
-            }
-            ApiOperation::Decrypt => {
-                decrypt::decrypt(backend, key, body, &mut audit, deadline).await
-            }
-        };
-        Outcome { result, audit }
+            Request::GetKeyMetadata => key_metadata::get_key_metadata(backend, key, deadline).await,
+            Request::Encrypt(r) => encrypt::encrypt(backend, key, r, deadline).await,
+            Request::Decrypt(r) => decrypt::decrypt(backend, key, r, deadline).await,
+        }
     }
 }
 
-/// Secondary authorization (spec: Authorization). A body that is not a JSON object
-/// with a `requestMetadata` object answers ValidationException here; otherwise the
-/// policies decide, and a denial (returned as the
-/// request's outcome) is 403 AccessDeniedException whose log line names the deciding
+/// A request body's own fields, by operation.
+enum Request<'a> {
+    GetHealthStatus,
+    GetKeyMetadata,
+    Encrypt(encrypt::EncryptRequest<'a>),
+    Decrypt(decrypt::DecryptRequest<'a>),
+}
+
+/// Parses `body` once for `operation`: its `requestMetadata`, which every operation
+/// requires, and the operation's own fields.
+fn parse_request(
+    operation: ApiOperation,
+    body: &[u8],
+) -> Result<(RequestMetadata<'_>, Request<'_>), XksError> {
+    let (metadata, request) = match operation {
+        ApiOperation::GetHealthStatus | ApiOperation::GetKeyMetadata => {
+            let parsed: MetadataOnly<'_> = parse_json(body)?;
+            let request = if operation == ApiOperation::GetHealthStatus {
+                Request::GetHealthStatus
+            } else {
+                Request::GetKeyMetadata
+            };
+            (parsed.request_metadata, request)
+        }
+        ApiOperation::Encrypt => {
+            let mut parsed: encrypt::EncryptRequest<'_> = parse_json(body)?;
+            (parsed.request_metadata.take(), Request::Encrypt(parsed))
+        }
+        ApiOperation::Decrypt => {
+            let mut parsed: decrypt::DecryptRequest<'_> = parse_json(body)?;
+            (parsed.request_metadata.take(), Request::Decrypt(parsed))
+        }
+    };
+    let metadata = metadata.ok_or_else(|| XksError::validation("requestMetadata is required"))?;
+    Ok((metadata, request))
+}
+
+/// The `requestMetadata` fields an operation requires besides the two every one does
+/// (spec: each API's request payload).
+fn required(operation: ApiOperation) -> Required {
+    match operation {
+        ApiOperation::GetHealthStatus => Required {
+            principal: false,
+            key_arn: false,
+        },
+        ApiOperation::GetKeyMetadata => Required {
+            principal: true,
+            key_arn: false,
+        },
+        ApiOperation::Encrypt | ApiOperation::Decrypt => Required {
+            principal: true,
+            key_arn: true,
+        },
+    }
+}
+
+/// Secondary authorization (spec: Authorization): the policies decide on the request's
+/// metadata. A denial is 403 AccessDeniedException whose log line names the deciding
 /// policies.
 fn authorize(
     authorizer: &Authorizer,
     key_store: &str,
     operation: ApiOperation,
     key_id: &str,
-    body: &[u8],
-) -> Option<Outcome<'static>> {
-    #[derive(serde::Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Envelope {
-        request_metadata: Option<serde_json::Map<String, serde_json::Value>>,
-    }
-    // Fail closed: a body the policies cannot see is refused here rather than trusting
-    // the operation to refuse it too.
-    let metadata = match request::parse_json::<Envelope>(body) {
-        Ok(Envelope {
-            request_metadata: Some(metadata),
-        }) => metadata,
-        Ok(Envelope {
-            request_metadata: None,
-        }) => {
-            return Some(Outcome {
-                result: Err(XksError::validation("requestMetadata is required")),
-                audit: Audit::default(),
-            })
-        }
-        Err(error) => {
-            return Some(Outcome {
-                result: Err(error),
-                audit: Audit::default(),
-            })
-        }
-    };
-    let text = |name: &str| metadata.get(name).and_then(|v| v.as_str());
+    metadata: &RequestMetadata<'_>,
+    audit: &mut Audit<'_>,
+) -> Result<(), XksError> {
+    let fields = metadata.fields();
     let decision = authorizer.authorize(&AuthzRequest {
-        principal_arn: text("awsPrincipalArn").unwrap_or(""),
-        operation: operation.as_str(),
+        principal_arn: metadata.aws_principal_arn.as_deref().unwrap_or(""),
+        operation,
         key_store,
         key_id,
-        metadata: &metadata,
+        metadata: &fields,
     });
     if decision.allowed {
-        return None;
+        return Ok(());
     }
-    let own = |name: &str| text(name).map(|v| Cow::Owned(v.to_owned()));
-    Some(Outcome {
-        result: Err(XksError::new(
-            ErrorName::AccessDenied,
-            "the request is not authorized by the proxy's policies",
-        )),
-        audit: Audit {
-            kms_request_id: own("kmsRequestId"),
-            kms_operation: own("kmsOperation"),
-            aws_principal_arn: own("awsPrincipalArn"),
-            kms_key_arn: own("kmsKeyArn"),
-            kms_via_service: own("kmsViaService"),
-            authorization: Some(decision.to_string()),
-        },
-    })
+    audit.authorization = Some(decision.to_string());
+    Err(XksError::new(
+        ErrorName::AccessDenied,
+        "the request is not authorized by the proxy's policies",
+    ))
 }
 
 /// The external key a request names, and whether its key store may use it.

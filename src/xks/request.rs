@@ -12,32 +12,135 @@ use super::error::XksError;
 /// `requestMetadata` (spec: each API's request payload; Appendix B).
 ///
 /// Fields are optional at the type level so a missing one is reported by name instead
-/// of as a generic JSON error. Unknown fields are accepted and ignored (spec: KMS may add
-/// fields); unknown `kmsOperation` values are accepted (spec: MUST NOT reject).
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// of as a generic JSON error. Unknown fields are accepted (spec: KMS may add fields);
+/// unknown `kmsOperation` values are accepted (spec: MUST NOT reject). Unknown fields
+/// with string values are kept in [`Self::others`], for authorization policies that
+/// read them; others are skipped.
+#[derive(Debug, Default)]
 pub struct RequestMetadata<'a> {
     /// The AWS principal that called KMS.
-    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub aws_principal_arn: Option<Cow<'a, str>>,
     /// The KMS key.
-    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub kms_key_arn: Option<Cow<'a, str>>,
     /// The KMS API that caused this call.
-    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub kms_operation: Option<Cow<'a, str>>,
     /// CloudTrail request id; opaque (spec: MUST NOT validate its structure).
-    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub kms_request_id: Option<Cow<'a, str>>,
     /// The AWS service that called KMS on the customer's behalf.
-    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub kms_via_service: Option<Cow<'a, str>>,
     /// The VPC of a VPC-endpoint request.
-    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub aws_source_vpc: Option<Cow<'a, str>>,
     /// The VPC endpoint of a VPC-endpoint request.
-    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub aws_source_vpce: Option<Cow<'a, str>>,
+    /// Fields of other names with string values, as received.
+    pub others: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for RequestMetadata<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(MetadataVisitor(std::marker::PhantomData))
+    }
+}
+
+struct MetadataVisitor<'a>(std::marker::PhantomData<&'a ()>);
+
+impl<'de: 'a, 'a> serde::de::Visitor<'de> for MetadataVisitor<'a> {
+    type Value = RequestMetadata<'a>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the requestMetadata object")
+    }
+
+    fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+        let mut metadata = RequestMetadata::default();
+        while let Some(Borrowed(name)) = map.next_key::<Borrowed<'a>>()? {
+            let slot = match name.as_ref() {
+                "awsPrincipalArn" => &mut metadata.aws_principal_arn,
+                "kmsKeyArn" => &mut metadata.kms_key_arn,
+                "kmsOperation" => &mut metadata.kms_operation,
+                "kmsRequestId" => &mut metadata.kms_request_id,
+                "kmsViaService" => &mut metadata.kms_via_service,
+                "awsSourceVpc" => &mut metadata.aws_source_vpc,
+                "awsSourceVpce" => &mut metadata.aws_source_vpce,
+                _ => {
+                    if let StringOrSkipped(Some(value)) = map.next_value()? {
+                        metadata.others.push((name, value));
+                    }
+                    continue;
+                }
+            };
+            if slot.is_some() {
+                // Same words as a derived struct's, which parse_json names safely.
+                return Err(serde::de::Error::custom(format_args!(
+                    "duplicate field `{name}`"
+                )));
+            }
+            // A null is absent, as with a plain `Option`; another type is refused.
+            *slot = map.next_value::<Option<Borrowed<'a>>>()?.map(|b| b.0);
+        }
+        Ok(metadata)
+    }
+}
+
+/// A string borrowed from the body when it has no escapes.
+#[derive(Deserialize)]
+struct Borrowed<'a>(#[serde(borrow)] Cow<'a, str>);
+
+/// A value kept when it is a string and skipped otherwise.
+struct StringOrSkipped<'a>(Option<Cow<'a, str>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for StringOrSkipped<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visitor<'a> {
+            type Value = StringOrSkipped<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(StringOrSkipped(Some(Cow::Borrowed(v))))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(StringOrSkipped(Some(Cow::Owned(v.to_owned()))))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(StringOrSkipped(Some(Cow::Owned(v))))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(StringOrSkipped(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(StringOrSkipped(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(StringOrSkipped(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(StringOrSkipped(None))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(StringOrSkipped(None))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(StringOrSkipped(None))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(StringOrSkipped(None))
+            }
+        }
+        deserializer.deserialize_any(Visitor(std::marker::PhantomData))
+    }
 }
 
 /// Which metadata fields an operation requires.
@@ -72,6 +175,25 @@ impl<'a> RequestMetadata<'a> {
             return Err(missing("kmsKeyArn"));
         }
         Ok(())
+    }
+
+    /// Every field with a string value, by its JSON name: what authorization policies
+    /// read.
+    pub fn fields(&self) -> Vec<(&str, &str)> {
+        let known = [
+            ("awsPrincipalArn", &self.aws_principal_arn),
+            ("kmsKeyArn", &self.kms_key_arn),
+            ("kmsOperation", &self.kms_operation),
+            ("kmsRequestId", &self.kms_request_id),
+            ("kmsViaService", &self.kms_via_service),
+            ("awsSourceVpc", &self.aws_source_vpc),
+            ("awsSourceVpce", &self.aws_source_vpce),
+        ];
+        known
+            .into_iter()
+            .filter_map(|(name, value)| Some((name, value.as_deref()?)))
+            .chain(self.others.iter().map(|(n, v)| (n.as_ref(), v.as_ref())))
+            .collect()
     }
 
     /// The facts about this request that go into the log line, borrowed from the
@@ -307,5 +429,36 @@ mod tests {
         let error = parse_json::<MetadataOnly<'_>>(br#"{"requestMetadata": {"kmsRequestId": 7}}"#)
             .expect_err("a number is not a string");
         assert_eq!(error.name(), ErrorName::Validation);
+    }
+
+    #[test]
+    fn unknown_string_fields_are_kept_and_other_values_skipped() {
+        let body = br#"{"requestMetadata": {"kmsRequestId": "id-1", "SourceIdentity": "alice",
+            "n": 1, "nested": {"a": ["b", {"c": null}]}, "list": [1, "x"], "flag": true,
+            "nothing": null, "escaped": "\u0061b"}}"#;
+        let parsed: MetadataOnly<'_> = parse_json(body).expect("valid");
+        let metadata = parsed.request_metadata.expect("present");
+        assert_eq!(
+            metadata.fields(),
+            [
+                ("kmsRequestId", "id-1"),
+                ("SourceIdentity", "alice"),
+                ("escaped", "ab")
+            ]
+        );
+        // A known field keeps its type check and its duplicate check.
+        let error =
+            parse_json::<MetadataOnly<'_>>(br#"{"requestMetadata": {"awsPrincipalArn": ["x"]}}"#)
+                .expect_err("an array is not a string");
+        assert!(error
+            .message()
+            .starts_with("request body has a field of the wrong type"));
+        let error = parse_json::<MetadataOnly<'_>>(
+            br#"{"requestMetadata": {"kmsKeyArn": "a", "kmsKeyArn": "b"}}"#,
+        )
+        .expect_err("a field twice");
+        assert!(error
+            .message()
+            .starts_with("request body has the field kmsKeyArn more than once"));
     }
 }
