@@ -398,6 +398,10 @@ pub struct Metrics {
     pub secrets: Arc<Mutex<SecretDates>>,
     /// Configuration reloads by result.
     pub reloads: Family<ReloadLabels, Counter>,
+    /// 1 while the running configuration is the one on disk: set at start-up, cleared
+    /// by a failed reload, set again by a successful one. An alert on the counter alone
+    /// would keep firing after the fix, or miss a failure that a later success hid.
+    pub reload_ok: Gauge,
 }
 
 /// Result of a configuration reload.
@@ -604,10 +608,18 @@ impl Metrics {
             "Configuration reloads (SIGHUP or changed files) by result",
             reloads.clone(),
         );
+        let reload_ok = Gauge::default();
+        reload_ok.set(1);
+        registry.register(
+            "xks_config_last_reload_successful",
+            "1 unless the last configuration reload failed (the running configuration then stays)",
+            reload_ok.clone(),
+        );
         Arc::new(Self {
             registry,
             secrets,
             reloads,
+            reload_ok,
             requests,
             in_flight,
             sheds,
@@ -752,6 +764,8 @@ mod tests {
         };
         assert_eq!(value("xks_requests_total"), 3.0);
         assert_eq!(value("xks_shed_total"), 1.0);
+        // A process starts on a configuration that loaded.
+        assert_eq!(value("xks_config_last_reload_successful"), 1.0);
         assert!((value("xks_budget_share") - 0.75).abs() < 1e-9);
         for (le, count) in [("0.00025", 0), ("0.0005", 3), ("1.0", 3), ("+Inf", 3)] {
             let line = format!(

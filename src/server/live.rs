@@ -149,6 +149,7 @@ pub fn reload(app: &App, path: &Path) -> Result<(), String> {
                 .reloads
                 .get_or_create(&ReloadLabels { result: "ok" })
                 .inc();
+            app.metrics.reload_ok.set(1);
             Ok(())
         }
         Err(e) => {
@@ -157,6 +158,7 @@ pub fn reload(app: &App, path: &Path) -> Result<(), String> {
                 .reloads
                 .get_or_create(&ReloadLabels { result: "error" })
                 .inc();
+            app.metrics.reload_ok.set(0);
             Err(e)
         }
     }
