@@ -71,11 +71,33 @@ impl KeyUsage {
     }
 }
 
+/// A key's type and size, as GetKeyMetadata reports it (spec: keySpec).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySpec {
+    /// An AES key of this many bits; XKS v1 serves only 256.
+    Aes(u64),
+    /// Another key type, by the PKCS#11 name of its CKK_ value (e.g. `GENERIC_SECRET`).
+    Other(String),
+    /// The token did not say.
+    Unknown,
+}
+
+impl KeySpec {
+    /// The spec's `AES_256` and, for keys XKS cannot use, a name of the same form.
+    pub fn name(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            Self::Aes(bits) => format!("AES_{bits}").into(),
+            Self::Other(name) => name.as_str().into(),
+            Self::Unknown => "UNKNOWN".into(),
+        }
+    }
+}
+
 /// What GetKeyMetadata reports, read from the key's real attributes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyMetadata {
-    /// `AES_256` for a 256-bit AES key; otherwise a description such as `AES_128`.
-    pub key_spec: String,
+    /// [`KeySpec::Aes`]`(256)` for the only keys XKS v1 serves.
+    pub key_spec: KeySpec,
     /// The usages the key allows (at most seven, within the spec's limit of ten).
     pub usages: Vec<KeyUsage>,
     /// False when the key is disabled (for PKCS#11: CKA_END_DATE in the past or
@@ -86,7 +108,7 @@ pub struct KeyMetadata {
 impl KeyMetadata {
     /// True for a 256-bit AES key, the only kind XKS v1 supports.
     pub fn is_aes_256(&self) -> bool {
-        self.key_spec == "AES_256"
+        self.key_spec == KeySpec::Aes(256)
     }
 
     /// Whether the key may be used for `operation`, as the HSM will enforce it.

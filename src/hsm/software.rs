@@ -11,7 +11,8 @@ use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use zeroize::Zeroizing;
 
 use super::{
-    EkmInfo, HsmError, KeyMetadata, KeyUsage, Operation, Plaintext, Sealed, IV_LEN, TAG_LEN,
+    EkmInfo, HsmError, KeyMetadata, KeySpec, KeyUsage, Operation, Plaintext, Sealed, IV_LEN,
+    TAG_LEN,
 };
 
 /// One in-memory key.
@@ -68,7 +69,7 @@ impl SoftwareBackend {
                 SoftwareKey {
                     key: LessSafeKey::new(unbound),
                     metadata: KeyMetadata {
-                        key_spec: "AES_256".into(),
+                        key_spec: KeySpec::Aes(256),
                         usages: spec.usages,
                         enabled: spec.enabled,
                     },

@@ -1,5 +1,6 @@
 //! GetKeyMetadata (spec: GetKeyMetadata).
 
+use std::borrow::Cow;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -11,7 +12,7 @@ use crate::hsm::{version_label, Backend};
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct KeyMetadataResponse<'a> {
-    key_spec: &'a str,
+    key_spec: Cow<'a, str>,
     key_usage: Vec<&'static str>,
     key_status: &'static str,
 }
@@ -29,7 +30,7 @@ pub(crate) async fn get_key_metadata(
         .key_metadata(&version_label(key_id, version), deadline)
         .await?;
     let response = KeyMetadataResponse {
-        key_spec: &key.key_spec,
+        key_spec: key.key_spec.name(),
         // spec: at most ten values; a PKCS#11 key has at most seven usages we report.
         key_usage: key.usages.iter().map(|u| u.as_str()).take(10).collect(),
         key_status: if key.enabled { "ENABLED" } else { "DISABLED" },

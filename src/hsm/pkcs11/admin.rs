@@ -255,7 +255,7 @@ pub fn administer(
                     };
                     format!(
                         "{label}\t{}\t{state}\t{}",
-                        metadata.key_spec,
+                        metadata.key_spec.name(),
                         usages.join(",")
                     )
                 })

@@ -7,7 +7,7 @@ use cryptoki::error::Error as CkError;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
-use crate::hsm::{KeyMetadata, KeyUsage};
+use crate::hsm::{KeyMetadata, KeySpec, KeyUsage};
 
 /// The attributes GetKeyMetadata and the usage checks need.
 pub(super) const KEY_ATTRIBUTES: [AttributeType; 9] = [
@@ -52,9 +52,9 @@ pub(super) fn metadata_from_attributes(attributes: &[Attribute], disabled: bool)
         }
     }
     let key_spec = match (key_type, value_len) {
-        (Some(KeyType::AES), Some(len)) => format!("AES_{}", len * 8),
-        (Some(t), _) => format!("{t}").to_uppercase().replace(' ', "_"),
-        (None, _) => "UNKNOWN".into(),
+        (Some(KeyType::AES), Some(len)) => KeySpec::Aes(len.saturating_mul(8)),
+        (Some(t), _) => KeySpec::Other(format!("{t}").to_uppercase().replace(' ', "_")),
+        (None, _) => KeySpec::Unknown,
     };
     KeyMetadata {
         key_spec,
@@ -126,7 +126,7 @@ mod tests {
             Attribute::Wrap(true),
         ];
         let m = metadata_from_attributes(&attrs, false);
-        assert_eq!(m.key_spec, "AES_256");
+        assert_eq!(m.key_spec, KeySpec::Aes(256));
         assert_eq!(m.usages, vec![KeyUsage::Encrypt, KeyUsage::Wrap]);
         assert!(m.enabled);
         let m = metadata_from_attributes(&attrs, true);
@@ -142,7 +142,8 @@ mod tests {
             Attribute::Encrypt(true),
         ];
         let m = metadata_from_attributes(&attrs, false);
-        assert_eq!(m.key_spec, "AES_128");
+        assert_eq!(m.key_spec, KeySpec::Aes(128));
+        assert_eq!(m.key_spec.name(), "AES_128");
         assert_eq!(m.check(Operation::Encrypt), Err(HsmError::NotAes256));
     }
 }
