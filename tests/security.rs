@@ -590,13 +590,20 @@ async fn a_throttled_request_can_be_retried_with_its_signature() {
 /// AAD, ciphertext, the PIN or the SigV4 secret in any log line.
 #[tokio::test]
 async fn audit_log_has_facts_and_no_secrets() {
+    // The text format (the default) and JSON: each line is written by its own code.
+    for format in ["text", "json"] {
+        audit_log_in(format).await;
+    }
+}
+
+async fn audit_log_in(format: &str) {
     let setup = Setup::new();
     let pin = std::fs::read_to_string(setup.path("hsm-pin"))
         .unwrap()
         .trim()
         .to_owned();
     let secret = setup.secret.clone();
-    let proxy = Proxy::start(setup, &[("XKS_LOG_FORMAT", "json")]);
+    let proxy = Proxy::start(setup, &[("XKS_LOG_FORMAT", format)]);
     let client = proxy.client();
     let plaintext = b"MARKER-PLAINTEXT-5b1e9c";
     let aad = b"MARKER-AAD-77d2a0";
@@ -616,7 +623,8 @@ async fn audit_log_has_facts_and_no_secrets() {
         )
         .await;
     assert_eq!(unb64(&decrypted.body["plaintext"]), plaintext);
-    // A failing decrypt (wrong AAD) and a failing encrypt (unknown key).
+    // A failing decrypt (wrong AAD), a failing encrypt (unknown key), and a body the
+    // parser refuses with the plaintext where a string should be.
     let wrong = client
         .post(
             Version::Http1,
@@ -632,6 +640,12 @@ async fn audit_log_has_facts_and_no_secrets() {
             &encrypt_body(plaintext, Some(aad), false),
         )
         .await;
+    let mut wrong_type = encrypt_body(plaintext, Some(aad), false);
+    wrong_type["plaintext"] = json!([b64(plaintext)]);
+    let refused = client
+        .post(Version::Http1, &key_path("foo", "encrypt"), &wrong_type)
+        .await;
+    assert_eq!(refused.error_name(), "ValidationException");
     client
         .post(
             Version::Http1,
@@ -674,14 +688,24 @@ async fn audit_log_has_facts_and_no_secrets() {
         ("PIN", pin),
         ("SigV4 secret", secret),
     ] {
-        assert!(!logs.contains(&needle), "the {what} is in the logs");
+        assert!(
+            !logs.contains(&needle),
+            "{format}: the {what} is in the logs"
+        );
+    }
+    assert!(
+        logs.contains("4112f4d6-db54-4af4-ae30-c55a22a8dfae"),
+        "{format}: kmsRequestId is logged"
+    );
+    if format != "json" {
+        return;
     }
     let audit: Vec<Value> = logs
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter(|v| v["message"] == "xks request")
         .collect();
-    assert_eq!(audit.len(), 7, "one audit line per request:\n{logs}");
+    assert_eq!(audit.len(), 8, "one audit line per request:\n{logs}");
     let first = &audit[0];
     for field in [
         "timestamp",
