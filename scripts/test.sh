@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
+# deploy/kubernetes: rendered, schema-validated and cross-checked with the proxy.
+./scripts/check-kube.sh
 # The fuzz crate is its own workspace (it links libFuzzer); CI builds its targets and
 # replays the seed corpora on stable Rust. Long fuzzing runs: fuzz/README.md.
 export CARGO_TARGET_DIR_FUZZ="${CARGO_TARGET_DIR:-target}/fuzz"

@@ -49,15 +49,11 @@ fn render(dir: &Path) -> Option<Vec<Yaml>> {
     Some(docs.into_iter().filter(|d| !d.is_null()).collect())
 }
 
-/// The rendered object of `kind` whose name starts with `name`.
+/// The rendered object of `kind` named `name` (a generated ConfigMap's name has a hash
+/// appended, the Deployment names it in full).
 fn object<'a>(docs: &'a [Yaml], kind: &str, name: &str) -> &'a Yaml {
     docs.iter()
-        .find(|d| {
-            d["kind"].as_str() == Some(kind)
-                && d["metadata"]["name"]
-                    .as_str()
-                    .is_some_and(|n| n.starts_with(name))
-        })
+        .find(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name))
         .unwrap_or_else(|| panic!("no {kind} {name}"))
 }
 
@@ -235,6 +231,10 @@ async fn the_manifests_agree_with_the_proxy() {
         .find(|m| config_path.parent() == Some(Path::new(m["mountPath"].as_str().unwrap())))
         .expect("the --config file's folder is a mount");
     let config_volume = volume(config_mount["name"].as_str().unwrap());
+    assert!(config_volume["configMap"]["name"]
+        .as_str()
+        .unwrap()
+        .starts_with("xks-proxy-config"));
     let files = volume_files(&aws, config_volume).expect("--config is in a ConfigMap");
     let config_text = files
         .iter()
