@@ -53,8 +53,12 @@ if [ "$("$validate" --version 2>/dev/null)" != "$KUBERNETES_VALIDATE" ]; then
     validate=""
   else
     rm -rf "$venv"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet "kubernetes-validate==$KUBERNETES_VALIDATE"
+    if ! { python3 -m venv "$venv" &&
+           "$venv/bin/pip" install --quiet "kubernetes-validate==$KUBERNETES_VALIDATE"; }; then
+      rm -rf "$venv"
+      echo "check-kube: SKIPPED schema validation: kubernetes-validate could not be installed from PyPI" >&2
+      validate=""
+    fi
   fi
 fi
 if [ -n "$validate" ]; then
