@@ -10,6 +10,8 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
 # Alert rules and their unit tests (promtool); deploy/monitoring.
 ./scripts/check-monitoring.sh
+# deploy/kubernetes: rendered, schema-validated and cross-checked with the proxy.
+./scripts/check-kube.sh
 # The fuzz crate is its own workspace (it links libFuzzer); CI builds its targets and
 # replays the seed corpora on stable Rust. Long fuzzing runs: fuzz/README.md.
 export CARGO_TARGET_DIR_FUZZ="${CARGO_TARGET_DIR:-target}/fuzz"

@@ -57,6 +57,13 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Check a configuration as `serve` reads it: the file, the certificate and key, the
+    /// secret and PIN files, the policies and the module's path; the HSM is not opened
+    /// and nothing listens. Prints the addresses and the files it read.
+    CheckConfig {
+        /// Configuration file (TOML).
+        config: PathBuf,
+    },
     /// Manage keys on the configured PKCS#11 token.
     Keys {
         #[command(subcommand)]
@@ -173,6 +180,7 @@ fn main() -> ExitCode {
     let logs = init_logging(cli.log_format);
     let result = match cli.command {
         Command::Serve { config } => serve(&config, logs.as_ref()),
+        Command::CheckConfig { config } => check_config(&config),
         Command::Keys { action } => keys(action),
         Command::Credentials { action } => credentials(action),
         Command::Quickstart {
@@ -317,6 +325,32 @@ fn serve(config_path: &Path, logs: Option<&LogWriter>) -> Result<(), Error> {
         tracing::info!("stopped");
         Ok::<(), Error>(())
     })
+}
+
+/// `xks-proxy check-config`: everything `serve` reads before it opens the HSM.
+fn check_config(path: &Path) -> Result<(), Error> {
+    let mut config = Config::load(path)?;
+    if let BackendConfig::Pkcs11(ekms) = &config.backend {
+        for ekm in ekms {
+            if !ekm.module.is_file() {
+                return Err(format!("hsm.module: {} is not a file", ekm.module.display()).into());
+            }
+        }
+    }
+    let files = config.watched_files.clone();
+    let (listen, admin) = (config.listen, config.admin_listen);
+    // The certificate and key, the router and the policies, as a reload builds them.
+    server::live::Live::build(&mut config, None)?;
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{}: valid", path.display());
+    let _ = writeln!(out, "listen {listen}");
+    if let Some(admin) = admin {
+        let _ = writeln!(out, "admin {admin}");
+    }
+    for file in files {
+        let _ = writeln!(out, "reads {}", file.display());
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {

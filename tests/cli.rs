@@ -458,3 +458,47 @@ fn settled_threads(
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
+
+/// `check-config` reads what `serve` reads without opening the HSM: a good quickstart
+/// configuration passes and lists its files; a certificate that does not parse, a
+/// missing module or an empty PIN file fails with the reason.
+#[test]
+fn check_config_reads_the_files_without_the_hsm() {
+    let setup = Setup::new();
+    let check = || {
+        Command::new(BIN)
+            .arg("check-config")
+            .arg(setup.config())
+            .output()
+            .unwrap()
+    };
+    let said = stdout(&check());
+    assert!(said.contains(": valid\n"), "{said}");
+    assert!(said.contains("\nlisten 127.0.0.1:0\n"), "{said}");
+    for file in ["hsm-pin", "sigv4-secret", "server.pem", "server-key.pem"] {
+        let line = format!("reads {}", setup.path(file).display());
+        assert!(said.lines().any(|l| l == line), "{line:?} not in {said}");
+    }
+
+    let fails_with = |needle: &str| {
+        let out = check();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "passed: {needle}");
+        assert!(stderr.contains(needle), "{needle:?} not in {stderr}");
+    };
+    let pem = std::fs::read(setup.path("server.pem")).unwrap();
+    std::fs::write(setup.path("server.pem"), "not a certificate\n").unwrap();
+    fails_with("server.pem");
+    std::fs::write(setup.path("server.pem"), pem).unwrap();
+    std::fs::write(setup.path("hsm-pin"), "").unwrap();
+    fails_with("is empty");
+    std::fs::write(setup.path("hsm-pin"), "1234").unwrap();
+    let text = std::fs::read_to_string(setup.config()).unwrap();
+    let module = text
+        .lines()
+        .find_map(|l| l.strip_prefix("module = "))
+        .unwrap()
+        .to_owned();
+    setup.edit_config(&module, "\"/nonexistent/libpkcs11.so\"");
+    fails_with("hsm.module: /nonexistent/libpkcs11.so is not a file");
+}

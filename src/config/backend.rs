@@ -148,6 +148,15 @@ pub(super) fn pkcs11_settings(
         pin_env.as_deref(),
         pin_inline.as_deref(),
     )?;
+    // An empty PIN is a missing secret (an empty file, an unfilled Kubernetes Secret),
+    // never a token's PIN: refused here, before a login that HSMs count towards
+    // locking the partition.
+    if pin.is_empty() {
+        return Err(invalid(
+            pin_field,
+            "is empty: the PIN file (or variable) has no content",
+        ));
+    }
     let sessions = ekm.sessions.unwrap_or(hsm.sessions);
     if sessions == 0 || sessions > 1024 {
         return Err(invalid(

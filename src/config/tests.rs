@@ -154,6 +154,19 @@ fn secrets_come_from_files() {
 }
 
 #[test]
+fn an_empty_pin_is_refused_before_any_login() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pin"), "\n").unwrap();
+    let text = GOOD.replace("pin = \"1234\"", "pin_file = \"pin\"");
+    let file: FileConfig = toml::from_str(&text).unwrap();
+    let message = Config::from_file(file, dir.path()).unwrap_err().to_string();
+    assert!(
+        message.contains("hsm.pin") && message.contains("empty"),
+        "{message}"
+    );
+}
+
+#[test]
 fn several_ekms_inherit_what_they_do_not_set() {
     let with_ekms = |ekms: &str| {
         GOOD.replace("token_label = \"t\"\n", "")

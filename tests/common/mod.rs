@@ -9,6 +9,7 @@ mod admin;
 mod bodies;
 mod client;
 mod curl;
+mod kubelet;
 mod proxy;
 mod setup;
 
@@ -21,6 +22,8 @@ pub use bodies::*;
 pub use client::*;
 #[allow(unused_imports)]
 pub use curl::*;
+#[allow(unused_imports)]
+pub use kubelet::*;
 #[allow(unused_imports)]
 pub use proxy::*;
 #[allow(unused_imports)]
