@@ -12,6 +12,7 @@
 # A host that cannot run containers (no podman and it cannot be installed, or podman
 # cannot run a trivial container) prints SKIP with the reason; nothing else skips.
 #
+# Runs as root (CI does): it chowns the mounted folders to the images' uid 10001.
 # Usage: scripts/check-container.sh          (XKS_CONTAINER_COLD=1: remove the images and
 #        the base first, to time a build from nothing)
 set -euo pipefail
@@ -56,20 +57,20 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# A free port P on 127.0.0.1 whose neighbour P+1 (the admin listener) is free too.
+# A port P on 127.0.0.1 with nothing listening on it nor on P+1 (the admin listener),
+# below Linux's ephemeral range so that no outgoing connection takes it meanwhile.
 free_port() {
-  python3 - <<'PY'
-import socket
-while True:
-    a = socket.socket(); a.bind(("127.0.0.1", 0)); p = a.getsockname()[1]
-    b = socket.socket()
-    try:
-        b.bind(("127.0.0.1", p + 1)); print(p); break
-    except OSError:
-        pass
-    finally:
-        a.close(); b.close()
-PY
+  local p
+  for _ in $(seq 1 100); do
+    p=$((20000 + RANDOM % 12000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null &&
+      ! (exec 3<>"/dev/tcp/127.0.0.1/$((p + 1))") 2>/dev/null; then
+      echo "$p"
+      return 0
+    fi
+  done
+  echo "check-container: no free port pair found" >&2
+  return 1
 }
 port="$(free_port)"
 admin=$((port + 1))
@@ -99,8 +100,12 @@ process_uid() {
 }
 
 run_integration_test() {
-  XKS_CONTAINER_ENV="$work/xks/test-client.env" XKS_CONTAINER_ADMIN="127.0.0.1:$admin" \
-    cargo test -p xks-proxy --test container -- --nocapture 2>&1 | tee "$work/cargo-test.log"
+  if ! XKS_CONTAINER_ENV="$work/xks/test-client.env" XKS_CONTAINER_ADMIN="127.0.0.1:$admin" \
+    cargo test -p xks-proxy --test container -- --nocapture 2>&1 | tee "$work/cargo-test.log"; then
+    echo "check-container: tests/container.rs failed; the container's log:" >&2
+    "${PODMAN[@]}" logs "$name" >&2 || true
+    return 1
+  fi
   # Ran, not skipped: the test prints SKIP when it is not given the container.
   if grep -q 'SKIP ' "$work/cargo-test.log"; then
     echo "check-container: tests/container.rs skipped" >&2
@@ -134,8 +139,8 @@ if [ -n "$client" ]; then
     ./test-xks-proxy -a
   ) >"$work/test-client.log" 2>&1 || true
   # It exits 0 whatever the outcome; its summary line says.
-  summary="$(sed 's/\x1b\[[0-9;]*m//g' "$work/test-client.log" | grep -E 'tests? (PASSED|FAILED)' | tail -1)"
-  if ! grep -qE '^. All [0-9]+ tests PASSED\.$' <<<"$summary"; then
+  summary="$(sed 's/\x1b\[[0-9;]*m//g' "$work/test-client.log" | grep -aE 'tests? (PASSED|FAILED)\.' | tail -1)"
+  if ! grep -qE 'All [0-9]+ tests PASSED\.$' <<<"$summary"; then
     cat "$work/test-client.log" >&2
     echo "check-container: the AWS test client failed: $summary" >&2
     exit 1

