@@ -85,7 +85,8 @@ async fn health_status_reports_the_containers_token() {
     let Some(target) = target("health_status_reports_the_containers_token") else {
         return;
     };
-    let body = json!({"requestMetadata": {"kmsRequestId": "c-1", "kmsOperation": "KmsHealthCheck"}});
+    let body =
+        json!({"requestMetadata": {"kmsRequestId": "c-1", "kmsOperation": "KmsHealthCheck"}});
     for version in [Version::Http1, Version::Http2] {
         let reply = target.client.post(version, &health_path(), &body).await;
         assert_eq!(reply.status, 200, "{version:?} {:?}", reply.body);
@@ -133,7 +134,10 @@ async fn encrypt_decrypt_round_trip() {
             )
             .await;
         assert_eq!(opened.status, 200, "{version:?} {:?}", opened.body);
-        assert_eq!(unb64(&opened.body["plaintext"]), b"from outside the container");
+        assert_eq!(
+            unb64(&opened.body["plaintext"]),
+            b"from outside the container"
+        );
         // The wrong AAD does not open it.
         let refused = client
             .post(
