@@ -74,7 +74,14 @@ if command -v strip >/dev/null 2>&1; then strip --strip-debug "$context/xks-prox
 for target in runtime demo; do
   image="$RUNTIME_IMAGE"
   [ "$target" = demo ] && image="$DEMO_IMAGE"
+  previous="$("${PODMAN[@]}" image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)"
   "${PODMAN[@]}" build --pull=never "${ULIMITS[@]}" --build-arg "BASE=$BASE_IMAGE" \
     --target "$target" --tag "$image" --file deploy/container/Containerfile "$context"
   echo "image: built $image" >&2
+  # The image this tag named before (an older binary) would stay behind untagged, one
+  # per build: remove it unless a container still uses it.
+  current="$("${PODMAN[@]}" image inspect --format '{{.Id}}' "$image")"
+  if [ -n "$previous" ] && [ "$previous" != "$current" ]; then
+    "${PODMAN[@]}" rmi "$previous" >/dev/null 2>&1 || true
+  fi
 done
