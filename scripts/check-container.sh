@@ -19,6 +19,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/podman-flags.sh
 start=$SECONDS
+# Read-only as Docker and Kubernetes (readOnlyRootFilesystem) mean it: podman's
+# --read-only would otherwise mount writable tmpfs on /run, /tmp and /var/tmp.
+READ_ONLY=(--read-only --read-only-tmpfs=false)
 
 skip() {
   echo "check-container: SKIP: $*" >&2
@@ -39,12 +42,12 @@ fi
 # RUN steps are containers too): past this point every failure is a failure.
 out="$("${PODMAN[@]}" info 2>&1 >/dev/null)" || skip "podman does not work here: $out"
 ./scripts/image.sh --base-only
-if ! out="$("${PODMAN[@]}" run --rm "${ULIMITS[@]}" --read-only "$BASE_IMAGE" true 2>&1)"; then
+if ! out="$("${PODMAN[@]}" run --rm "${ULIMITS[@]}" "${READ_ONLY[@]}" "$BASE_IMAGE" true 2>&1)"; then
   skip "podman cannot run a container here: $out"
 fi
 
 ./scripts/image.sh
-version="$("${PODMAN[@]}" run --rm "${ULIMITS[@]}" --read-only "$RUNTIME_IMAGE" --version)"
+version="$("${PODMAN[@]}" run --rm "${ULIMITS[@]}" "${READ_ONLY[@]}" "$RUNTIME_IMAGE" --version)"
 echo "check-container: runtime image runs --read-only: $version"
 user="$("${PODMAN[@]}" image inspect --format '{{.Config.User}}' "$RUNTIME_IMAGE")"
 [ "$user" = "10001:10001" ] || { echo "check-container: runtime image user is '$user', not 10001:10001" >&2; exit 1; }
@@ -116,7 +119,7 @@ run_integration_test() {
 # 1. The demo image.
 mkdir -m 0700 "$work/xks"
 chown 10001:10001 "$work/xks" # the image's user writes the quickstart's files there
-"${PODMAN[@]}" run --detach --name "$name" --read-only "${ULIMITS[@]}" "${publish[@]}" \
+"${PODMAN[@]}" run --detach --name "$name" "${READ_ONLY[@]}" "${ULIMITS[@]}" "${publish[@]}" \
   -v "$work/xks:/xks" "$DEMO_IMAGE" --listen "0.0.0.0:$port" >/dev/null
 wait_ready
 [ "$(process_uid)" = 10001 ] || { echo "check-container: demo runs as uid $(process_uid)" >&2; exit 1; }
@@ -175,11 +178,19 @@ for m in /usr/lib/softhsm/libsofthsm2.so /usr/lib/*-linux-gnu/softhsm/libsofthsm
 done
 [ -n "$module" ] || { echo "check-container: SoftHSM2's module not found on the host" >&2; exit 1; }
 module_dir="$(dirname "$module")"
-"${PODMAN[@]}" run --detach --name "$name" --read-only "${ULIMITS[@]}" "${publish[@]}" \
+"${PODMAN[@]}" run --detach --name "$name" "${READ_ONLY[@]}" "${ULIMITS[@]}" "${publish[@]}" \
   -v "$work/etc:/etc/xks-proxy:ro" -v "$work/secrets:/run/secrets/xks-proxy:ro" \
   -v "$module_dir:/opt/pkcs11:ro" -v "$work/xks:/xks" "$RUNTIME_IMAGE" >/dev/null
 wait_ready
 [ "$(process_uid)" = 10001 ] || { echo "check-container: runtime runs as uid $(process_uid)" >&2; exit 1; }
+# /tmp is the telling one: world-writable in the image, so only a read-only root
+# (without podman's tmpfs) refuses uid 10001 there.
+for path in / /tmp /run /etc/xks-proxy; do
+  if "${PODMAN[@]}" exec "$name" touch "$path/.write-probe" 2>/dev/null; then
+    echo "check-container: $path is writable in the runtime container" >&2
+    exit 1
+  fi
+done
 echo "check-container: runtime container ready on 127.0.0.1:$port (uid 10001, read-only root, mounted config)"
 run_integration_test
 "${PODMAN[@]}" rm --force --time 10 "$name" >/dev/null
