@@ -127,9 +127,19 @@ echo "check-container: demo container ready on 127.0.0.1:$port (uid 10001, read-
 run_integration_test
 
 client=""
-for dir in "${XKS_TEST_CLIENT:-}" /tmp/tc "${XDG_CACHE_HOME:-$HOME/.cache}/xks-proxy/aws-kms-xksproxy-test-client"; do
+cached="${XDG_CACHE_HOME:-$HOME/.cache}/xks-proxy/aws-kms-xksproxy-test-client"
+for dir in "${XKS_TEST_CLIENT:-}" /tmp/tc "$cached"; do
   [ -n "$dir" ] && [ -x "$dir/test-xks-proxy" ] && { client="$dir"; break; }
 done
+# Not at hand: one try at cloning it into the cache (hosts without GitHub access skip it).
+if [ -z "$client" ] && command -v git >/dev/null 2>&1 &&
+  GIT_TERMINAL_PROMPT=0 timeout 60 git clone --quiet --depth 1 \
+    "${XKS_TEST_CLIENT_REPO:-https://github.com/aws-samples/aws-kms-xksproxy-test-client}" \
+    "$cached.tmp" 2>/dev/null; then
+  mv "$cached.tmp" "$cached"
+  client="$cached"
+fi
+rm -rf "$cached.tmp"
 if [ -n "$client" ]; then
   # The env file names the CA at its path in the container; on the host it is in $work/xks.
   (
@@ -150,7 +160,7 @@ if [ -n "$client" ]; then
   fi
   echo "check-container: aws-kms-xksproxy-test-client ($client): $summary"
 else
-  echo "check-container: aws-kms-xksproxy-test-client not found (XKS_TEST_CLIENT, /tmp/tc, ~/.cache/xks-proxy/aws-kms-xksproxy-test-client): its run is skipped"
+  echo "check-container: aws-kms-xksproxy-test-client not found (XKS_TEST_CLIENT, /tmp/tc, $cached) nor clonable: its run is skipped"
 fi
 "${PODMAN[@]}" rm --force --time 10 "$name" >/dev/null
 
