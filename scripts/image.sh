@@ -35,10 +35,10 @@ done
 # The base image: in storage already, else from the registry, else bootstrapped.
 if "${PODMAN[@]}" image exists "$BASE_IMAGE"; then
   echo "image: base $BASE_IMAGE in podman's storage" >&2
-elif "${PODMAN[@]}" pull --quiet "$BASE_IMAGE" >/dev/null 2>"${TMPDIR:-/tmp}/xks-image-pull.err"; then
+elif pull_error="$("${PODMAN[@]}" pull --quiet "$BASE_IMAGE" 2>&1 >/dev/null)"; then
   echo "image: pulled $BASE_IMAGE" >&2
 else
-  echo "image: cannot pull $BASE_IMAGE ($(tail -1 "${TMPDIR:-/tmp}/xks-image-pull.err")); bootstrapping it from Debian's packages with mmdebstrap" >&2
+  echo "image: cannot pull $BASE_IMAGE ($(tail -1 <<<"$pull_error")); bootstrapping it from Debian's packages with mmdebstrap" >&2
   ./scripts/setup.sh mmdebstrap
   tarball="$(mktemp --suffix=.tar)"
   trap 'rm -f "$tarball"' EXIT
