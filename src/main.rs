@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use xks_proxy::affinity;
 use xks_proxy::config::Config;
 use xks_proxy::hsm::pkcs11::{self, KeyAction, NewKeyUsage};
-use xks_proxy::hsm::Backend;
+use xks_proxy::hsm::{Backend, BackendConfig};
 use xks_proxy::logging::LogWriter;
 use xks_proxy::metrics::Metrics;
 use xks_proxy::quickstart;

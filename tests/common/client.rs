@@ -72,17 +72,27 @@ pub fn tls_client_config(ca: &Path, alpn: &[&[u8]]) -> rustls::ClientConfig {
 
 impl Client {
     pub fn new(proxy: &Proxy) -> Self {
-        let ca = proxy.setup.path("ca.pem");
+        Self::to(
+            proxy.addr.port(),
+            &proxy.setup.path("ca.pem"),
+            &proxy.setup.access_key_id,
+            &proxy.setup.secret,
+        )
+    }
+
+    /// A client of a proxy this test did not start (tests/container.rs): `localhost:port`
+    /// (connecting to 127.0.0.1), its CA and a credential.
+    pub fn to(port: u16, ca: &Path, access_key_id: &str, secret: &str) -> Self {
         let connector = |alpn: &[u8]| {
-            tokio_rustls::TlsConnector::from(Arc::new(tls_client_config(&ca, &[alpn])))
+            tokio_rustls::TlsConnector::from(Arc::new(tls_client_config(ca, &[alpn])))
         };
         Self {
-            port: proxy.addr.port(),
+            port,
             http1: connector(b"http/1.1"),
             http2: connector(b"h2"),
             signing: Signing {
-                access_key_id: proxy.setup.access_key_id.clone(),
-                secret: proxy.setup.secret.clone(),
+                access_key_id: access_key_id.into(),
+                secret: secret.into(),
                 region: REGION.into(),
                 service: "kms-xks-proxy".into(),
                 time: SystemTime::now(),
