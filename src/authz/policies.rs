@@ -164,6 +164,19 @@ pub(super) struct Statement<'t> {
 
 /// Splits Cedar policy text into statements at each `;` outside string literals and
 /// `//` comments. A trailing statement without `;` is kept (Cedar will reject it).
+///
+/// Why not Cedar's own source locations (cedar-policy 4.14): its parser knows each
+/// statement's span, but the public API hands none of them out.
+/// - When the text does not parse, `ParseErrors` (miette labels) carries the span of
+///   the offending *token* only. The parse tree that holds each statement's span is
+///   dropped on the first error, so nothing says which statement failed, where it
+///   starts, or what its `@id` is: the messages name all three.
+/// - When it parses, `Policy` and `Template` have no location (`to_cedar()` gives the
+///   statement's text, not its offset). Only the `#[doc(hidden)]`
+///   `AsRef<ast::Policy>` reaches one, in cedar-policy-core's internals, which would
+///   need that crate pinned to cedar-policy's exact version.
+/// - Validation errors label the offending expression, not the policy, and warnings,
+///   templates and duplicate ids have no span at all.
 pub(super) fn statements(text: &str) -> Vec<Statement<'_>> {
     #[derive(Clone, Copy, PartialEq)]
     enum State {
