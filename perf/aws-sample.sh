@@ -34,13 +34,8 @@ STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 OUT="perf/runs/$STAMP-aws-sample"
 TOOLS="${SAMPLE_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/xks-proxy/aws-sample}"
 mkdir -p "$OUT" "$TOOLS"
-WORK="$(mktemp -d)"
-PID=""
-cleanup() {
-  [ -n "$PID" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+# WORK, a temporary directory; the server running is stopped and WORK removed on exit.
+. perf/lib.sh
 
 ./scripts/setup.sh wrk git
 cargo build --release -p xks-proxy -p xks-loadtest
@@ -144,22 +139,17 @@ wait_for() { # url
 start() { # sample|ours|bare
   if [ "$1" = bare ]; then
     "$BARE" "$Q/server.pem" "$Q/server-key.pem" 127.0.0.1:18445 2>>"$OUT/bare.log" &
-    PID=$!
+    PROXY_PID=$!
     wait_for https://localhost:18445/
   elif [ "$1" = sample ]; then
     XKS_PROXY_SETTINGS_TOML="$WORK/sample.toml" "$SAMPLE_BIN" >>"$OUT/sample.log" 2>&1 &
-    PID=$!
+    PROXY_PID=$!
     wait_for https://localhost:28443/ping
   else
     "$PROXY" serve --config "$Q/bench.toml" 2> >(grep -av --line-buffered ' xks request ' >>"$OUT/xks-proxy.log") >/dev/null &
-    PID=$!
+    PROXY_PID=$!
     wait_for https://localhost:18443/livez
   fi
-}
-stop() {
-  kill "$PID"
-  wait "$PID" || true
-  PID=""
 }
 COMMANDS="$OUT/commands.txt"
 : >"$COMMANDS"
@@ -206,7 +196,7 @@ for round in $(seq "$ROUNDS"); do
         [ "$round" = 1 ] && measure "ceiling-livez" 18443 /livez
         ;;
     esac
-    stop
+    stop_proxy
   done
   ours=$(rps "xks-proxy-$round")
   bare=$(rps "bare-$round")

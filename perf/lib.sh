@@ -79,6 +79,16 @@ start_proxy() {
   exit 1
 }
 
+# commands_section FILE: the end of a run's README.md, the commands FILE lists.
+commands_section() {
+  echo
+  echo "Commands:"
+  echo
+  echo '```'
+  cat "$1"
+  echo '```'
+}
+
 stop_proxy() {
   kill "$PROXY_PID"
   wait "$PROXY_PID" || true

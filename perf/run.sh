@@ -127,10 +127,5 @@ run softhsm-raw-copy hsm --config "$WORK/q/config.toml" --sessions 1,2,4 --sessi
     grep -E "^overall|requests in|^machine stalls|^best|sessions:|highest|max rate|Requests/sec|^ +99%|Non-2xx|Latency " "$f" || true
   done
   echo '```'
-  echo
-  echo "Commands:"
-  echo
-  echo '```'
-  cat "$COMMANDS"
-  echo '```'
+  commands_section "$COMMANDS"
 } | tee "$OUT/README.md"

@@ -121,10 +121,5 @@ done
   echo "| round | run | client p99 | client p99.9 | client max | server p99.9 | server max | stall p99.9 | stall max | stalls ≥ 1 ms | stolen % | generator p99.9 |"
   echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
   awk '{ printf "| %s |", $1; for (i = 2; i <= NF; i++) printf " %s |", $i; printf "\n" }' "$ROWS"
-  echo
-  echo "Commands:"
-  echo
-  echo '```'
-  cat "$COMMANDS"
-  echo '```'
+  commands_section "$COMMANDS"
 } | tee "$OUT/README.md"
