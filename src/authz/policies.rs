@@ -234,3 +234,168 @@ pub(super) fn statements(text: &str) -> Vec<Statement<'_>> {
 }
 
 // Compile-time check: an `Authorizer` can be shared between request tasks.
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../config/policies/example.cedar");
+
+    fn validation_problems(text: &str) -> Vec<String> {
+        match Authorizer::new(text) {
+            Err(AuthzError::Validation { problems }) => problems,
+            other => panic!("expected a validation error, got {other:?}"),
+        }
+    }
+
+    fn parse_problems(text: &str) -> Vec<String> {
+        match Authorizer::new(text) {
+            Err(AuthzError::Parse { problems }) => problems,
+            other => panic!("expected a parse error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn schema_violations_are_rejected_naming_the_policy() {
+        let p = validation_problems(
+            r#"
+            @id("fine") permit (principal, action, resource);
+            @id("typo") permit (principal, action, resource) when { context.nosuch == "x" };
+            "#,
+        );
+        // One problem per action the policy applies to, all about `typo`.
+        assert_eq!(p.len(), 3, "{p:?}");
+        for problem in &p {
+            assert!(
+                problem.starts_with("policy `typo` (line 3): attribute `nosuch` in context"),
+                "{p:?}"
+            );
+        }
+
+        let p = validation_problems(
+            "permit (principal, action == Xks::Action::\"CreateKey\", resource);",
+        );
+        assert!(p[0].starts_with("policy `policy0` (line 1): "), "{p:?}");
+        assert!(p[0].contains("CreateKey"), "{p:?}");
+
+        // An optional field read without `has`.
+        let p = validation_problems(
+            r#"@id("unguarded") permit (principal, action, resource) when { context.kmsViaService == "s3.amazonaws.com" };"#,
+        );
+        assert!(p[0].starts_with("policy `unguarded`"), "{p:?}");
+
+        // An unknown entity type.
+        let p =
+            validation_problems(r#"@id("t") permit (principal is Xks::User, action, resource);"#);
+        assert!(p[0].contains("Xks::User"), "{p:?}");
+
+        let err = Authorizer::new(
+            r#"@id("x") permit (principal, action, resource) when { resource.nope };"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("Cedar policies do not match the xks-proxy schema: policy `x`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn malformed_text_is_rejected_naming_the_statement() {
+        let p = parse_problems(
+            r#"
+            @id("ok") permit (principal, action, resource);
+
+            // a comment with ; and "quotes
+            @id("broken")
+            permit (principal, action, resource) when { context.fields.contains( };
+            "#,
+        );
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].starts_with("policy `broken` (line 5): "), "{p:?}");
+
+        let p = parse_problems("permit (principal, action, resource)");
+        assert!(p[0].starts_with("policy `policy0` (line 1)"), "{p:?}");
+        let p = parse_problems("allow everything;");
+        assert!(!p.is_empty());
+        let p = parse_problems("permit (principal, action, resource) when { \"unterminated };");
+        assert!(!p.is_empty());
+    }
+
+    #[test]
+    fn unsupported_ids_and_templates_are_rejected() {
+        let p = parse_problems(
+            r#"
+            @id("a") permit (principal, action, resource);
+            @id("a") forbid (principal, action, resource);
+            "#,
+        );
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].contains("`a` is used twice (policy0 (line 2) and policy1 (line 3))"),
+            "{p:?}"
+        );
+
+        let p = parse_problems(
+            r#"
+            permit (principal, action, resource);
+            @id("policy0") permit (principal, action, resource);
+            "#,
+        );
+        assert!(p[0].contains("positional id"), "{p:?}");
+
+        let p = parse_problems(r#"@id("") permit (principal, action, resource);"#);
+        assert!(p[0].contains("empty @id"), "{p:?}");
+
+        let p = parse_problems(r#"@id("tpl") permit (principal == ?principal, action, resource);"#);
+        assert!(
+            p[0].starts_with("policy `tpl` (line 1): templates"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn from_file_reads_and_reports_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.cedar");
+        std::fs::write(&path, EXAMPLE).unwrap();
+        assert_eq!(Authorizer::from_file(&path).unwrap().policy_ids().len(), 5);
+        let missing = dir.path().join("missing.cedar");
+        let err = Authorizer::from_file(&missing).unwrap_err();
+        assert!(matches!(err, AuthzError::Read { .. }));
+        assert!(err.to_string().contains("missing.cedar"), "{err}");
+    }
+
+    #[test]
+    fn statement_splitting() {
+        let text = "// c;\n@id(\"a;b\") permit (principal, action, resource) when { \"\\\";\" == \"x\" };\n\n  forbid (principal, action, resource)\n;\ntrailing";
+        let s = statements(text);
+        assert_eq!(s.len(), 3, "{s:?}");
+        assert_eq!(s[0].line, 2);
+        assert!(s[0].text.ends_with("== \"x\" };"));
+        assert_eq!(s[1].line, 4);
+        assert_eq!(s[1].text.trim(), "forbid (principal, action, resource)\n;");
+        assert_eq!(
+            s[2],
+            Statement {
+                line: 6,
+                text: "\ntrailing"
+            }
+        );
+        assert!(statements("  // only a comment\n\n").is_empty());
+        assert_eq!(annotated_id(s[0].text).as_deref(), Some("a;b"));
+    }
+
+    #[test]
+    fn statement_lines_follow_cedar_numbering() {
+        // `policy_lines` assumes Cedar numbers statements as `statements` splits them.
+        let lines = policy_lines(EXAMPLE);
+        let parsed = PolicySet::from_str(EXAMPLE).unwrap();
+        for p in parsed.policies() {
+            let id = p.annotation(ID_ANNOTATION).unwrap();
+            assert_eq!(lines.get(id), lines.get(&p.id().to_string()), "{id}");
+            assert!(lines.contains_key(id));
+        }
+        assert_eq!(parsed.policies().count(), statements(EXAMPLE).len());
+    }
+}
