@@ -82,8 +82,8 @@
 //! `config/policies/example.cedar` shows the model in use, including "key X only for
 //! account A's role R via S3 from VPC endpoint E".
 //!
-//! Parts: [`schema`] (the model), [`policies`] (loading a file and wording its errors),
-//! [`request`] (building a Cedar request from `requestMetadata`); this file holds the
+//! Parts: `schema` (the model), `policies` (loading a file and wording its errors),
+//! `request` (building a Cedar request from `requestMetadata`); this file holds the
 //! [`Authorizer`] and its caches.
 
 mod policies;

@@ -5,8 +5,8 @@
 //! Secrets (the PIN, SigV4 secrets) may come from a file or an environment variable;
 //! inline values are accepted for tests and draw a warning.
 //!
-//! Parts: [`file`] (the sections as written, with their defaults), [`backend`] (`[hsm]`),
-//! [`key_stores`] (`[[key_store]]`), [`secrets`] (PINs and SigV4 secrets). Settings a
+//! Parts: [`file`] (the sections as written, with their defaults), `backend` (`[hsm]`),
+//! `key_stores` (`[[key_store]]`), `secrets` (PINs and SigV4 secrets). Settings a
 //! module uses are that module's types (e.g. `hsm::pkcs11::Pkcs11Settings`), which
 //! this module only builds; the server's own settings ([`TlsSettings`], [`Limits`])
 //! live here, because `server` sits above `config`.

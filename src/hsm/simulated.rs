@@ -3,7 +3,7 @@
 //!
 //! It models an HSM by the two numbers that decide its capacity: how long one operation
 //! takes (fixed, normal or lognormal) and how many run at once (the pool's sessions).
-//! Because it runs on [`super::pool::Pool`], admission, shedding and call timeouts are
+//! Because it runs on `super::pool::Pool`, admission, shedding and call timeouts are
 //! the same code as for PKCS#11. Tests use it to drive the proxy past capacity
 //! deterministically; capacity planners use it to ask "what if my HSM took 4 ms and ran
 //! 32 operations at once". Per-key latencies model a slow or hung key.

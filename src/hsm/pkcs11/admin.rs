@@ -125,7 +125,7 @@ pub fn list_keys(session: &Session) -> Result<Vec<(String, KeyMetadata)>, HsmErr
 }
 
 /// Enables or disables a key by destroying or creating its disabled marker (see
-/// [`metadata_from_attributes`]). Idempotent.
+/// `metadata_from_attributes`). Idempotent.
 pub fn set_key_enabled(session: &Session, key_id: &str, enabled: bool) -> Result<(), HsmError> {
     let keys = find_secret_keys(session, key_id).map_err(unexpected(Function::FindObjects))?;
     if keys.is_empty() {

@@ -1,7 +1,7 @@
 //! PKCS#11 backend: a bounded pool of logged-in sessions on dedicated threads.
 //!
 //! Each session is owned by one OS thread ("pkcs11-session-N") for its whole life (see
-//! [`super::pool`]), so PKCS#11 calls never run on tokio worker threads and a session is
+//! `super::pool`), so PKCS#11 calls never run on tokio worker threads and a session is
 //! never used by two threads at once (PKCS#11 forbids that, and some modules bind
 //! sessions to threads). Admission (queue bound, deadlines, call timeouts) is the
 //! pool's.
@@ -16,10 +16,10 @@
 //! the tokio workers. A thread that owns its session needs no handoff of the session.
 //!
 //! The module's parts, in the order a request descends through them:
-//! [`worker`] (a session thread: `call`, `attempt`, `recover`), [`gcm`] (encrypt and
-//! decrypt on a key, IV batches, output splitting), [`keys`] (the key cache and lookups),
-//! [`objects`] (attributes and disabled markers), [`module`] (library, C_Initialize,
-//! slot and login), [`errors`] (classification), [`settings`]; [`admin`] is key
+//! `worker` (a session thread: `call`, `attempt`, `recover`), `gcm` (encrypt and
+//! decrypt on a key, IV batches, output splitting), `keys` (the key cache and lookups),
+//! `objects` (attributes and disabled markers), `module` (library, C_Initialize,
+//! slot and login), `errors` (classification), `settings`; `admin` is key
 //! administration for `xks-proxy keys`.
 
 mod admin;
