@@ -35,7 +35,7 @@ impl fmt::Display for TokenSelector {
 #[serde(rename_all = "snake_case")]
 pub enum IvSource {
     /// The proxy takes 12 bytes from the HSM's RNG (C_GenerateRandom) and passes them
-    /// in (generic; SoftHSM2). Each session draws them [`IV_BATCH`] IVs at a time.
+    /// in (generic; SoftHSM2). Each session draws them [`IV_BATCH`](super::IV_BATCH) IVs at a time.
     #[default]
     HsmRandom,
     /// The proxy draws 12 bytes from its own DRBG (AWS-LC) and passes them in: one
@@ -63,7 +63,7 @@ pub struct Pkcs11Settings {
     pub pin: Zeroizing<String>,
     /// Number of sessions (= dedicated threads).
     pub sessions: usize,
-    /// Requests that may wait for a session; beyond that, [`HsmError::Busy`].
+    /// Requests that may wait for a session; beyond that, [`HsmError::Busy`](crate::hsm::HsmError::Busy).
     pub queue_depth: usize,
     /// IV generation.
     pub iv_source: IvSource,
