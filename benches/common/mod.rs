@@ -16,14 +16,14 @@
 // Each bench uses a different part of the fixtures.
 #![allow(dead_code)]
 
+#[path = "../../tests/common/sigv4.rs"]
+mod sigv4;
+
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use aws_credential_types::Credentials;
-use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
-use aws_sigv4::sign::v4;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use bytes::Bytes;
@@ -156,34 +156,21 @@ pub(crate) fn api_path(operation: ApiOperation) -> String {
 /// Signs `POST https://HOST{path}` with the independent `aws-sigv4` crate at `time`,
 /// signing `host`, `content-type` and `x-amz-date`; returns the request's headers.
 pub(crate) fn sign_request(path: &str, body: &[u8], time: SystemTime) -> HeaderMap {
-    let identity = Credentials::new(ACCESS_KEY_ID, SECRET, None, None, "bench").into();
-    let params = v4::SigningParams::builder()
-        .identity(&identity)
-        .region(REGION)
-        .name(xks_proxy::auth::sigv4::SERVICE)
-        .time(time)
-        .settings(SigningSettings::default())
-        .build()
-        .expect("signing parameters")
-        .into();
     let url = format!("https://{HOST}{path}");
     let headers = [("host", HOST), ("content-type", "application/json")];
-    let signable = SignableRequest::new(
-        "POST",
-        url.as_str(),
-        headers.iter().copied(),
-        SignableBody::Bytes(body),
-    )
-    .expect("signable request");
     let mut request = Request::builder().method("POST").uri(url.as_str());
     for (name, value) in headers {
         request = request.header(name, value);
     }
     let mut request = request.body(()).expect("request");
-    let (instructions, _) = sign(signable, &params)
-        .expect("aws-sigv4 signs")
-        .into_parts();
-    instructions.apply_to_request_http1x(&mut request);
+    let signer = sigv4::Signer {
+        access_key_id: ACCESS_KEY_ID,
+        secret: SECRET,
+        region: REGION,
+        service: xks_proxy::auth::sigv4::SERVICE,
+        time,
+    };
+    sigv4::sign_into(&signer, "POST", &url, &headers, body, &mut request);
     request.headers().clone()
 }
 

@@ -1,8 +1,5 @@
 //! An HTTPS client that trusts the quickstart CA and signs with the `aws-sigv4` crate.
 
-use aws_credential_types::Credentials;
-use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
-use aws_sigv4::sign::v4;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -116,31 +113,19 @@ impl Client {
             .header("content-type", "application/json")
             .body(Full::new(Bytes::copy_from_slice(body)))
             .unwrap();
-        let identity =
-            Credentials::new(&signing.access_key_id, &signing.secret, None, None, "test").into();
-        let params = v4::SigningParams::builder()
-            .identity(&identity)
-            .region(&signing.region)
-            .name(&signing.service)
-            .time(signing.time)
-            .settings(SigningSettings::default())
-            .build()
-            .unwrap()
-            .into();
-        let headers: Vec<(String, String)> = request
-            .headers()
-            .iter()
-            .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap().to_owned()))
-            .collect();
-        let signable = SignableRequest::new(
-            method,
-            request.uri().to_string(),
-            headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-            SignableBody::Bytes(body),
-        )
-        .unwrap();
-        let (instructions, _) = sign(signable, &params).unwrap().into_parts();
-        instructions.apply_to_request_http1x(&mut request);
+        let signer = sigv4::Signer {
+            access_key_id: &signing.access_key_id,
+            secret: &signing.secret,
+            region: &signing.region,
+            service: &signing.service,
+            time: signing.time,
+        };
+        let url = request.uri().to_string();
+        let headers = [
+            ("host", host.as_str()),
+            ("content-type", "application/json"),
+        ];
+        sigv4::sign_into(&signer, method, &url, &headers, body, &mut request);
         request
     }
 

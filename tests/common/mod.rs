@@ -12,6 +12,7 @@ mod curl;
 mod kubelet;
 mod proxy;
 mod setup;
+mod sigv4;
 
 // Not every test crate uses every part.
 #[allow(unused_imports)]
