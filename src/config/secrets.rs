@@ -86,7 +86,7 @@ pub(super) fn secret(
 /// credentials (`LoadCredential=`): systemd copies them at start into a directory of
 /// its own, readable only by the service, and passes its path in the environment
 /// variable `CREDENTIALS_DIRECTORY`, so the configuration cannot name it literally.
-pub const CREDENTIALS_DIRECTORY: &str = "${CREDENTIALS_DIRECTORY}";
+pub(super) const CREDENTIALS_DIRECTORY: &str = "${CREDENTIALS_DIRECTORY}";
 
 /// Replaces a leading [`CREDENTIALS_DIRECTORY`] in `path` by `dir` (the variable's
 /// value). The name anywhere else in a path is an error, and so is a path that names
