@@ -356,3 +356,26 @@ fn credentials_directory_errors_name_the_field() {
         assert!(error.contains(problem), "{error}");
     }
 }
+
+/// The configuration the Debian package installs validates once systemd has put the
+/// credentials it names in place (the ones the unit's LoadCredential= loads).
+#[test]
+fn the_packaged_systemd_config_takes_its_secrets_from_credentials() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/systemd.toml");
+    let mut file = parse(&std::fs::read_to_string(path).unwrap());
+    let credentials = tempfile::tempdir().unwrap();
+    std::fs::write(credentials.path().join("secrets_hsm-pin"), "1234\n").unwrap();
+    std::fs::write(
+        credentials.path().join("secrets_sigv4-secret"),
+        "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG\n",
+    )
+    .unwrap();
+    file.expand_credentials_directory(Some(credentials.path()))
+        .unwrap();
+    let c = Config::from_file(file, Path::new("/etc/xks-proxy")).unwrap();
+    assert_eq!(
+        c.tls.private_key,
+        credentials.path().join("secrets_server-key.pem")
+    );
+    assert_eq!(c.listen.port(), 8443, "the load balancer forwards 443 here");
+}
