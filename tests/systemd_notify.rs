@@ -4,6 +4,8 @@
 //! WATCHDOG_USEC and WATCHDOG_PID (its own pid, as systemd sets it) pointing at it, and
 //! its secrets come from a CREDENTIALS_DIRECTORY.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::os::unix::net::UnixDatagram;
