@@ -50,7 +50,8 @@ at_most() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "" && a + 0 <= b + 0) }
 
 # The package from the release binary when this run has built one already (another
 # check's, shared), else from the debug binary `cargo test` built: a release build of
-# its own would add about 10 minutes to every CI run on two cores. scripts/package-deb.sh
+# its own would add 3.5 to 12 minutes (measured cold, two cores shared or not) to every
+# CI run, whose clean clone has no release build to reuse. scripts/package-deb.sh
 # builds the release package by hand; both come from the same metadata.
 target="${CARGO_TARGET_DIR:-target}"
 profile=dev
