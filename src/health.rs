@@ -46,6 +46,9 @@ pub struct HealthMonitor {
     /// One result per EKM (see [`Backend::ekms`]).
     last: RwLock<Vec<Checked>>,
     shutting_down: AtomicBool,
+    /// Turns true at the first check that finds an EKM able to serve (ACTIVE or
+    /// DEGRADED), and stays so: the moment the proxy tells systemd it is ready.
+    served: tokio::sync::watch::Sender<bool>,
     metrics: Arc<Metrics>,
 }
 
@@ -76,6 +79,7 @@ impl HealthMonitor {
             budget,
             last: RwLock::new(vec![never; ekms]),
             shutting_down: AtomicBool::new(false),
+            served: tokio::sync::watch::Sender::new(false),
             metrics,
         }
     }
@@ -88,7 +92,19 @@ impl HealthMonitor {
                 fleet.note_health(i, status);
             }
         }
-        self.current()
+        let current = self.current();
+        if current != EkmHealth::Unavailable {
+            self.served
+                .send_if_modified(|served| !std::mem::replace(served, true));
+        }
+        current
+    }
+
+    /// Completes once a check has found an EKM able to serve (at once if one has).
+    pub async fn first_served(&self) {
+        let mut served = self.served.subscribe();
+        // The sender lives as long as `self`, so waiting cannot fail.
+        let _ = served.wait_for(|served| *served).await;
     }
 
     async fn check_one(&self, i: usize, ekm: &Ekm) -> EkmHealth {

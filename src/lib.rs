@@ -25,6 +25,7 @@
 //! - [`logging`]: the log writer that batches lines off the request path, sheds work
 //!   when its reader stalls, and rate-limits unauthenticated rejects' lines.
 //! - [`affinity`]: optional pinning of the workers and session threads to CPUs.
+//! - [`systemd`]: READY=1, STOPPING=1 and the watchdog for a `Type=notify` unit.
 //! - [`quickstart`]: a local SoftHSM2 token, keys, credentials, certificates and config
 //!   in one command.
 //!
@@ -46,4 +47,5 @@ pub mod operation;
 pub mod quickstart;
 pub mod router;
 pub mod server;
+pub mod systemd;
 pub mod xks;

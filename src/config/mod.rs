@@ -1,7 +1,8 @@
 //! The TOML configuration: schema, loading and validation.
 //!
 //! Validation happens once, at start-up, and every message names the field and what to
-//! do about it. Relative paths are resolved against the configuration file's folder.
+//! do about it. Relative paths are resolved against the configuration file's folder;
+//! a path may start with `${CREDENTIALS_DIRECTORY}`, systemd's credentials folder.
 //! Secrets (the PIN, SigV4 secrets) may come from a file or an environment variable;
 //! inline values are accepted for tests and draw a warning.
 //!
@@ -284,8 +285,11 @@ impl Config {
         Ok(config)
     }
 
-    /// Validates a parsed file; relative paths are taken from `base`.
-    pub fn from_file(file: FileConfig, base: &Path) -> Result<Self, ConfigError> {
+    /// Validates a parsed file; relative paths are taken from `base`, and a leading
+    /// `${CREDENTIALS_DIRECTORY}` from the environment (systemd credentials).
+    pub fn from_file(mut file: FileConfig, base: &Path) -> Result<Self, ConfigError> {
+        let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        file.expand_credentials_directory(credentials.as_deref())?;
         let resolve = |p: &Path| base.join(p);
         if file.server.max_body_bytes < 32 * 1024 {
             return Err(invalid(

@@ -81,3 +81,104 @@ pub(super) fn secret(
         )),
     }
 }
+
+/// What a file path may start with to name a file among the service's systemd
+/// credentials (`LoadCredential=`): systemd copies them at start into a directory of
+/// its own, readable only by the service, and passes its path in the environment
+/// variable `CREDENTIALS_DIRECTORY`, so the configuration cannot name it literally.
+pub(super) const CREDENTIALS_DIRECTORY: &str = "${CREDENTIALS_DIRECTORY}";
+
+/// Replaces a leading [`CREDENTIALS_DIRECTORY`] in `path` by `dir` (the variable's
+/// value). The name anywhere else in a path is an error, and so is a path that names
+/// it while the variable is not set (started outside systemd, or without credentials).
+pub(super) fn expand_credentials_directory(
+    field: &str,
+    path: &mut PathBuf,
+    dir: Option<&Path>,
+) -> Result<(), ConfigError> {
+    let Some(text) = path.to_str() else {
+        return Ok(());
+    };
+    let Some(rest) = text.strip_prefix(CREDENTIALS_DIRECTORY) else {
+        if text.contains(CREDENTIALS_DIRECTORY) {
+            return Err(invalid(
+                field,
+                format!("{CREDENTIALS_DIRECTORY} may only start a path"),
+            ));
+        }
+        return Ok(());
+    };
+    let Some(dir) = dir else {
+        return Err(invalid(
+            field,
+            format!(
+                "names {CREDENTIALS_DIRECTORY}, but the environment variable CREDENTIALS_DIRECTORY is not set \
+                 (systemd sets it for a unit with LoadCredential=)"
+            ),
+        ));
+    };
+    if !(rest.is_empty() || rest.starts_with('/')) {
+        return Err(invalid(
+            field,
+            format!("write {CREDENTIALS_DIRECTORY}/NAME"),
+        ));
+    }
+    *path = dir.join(rest.trim_start_matches('/'));
+    Ok(())
+}
+
+impl FileConfig {
+    /// Expands [`CREDENTIALS_DIRECTORY`] in every file path of the configuration.
+    pub(super) fn expand_credentials_directory(
+        &mut self,
+        dir: Option<&Path>,
+    ) -> Result<(), ConfigError> {
+        let expand = expand_credentials_directory;
+        expand(
+            "server.tls_certificate",
+            &mut self.server.tls_certificate,
+            dir,
+        )?;
+        expand(
+            "server.tls_private_key",
+            &mut self.server.tls_private_key,
+            dir,
+        )?;
+        if let Some(mtls) = &mut self.mtls {
+            expand("mtls.ca_bundle", &mut mtls.ca_bundle, dir)?;
+        }
+        if let Some(authorization) = &mut self.authorization {
+            expand(
+                "authorization.policy_file",
+                &mut authorization.policy_file,
+                dir,
+            )?;
+        }
+        if let Some(module) = &mut self.hsm.module {
+            expand("hsm.module", module, dir)?;
+        }
+        if let Some(pin_file) = &mut self.hsm.pin_file {
+            expand("hsm.pin_file", pin_file, dir)?;
+        }
+        for (i, ekm) in self.hsm.ekms.iter_mut().enumerate() {
+            if let Some(module) = &mut ekm.module {
+                expand(&format!("hsm.ekm[{i}].module"), module, dir)?;
+            }
+            if let Some(pin_file) = &mut ekm.pin_file {
+                expand(&format!("hsm.ekm[{i}].pin_file"), pin_file, dir)?;
+            }
+        }
+        for (i, store) in self.key_stores.iter_mut().enumerate() {
+            for (j, credential) in store.credentials.iter_mut().enumerate() {
+                if let Some(file) = &mut credential.secret_access_key_file {
+                    expand(
+                        &format!("key_store[{i}].credential[{j}].secret_access_key_file"),
+                        file,
+                        dir,
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+}

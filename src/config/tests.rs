@@ -269,3 +269,126 @@ fn a_reload_needs_a_restart_for_what_it_cannot_apply_but_not_for_a_new_pin() {
     let other_deadline = load(&GOOD.replace("[server]", "[server]\nrequest_deadline_ms = 90"));
     assert_ne!(other_deadline.unwrap().restart_only(), running);
 }
+
+fn parse(text: &str) -> FileConfig {
+    toml::from_str(text).unwrap()
+}
+
+#[test]
+fn credentials_directory_starts_file_paths() {
+    let text = GOOD
+        .replace(
+            "tls_private_key = \"key.pem\"",
+            "tls_private_key = \"${CREDENTIALS_DIRECTORY}/tls-key\"",
+        )
+        .replace(
+            "pin = \"1234\"",
+            "pin_file = \"${CREDENTIALS_DIRECTORY}/pin\"",
+        );
+    let mut file = parse(&text);
+    file.expand_credentials_directory(Some(Path::new("/run/credentials/xks-proxy.service")))
+        .unwrap();
+    assert_eq!(
+        file.server.tls_private_key,
+        Path::new("/run/credentials/xks-proxy.service/tls-key")
+    );
+    assert_eq!(
+        file.hsm.pin_file.as_deref(),
+        Some(Path::new("/run/credentials/xks-proxy.service/pin"))
+    );
+    // Untouched: paths that do not name it.
+    assert_eq!(file.server.tls_certificate, Path::new("cert.pem"));
+}
+
+#[test]
+fn credentials_directory_secrets_are_read_from_it() {
+    let credentials = tempfile::tempdir().unwrap();
+    std::fs::write(credentials.path().join("pin"), "5678\n").unwrap();
+    std::fs::write(
+        credentials.path().join("sigv4"),
+        "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG\n",
+    )
+    .unwrap();
+    let text = GOOD
+        .replace(
+            "pin = \"1234\"",
+            "pin_file = \"${CREDENTIALS_DIRECTORY}/pin\"",
+        )
+        .replace(
+            "secret_access_key = \"0123456789012345678901234567890123456789abc\"",
+            "secret_access_key_file = \"${CREDENTIALS_DIRECTORY}/sigv4\"",
+        );
+    let mut file = parse(&text);
+    file.expand_credentials_directory(Some(credentials.path()))
+        .unwrap();
+    let c = Config::from_file(file, Path::new("/etc/xks")).unwrap();
+    let BackendConfig::Pkcs11(p) = &c.backend else {
+        panic!("pkcs11 expected")
+    };
+    assert_eq!(p[0].pin.as_str(), "5678");
+    // Watched, so a changed credential file is taken up by a reload.
+    assert!(c.watched_files.contains(&credentials.path().join("pin")));
+    assert!(c.watched_files.contains(&credentials.path().join("sigv4")));
+}
+
+#[test]
+fn credentials_directory_errors_name_the_field() {
+    let cases = [
+        (
+            // Not set: started outside systemd, or the unit has no LoadCredential=.
+            GOOD.replace(
+                "pin = \"1234\"",
+                "pin_file = \"${CREDENTIALS_DIRECTORY}/pin\"",
+            ),
+            None,
+            "hsm.pin_file",
+            "not set",
+        ),
+        (
+            GOOD.replace("key.pem", "/etc/${CREDENTIALS_DIRECTORY}/key"),
+            Some(Path::new("/run/c")),
+            "server.tls_private_key",
+            "may only start a path",
+        ),
+        (
+            GOOD.replace(
+                "secret_access_key = \"0123456789012345678901234567890123456789abc\"",
+                "secret_access_key_file = \"${CREDENTIALS_DIRECTORY}sigv4\"",
+            ),
+            Some(Path::new("/run/c")),
+            "key_store[0].credential[0].secret_access_key_file",
+            "${CREDENTIALS_DIRECTORY}/NAME",
+        ),
+    ];
+    for (text, dir, field, problem) in cases {
+        let error = parse(&text)
+            .expand_credentials_directory(dir)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(field), "{error}");
+        assert!(error.contains(problem), "{error}");
+    }
+}
+
+/// The configuration the Debian package installs validates once systemd has put the
+/// credentials it names in place (the ones the unit's LoadCredential= loads).
+#[test]
+fn the_packaged_systemd_config_takes_its_secrets_from_credentials() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/systemd.toml");
+    let mut file = parse(&std::fs::read_to_string(path).unwrap());
+    let credentials = tempfile::tempdir().unwrap();
+    std::fs::write(credentials.path().join("secrets_hsm-pin"), "1234\n").unwrap();
+    std::fs::write(
+        credentials.path().join("secrets_sigv4-secret"),
+        "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG\n",
+    )
+    .unwrap();
+    file.expand_credentials_directory(Some(credentials.path()))
+        .unwrap();
+    let c = Config::from_file(file, Path::new("/etc/xks-proxy")).unwrap();
+    assert_eq!(
+        c.tls.private_key,
+        credentials.path().join("secrets_server-key.pem")
+    );
+    assert_eq!(c.listen.port(), 8443, "the load balancer forwards 443 here");
+}

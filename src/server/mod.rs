@@ -9,8 +9,9 @@
 //! authenticates, how long a request's head and body may take, when it is idle, and
 //! how many HTTP/2 control frames it may send.
 //!
-//! Around the listener run the health monitor, the periodic latency summary and, if
-//! configured, the plain-HTTP admin listener ([`admin`]).
+//! Around the listener run the health monitor, the periodic latency summary, if
+//! configured the plain-HTTP admin listener ([`admin`]), and under systemd the
+//! notifications of [`crate::systemd`].
 //!
 //! Shutdown: on the signal, turn readiness off, stop accepting (new connections are
 //! refused), ask every connection to finish its in-flight requests and close, and wait
@@ -222,6 +223,13 @@ impl Server {
         if let Some(path) = config_path {
             background.spawn(live::watch(Arc::clone(&app), path, app.reload_poll));
         }
+        // Under systemd (`Type=notify`): READY=1 once an EKM serves, and the watchdog.
+        background.spawn(crate::systemd::ready_when_serving(Arc::clone(
+            app.handler.monitor(),
+        )));
+        if let Some(interval) = crate::systemd::watchdog_interval() {
+            background.spawn(crate::systemd::watchdog(interval));
+        }
 
         let (stop_tx, stop_rx) = watch::channel(false);
         // Every connection task holds a clone; when all are dropped, draining is done.
@@ -284,6 +292,7 @@ impl Server {
             "shutting down: readiness off, no new connections, draining in-flight requests"
         );
         app.handler.monitor().begin_shutdown();
+        crate::systemd::stopping();
         // The grace bounds the whole exit, the HSM sessions' last calls included.
         crate::hsm::exit_by(std::time::Instant::now() + app.limits.shutdown_grace);
         drop(listener);

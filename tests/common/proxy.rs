@@ -28,16 +28,20 @@ impl Proxy {
     /// proxy's log reader has stopped reading.
     pub fn start_gated(setup: Setup, env: &[(&str, &str)], gate: LogGate) -> Self {
         let mut command = Command::new(BIN);
-        command
-            .arg("serve")
-            .arg("--config")
-            .arg(setup.config())
-            .env("RUST_LOG", "debug")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        command.arg("serve").arg("--config").arg(setup.config());
         for (k, v) in env {
             command.env(k, v);
         }
+        Self::start_command(setup, command, gate)
+    }
+
+    /// Starts the proxy with `command`, which runs `xks-proxy serve` on the setup's
+    /// configuration (e.g. through `sh -c '... exec'`, keeping the process id).
+    pub fn start_command(setup: Setup, mut command: Command, gate: LogGate) -> Self {
+        if !command.get_envs().any(|(name, _)| name == "RUST_LOG") {
+            command.env("RUST_LOG", "debug");
+        }
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = command.spawn().unwrap();
         let logs = Arc::new(Mutex::new(String::new()));
         let mut stderr = child.stderr.take().unwrap();
