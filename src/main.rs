@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use xks_proxy::affinity;
 use xks_proxy::config::Config;
 use xks_proxy::hsm::pkcs11::{self, KeyAction, NewKeyUsage};
-use xks_proxy::hsm::{Backend, BackendConfig};
+use xks_proxy::hsm::Backend;
 use xks_proxy::logging::LogWriter;
 use xks_proxy::metrics::Metrics;
 use xks_proxy::quickstart;
@@ -329,26 +329,10 @@ fn serve(config_path: &Path, logs: Option<&LogWriter>) -> Result<(), Error> {
 
 /// `xks-proxy check-config`: everything `serve` reads before it opens the HSM.
 fn check_config(path: &Path) -> Result<(), Error> {
-    let mut config = Config::load(path)?;
-    if let BackendConfig::Pkcs11(ekms) = &config.backend {
-        for ekm in ekms {
-            if !ekm.module.is_file() {
-                return Err(format!("hsm.module: {} is not a file", ekm.module.display()).into());
-            }
-        }
-    }
-    let files = config.watched_files.clone();
-    let (listen, admin) = (config.listen, config.admin_listen);
-    // The certificate and key, the router and the policies, as a reload builds them.
-    server::live::Live::build(&mut config, None)?;
+    let lines = server::check_config(path)?;
     let mut out = std::io::stdout();
-    let _ = writeln!(out, "{}: valid", path.display());
-    let _ = writeln!(out, "listen {listen}");
-    if let Some(admin) = admin {
-        let _ = writeln!(out, "admin {admin}");
-    }
-    for file in files {
-        let _ = writeln!(out, "reads {}", file.display());
+    for line in lines {
+        let _ = writeln!(out, "{line}");
     }
     Ok(())
 }

@@ -77,6 +77,39 @@ pub enum StartError {
     },
 }
 
+/// Why `xks-proxy check-config` refused a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// The file or a setting.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// A PKCS#11 module path that names no file.
+    #[error("hsm.module: {0} is not a file")]
+    Module(String),
+    /// The certificate and key, the routes or the policies.
+    #[error(transparent)]
+    Start(#[from] StartError),
+}
+
+/// Loads the configuration at `path` and everything `serve` reads before it opens the
+/// HSM (the certificate and key, the routes and the policies, as a reload builds
+/// them); returns what an operator wants to see of it, a line each.
+pub fn check_config(path: &std::path::Path) -> Result<Vec<String>, CheckError> {
+    let mut config = Config::load(path)?;
+    if let crate::hsm::BackendConfig::Pkcs11(ekms) = &config.backend {
+        if let Some(ekm) = ekms.iter().find(|ekm| !ekm.module.is_file()) {
+            return Err(CheckError::Module(ekm.module.display().to_string()));
+        }
+    }
+    let files = config.watched_files.clone();
+    let (listen, admin) = (config.listen, config.admin_listen);
+    Live::build(&mut config, None)?;
+    let mut lines = vec![format!("{}: valid", path.display()), format!("listen {listen}")];
+    lines.extend(admin.map(|admin| format!("admin {admin}")));
+    lines.extend(files.iter().map(|file| format!("reads {}", file.display())));
+    Ok(lines)
+}
+
 /// Everything the service needs, shared by all connections.
 #[derive(Debug)]
 pub struct App {
