@@ -104,7 +104,10 @@ pub fn check_config(path: &std::path::Path) -> Result<Vec<String>, CheckError> {
     let files = config.watched_files.clone();
     let (listen, admin) = (config.listen, config.admin_listen);
     Live::build(&mut config, None)?;
-    let mut lines = vec![format!("{}: valid", path.display()), format!("listen {listen}")];
+    let mut lines = vec![
+        format!("{}: valid", path.display()),
+        format!("listen {listen}"),
+    ];
     lines.extend(admin.map(|admin| format!("admin {admin}")));
     lines.extend(files.iter().map(|file| format!("reads {}", file.display())));
     Ok(lines)

@@ -118,52 +118,43 @@ impl Handler {
         deadline: Instant,
         authz: Option<(&Authorizer, &str)>,
     ) -> Outcome<'a> {
+        // What every operation shares comes first, in the order whose error the client
+        // should see first: the body parsed once, `requestMetadata` present (from here
+        // on the log line names the request), the policies' decision, the fields the
+        // operation requires. Then the operation's own checks and work.
         let mut audit = Audit::default();
-        let result = self
-            .run(operation, keys, key_id, body, deadline, authz, &mut audit)
-            .await;
-        Outcome { result, audit }
-    }
-
-    /// [`Self::handle`]'s work. What every operation shares comes first, in the order
-    /// whose error the client should see first: the body parsed once, `requestMetadata`
-    /// present (from here on the log line names the request), the policies' decision,
-    /// the fields the operation requires. Then the operation's own checks and work.
-    #[allow(clippy::too_many_arguments)]
-    async fn run<'a>(
-        &self,
-        operation: ApiOperation,
-        keys: &KeySet,
-        key_id: &str,
-        body: &'a [u8],
-        deadline: Instant,
-        authz: Option<(&Authorizer, &str)>,
-        audit: &mut Audit<'a>,
-    ) -> Result<Vec<u8>, XksError> {
-        let (metadata, request) = parse_request(operation, body)?;
-        *audit = metadata.audit();
-        if let (Some((authorizer, key_store)), false) =
-            (authz, operation == ApiOperation::GetHealthStatus)
-        {
-            authorize(authorizer, key_store, operation, key_id, &metadata, audit)?;
-        }
-        metadata.require(required(operation))?;
-        let backend = &*self.backend;
-        // The key store's membership is checked by each operation after its own
-        // fields, so the client learns of a malformed request first.
-        let key = KeyRef {
-            id: key_id,
-            known: keys.contains(key_id),
-            aws_sample_metadata: keys.aws_sample_metadata.as_deref(),
-        };
-        match request {
-            Request::GetHealthStatus => {
-                health_status::get_health_status(&self.monitor, &self.health)
+        let result = async {
+            let (metadata, request) = parse_request(operation, body)?;
+            audit = metadata.audit();
+            if let (Some((authorizer, key_store)), false) =
+                (authz, operation == ApiOperation::GetHealthStatus)
+            {
+                authorize(
+                    authorizer, key_store, operation, key_id, &metadata, &mut audit,
+                )?;
             }
-            Request::GetKeyMetadata => key_metadata::get_key_metadata(backend, key, deadline).await,
-            Request::Encrypt(r) => encrypt::encrypt(backend, key, r, deadline).await,
-            Request::Decrypt(r) => decrypt::decrypt(backend, key, r, deadline).await,
+            metadata.require(required(operation))?;
+            let backend = &*self.backend;
+            // The key store's membership is checked by each operation after its own
+            // fields, so the client learns of a malformed request first.
+            let key = KeyRef {
+                id: key_id,
+                known: keys.contains(key_id),
+                aws_sample_metadata: keys.aws_sample_metadata.as_deref(),
+            };
+            match request {
+                Request::GetHealthStatus => {
+                    health_status::get_health_status(&self.monitor, &self.health)
+                }
+                Request::GetKeyMetadata => {
+                    key_metadata::get_key_metadata(backend, key, deadline).await
+                }
+                Request::Encrypt(r) => encrypt::encrypt(backend, key, r, deadline).await,
+                Request::Decrypt(r) => decrypt::decrypt(backend, key, r, deadline).await,
+            }
         }
+        .await;
+        Outcome { result, audit }
     }
 }
 

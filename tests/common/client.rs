@@ -138,6 +138,36 @@ impl Client {
         self.send(version, request).await
     }
 
+    /// Encrypts `plaintext` with `aad` under key `foo` (with a CDIV when `cdiv`), decrypts
+    /// the result and asserts both succeed and the plaintext comes back; returns the
+    /// Encrypt reply.
+    pub async fn round_trip(
+        &self,
+        version: Version,
+        plaintext: &[u8],
+        aad: Option<&[u8]>,
+        cdiv: bool,
+    ) -> Reply {
+        let sealed = self
+            .post(
+                version,
+                &key_path("foo", "encrypt"),
+                &encrypt_body(plaintext, aad, cdiv),
+            )
+            .await;
+        assert_eq!(sealed.status, 200, "{version:?} {:?}", sealed.body);
+        let opened = self
+            .post(
+                version,
+                &key_path("foo", "decrypt"),
+                &decrypt_body(&sealed.body, aad),
+            )
+            .await;
+        assert_eq!(opened.status, 200, "{version:?} {:?}", opened.body);
+        assert_eq!(unb64(&opened.body["plaintext"]), plaintext);
+        sealed
+    }
+
     /// Sends a prepared request over a new connection.
     pub async fn send(&self, version: Version, mut request: http::Request<Full<Bytes>>) -> Reply {
         let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
