@@ -271,7 +271,15 @@ pub fn prepare(
     let config = dir.join("config.toml");
     write_file(
         &config,
-        config_toml(&dir, &module, token, environment.as_ref(), listen, &access_key_id).as_bytes(),
+        config_toml(
+            &dir,
+            &module,
+            token,
+            environment.as_ref(),
+            listen,
+            &access_key_id,
+        )
+        .as_bytes(),
         false,
     )?;
     write_file(
@@ -427,7 +435,9 @@ fn config_toml(
     // SoftHSM2's numbers (perf/steps.md); other modules start from the same and are tuned
     // with `xks-proxy hsm probe` / docs/capacity.md.
     let sessions = match token {
-        SoftToken::SoftHsm2 => "# SoftHSM2 pins sessions to one lock; two sessions is its sweet spot.",
+        SoftToken::SoftHsm2 => {
+            "# SoftHSM2 pins sessions to one lock; two sessions is its sweet spot."
+        }
         _ => "# Two sessions to start with; docs/capacity.md says how to size them.",
     };
     let copies = match token {

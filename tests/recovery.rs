@@ -336,18 +336,16 @@ async fn a_real_outage_module_finalized_and_token_gone_then_restored() {
     let (backend, _faults) = connect(IvSource::HsmRandom);
     round_trip(&backend).await.unwrap();
 
-    // The appliance restarts without its token: the token's directory goes away and
+    // The appliance restarts without its token: the token's store goes away and
     // the module is finalized under the proxy (same library, same process state).
     let (setup, _) = setup();
-    let tokens = setup.path("tokens");
-    let token_dir = std::fs::read_dir(&tokens)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.is_dir())
-        .unwrap();
+    let token_dir = setup.token_store();
     let away = setup.path("token-away");
     std::fs::rename(&token_dir, &away).unwrap();
-    Pkcs11::new(common::module_path()).unwrap().finalize().unwrap();
+    Pkcs11::new(common::module_path())
+        .unwrap()
+        .finalize()
+        .unwrap();
 
     for _ in 0..20 {
         let started = Instant::now();

@@ -64,6 +64,23 @@ impl TestModule {
         }
     }
 
+    /// The token's manufacturerID, which GetHealthStatus reports as `ekmVendor`.
+    pub fn manufacturer(self) -> &'static str {
+        match self {
+            Self::SoftHsm2 => "SoftHSM project",
+            Self::Kryoptic => "Kryoptic Project",
+        }
+    }
+
+    /// A word of the EKM's `model` in GetHealthStatus (the library description with the
+    /// manufacturer and token model: "SoftHSM ...", "Kryoptic Project v1 ...").
+    pub fn model_word(self) -> &'static str {
+        match self {
+            Self::SoftHsm2 => "SoftHSM",
+            Self::Kryoptic => "Kryoptic",
+        }
+    }
+
     /// The variable naming the module's configuration file in a quickstart folder.
     pub fn conf_variable(self) -> (&'static str, &'static str) {
         match self {
@@ -84,6 +101,19 @@ pub fn module_path() -> PathBuf {
 }
 
 impl Setup {
+    /// Where the quickstart token's objects live: SoftHSM2's token directory under
+    /// `tokens/`, kryoptic's first slot's sqlite file. Moving it away is the token gone.
+    pub fn token_store(&self) -> PathBuf {
+        match module() {
+            TestModule::SoftHsm2 => std::fs::read_dir(self.path("tokens"))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .find(|p| p.is_dir())
+                .unwrap(),
+            TestModule::Kryoptic => self.path("tokens/slot1.sql"),
+        }
+    }
+
     /// Points this process's module environment at this folder's token store
     /// (SOFTHSM2_CONF or KRYOPTIC_CONF): call it before the module's first C_Initialize
     /// in process, while no other thread reads the environment.
