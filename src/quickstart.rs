@@ -650,6 +650,44 @@ mod tests {
     }
 
     #[test]
+    fn each_soft_token_gets_its_own_configuration_and_variable() {
+        assert_eq!(
+            SoftToken::of(Path::new("/usr/lib/softhsm/libsofthsm2.so")),
+            SoftToken::SoftHsm2
+        );
+        assert_eq!(
+            SoftToken::of(Path::new("/c/kryoptic/1.5.4/libkryoptic_pkcs11.so")),
+            SoftToken::Kryoptic
+        );
+        assert_eq!(
+            SoftToken::of(Path::new("/opt/vendor/libCryptoki2_64.so")),
+            SoftToken::Other
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let (name, conf) = SoftToken::Kryoptic.configure(dir.path()).unwrap().unwrap();
+        assert_eq!(name, "KRYOPTIC_CONF");
+        let text = std::fs::read_to_string(&conf).unwrap();
+        let parsed: toml::Value = toml::from_str(&text).unwrap();
+        let slots = parsed["slots"].as_array().unwrap();
+        assert_eq!(slots.len(), 2, "one slot for the token, one free: {text}");
+        for (slot, number) in slots.iter().zip(KRYOPTIC_SLOTS) {
+            assert_eq!(slot["slot"].as_integer(), Some(i64::from(number)));
+            assert_eq!(slot["dbtype"].as_str(), Some("sqlite"));
+            let db = dir.path().join(format!("tokens/slot{number}.sql"));
+            assert_eq!(slot["dbargs"].as_str(), db.to_str());
+        }
+        let (name, conf) = SoftToken::SoftHsm2.configure(dir.path()).unwrap().unwrap();
+        assert_eq!(name, "SOFTHSM2_CONF");
+        let text = std::fs::read_to_string(conf).unwrap();
+        let tokendir = format!(
+            "directories.tokendir = {}",
+            dir.path().join("tokens").display()
+        );
+        assert!(text.lines().any(|l| l == tokendir), "{text}");
+        assert!(SoftToken::Other.configure(dir.path()).unwrap().is_none());
+    }
+
+    #[test]
     fn access_key_ids_follow_the_spec() {
         for _ in 0..20 {
             let id = random_access_key_id().unwrap();
