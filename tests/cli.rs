@@ -211,8 +211,10 @@ fn quickstart_serves_and_its_test_client_env_works() {
             "quickstart",
             "--listen",
             &format!("127.0.0.1:{port}"),
-            "--dir",
+            "--module",
         ])
+        .arg(module_path())
+        .arg("--dir")
         .arg(dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
