@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
+# The token suites again on kryoptic, a second PKCS#11 soft token: docs/kryoptic.md.
+./scripts/check-kryoptic.sh
 # Alert rules and their unit tests (promtool); deploy/monitoring.
 ./scripts/check-monitoring.sh
 # deploy/kubernetes: rendered, schema-validated and cross-checked with the proxy.

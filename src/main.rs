@@ -74,7 +74,8 @@ enum Command {
         #[command(subcommand)]
         action: CredentialsCommand,
     },
-    /// Set up a local SoftHSM2 token, keys, credentials, certificates and config, then serve.
+    /// Set up a local soft token (SoftHSM2, kryoptic), keys, credentials, certificates and
+    /// config, then serve.
     Quickstart {
         /// Folder for everything the quickstart creates (reused when run again).
         #[arg(long, default_value = "./xks-quickstart")]
@@ -82,7 +83,8 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8443")]
         listen: SocketAddr,
-        /// PKCS#11 module (default: SoftHSM2 from the usual places).
+        /// PKCS#11 module (default: SoftHSM2 from the usual places; kryoptic's
+        /// libkryoptic_pkcs11.so or any module whose token C_InitToken can initialize).
         #[arg(long)]
         module: Option<PathBuf>,
         /// Prepare the folder and exit without serving.
@@ -438,10 +440,9 @@ fn run_quickstart(
         "  test client env: {}",
         prepared.dir.join("test-client.env").display()
     );
-    println!(
-        "  SoftHSM2:        SOFTHSM2_CONF={}",
-        prepared.softhsm2_conf.display()
-    );
+    if let Some((name, value)) = &prepared.environment {
+        println!("  module env:      {name}={}", value.display());
+    }
     if setup_only {
         return Ok(());
     }

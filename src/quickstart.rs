@@ -1,7 +1,9 @@
 //! `xks-proxy quickstart`: everything a local proxy needs, in one folder.
 //!
-//! Creates (or reuses, when run again) under DIR: a SoftHSM2 configuration and token
-//! with the keys the public XKS test client expects, a SigV4 credential, a local CA and
+//! Creates (or reuses, when run again) under DIR: a soft token (SoftHSM2 by default,
+//! kryoptic or another module with `--module`; see [`SoftToken`]), initialized through
+//! PKCS#11 itself (`C_InitToken`, `C_InitPIN`), with the keys the public XKS test client
+//! expects, a SigV4 credential, a local CA and
 //! a server certificate for `localhost` and `127.0.0.1`, `config.toml` (an ordinary
 //! configuration for `serve`), `kms-console.json` (the spec's XKS proxy configuration
 //! file for the KMS console) and `test-client.env` (the test client's variables).
@@ -126,8 +128,100 @@ pub struct Prepared {
     pub access_key_id: String,
     /// The listen address written to the config.
     pub listen: SocketAddr,
-    /// The SoftHSM2 configuration file; must be in SOFTHSM2_CONF before the module loads.
-    pub softhsm2_conf: PathBuf,
+    /// The module's environment (its configuration file: SOFTHSM2_CONF, KRYOPTIC_CONF),
+    /// set before the module loads; none for a module the quickstart does not know.
+    pub environment: Option<(&'static str, PathBuf)>,
+}
+
+/// The soft tokens the quickstart knows how to give a token store in DIR. Everything
+/// module-specific about the quickstart is here; config/VENDORS.md says how they differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SoftToken {
+    /// SoftHSM2: `SOFTHSM2_CONF` names a file naming the token directory; it always
+    /// offers one free slot to `C_InitToken`.
+    SoftHsm2,
+    /// kryoptic: `KRYOPTIC_CONF` names a TOML file whose `[[slots]]` each have their own
+    /// sqlite database; an uninitialized slot takes `C_InitToken`.
+    Kryoptic,
+    /// Any other module: used as it is, its environment set by the operator; the
+    /// quickstart initializes a token on a free slot if the module allows it.
+    Other,
+}
+
+/// The kryoptic slots the quickstart configures: the first gets the quickstart token,
+/// the second stays free for a second token (a cluster's second EKM, as SoftHSM2's
+/// ever-free slot).
+const KRYOPTIC_SLOTS: [u32; 2] = [1, 2];
+
+impl SoftToken {
+    /// Which soft token a module is, by its file name (`libsofthsm2.so`,
+    /// `libkryoptic_pkcs11.so`).
+    pub fn of(module: &Path) -> Self {
+        let name = module
+            .file_name()
+            .map(|n| n.to_string_lossy().to_ascii_lowercase())
+            .unwrap_or_default();
+        if name.contains("softhsm") {
+            Self::SoftHsm2
+        } else if name.contains("kryoptic") {
+            Self::Kryoptic
+        } else {
+            Self::Other
+        }
+    }
+
+    /// The module's name in the config's comments and the quickstart's output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::SoftHsm2 => "SoftHSM2",
+            Self::Kryoptic => "kryoptic",
+            Self::Other => "PKCS#11",
+        }
+    }
+
+    /// Writes the module's configuration file in DIR (token store under DIR/tokens) and
+    /// returns the variable that must name it when the module loads.
+    fn configure(self, dir: &Path) -> Result<Option<(&'static str, PathBuf)>, QuickstartError> {
+        let tokens = dir.join("tokens");
+        match self {
+            Self::SoftHsm2 => {
+                let conf = dir.join("softhsm2.conf");
+                write_file(
+                    &conf,
+                    format!(
+                        "# SoftHSM2 configuration written by xks-proxy quickstart\n\
+                         directories.tokendir = {}\n\
+                         objectstore.backend = file\n\
+                         log.level = ERROR\n\
+                         slots.removable = false\n",
+                        tokens.display()
+                    )
+                    .as_bytes(),
+                    false,
+                )?;
+                Ok(Some(("SOFTHSM2_CONF", conf)))
+            }
+            Self::Kryoptic => {
+                let conf = dir.join("kryoptic.conf");
+                let mut text = String::from(
+                    "# kryoptic configuration written by xks-proxy quickstart (kryoptic.conf(5))\n",
+                );
+                for slot in KRYOPTIC_SLOTS {
+                    // TOML basic strings: the path's backslashes and quotes escaped.
+                    let db = tokens.join(format!("slot{slot}.sql"));
+                    let db = db.display().to_string();
+                    let db = db.replace('\\', "\\\\").replace('"', "\\\"");
+                    let _ = write!(
+                        text,
+                        "\n[[slots]]\nslot = {slot}\ndbtype = \"sqlite\"\ndbargs = \"{db}\"\n"
+                    );
+                }
+                write_file(&conf, text.as_bytes(), false)?;
+                Ok(Some(("KRYOPTIC_CONF", conf)))
+            }
+            Self::Other => Ok(None),
+        }
+    }
 }
 
 /// Finds the SoftHSM2 module.
@@ -139,8 +233,9 @@ pub fn find_softhsm2() -> Result<PathBuf, QuickstartError> {
         .ok_or_else(|| QuickstartError::NoSoftHsm(SOFTHSM2_MODULE_PATHS.join(", ")))
 }
 
-/// Prepares DIR. Must run before any other thread uses the environment: it sets
-/// SOFTHSM2_CONF for this process so the module finds DIR's token store.
+/// Prepares DIR. Must run before any other thread uses the environment: it sets the
+/// module's variable ([`SoftToken`]: SOFTHSM2_CONF, KRYOPTIC_CONF) for this process so
+/// the module finds DIR's token store.
 pub fn prepare(
     dir: &Path,
     listen: SocketAddr,
@@ -153,23 +248,13 @@ pub fn prepare(
         None => find_softhsm2()?,
     };
 
-    let softhsm2_conf = dir.join("softhsm2.conf");
-    write_file(
-        &softhsm2_conf,
-        format!(
-            "# SoftHSM2 configuration written by xks-proxy quickstart\n\
-             directories.tokendir = {}\n\
-             objectstore.backend = file\n\
-             log.level = ERROR\n\
-             slots.removable = false\n",
-            dir.join("tokens").display()
-        )
-        .as_bytes(),
-        false,
-    )?;
-    // Edition 2021: set_var is safe to call; it is sound here because `prepare` runs
-    // before the runtime or any session thread exists (see the function's contract).
-    std::env::set_var("SOFTHSM2_CONF", &softhsm2_conf);
+    let token = SoftToken::of(&module);
+    let environment = token.configure(&dir)?;
+    if let Some((name, value)) = &environment {
+        // Edition 2021: set_var is safe to call; it is sound here because `prepare` runs
+        // before the runtime or any session thread exists (see the function's contract).
+        std::env::set_var(name, value);
+    }
 
     let pin = reuse_or_create_secret(&dir.join("hsm-pin"), || random_hex(16))?;
     let so_pin = reuse_or_create_secret(&dir.join("hsm-so-pin"), || random_hex(16))?;
@@ -186,7 +271,15 @@ pub fn prepare(
     let config = dir.join("config.toml");
     write_file(
         &config,
-        config_toml(&dir, &module, &softhsm2_conf, listen, &access_key_id).as_bytes(),
+        config_toml(
+            &dir,
+            &module,
+            token,
+            environment.as_ref(),
+            listen,
+            &access_key_id,
+        )
+        .as_bytes(),
         false,
     )?;
     write_file(
@@ -205,7 +298,7 @@ pub fn prepare(
         ca_certificate,
         access_key_id: access_key_id.to_string(),
         listen,
-        softhsm2_conf,
+        environment,
     })
 }
 
@@ -228,7 +321,8 @@ fn init_token(module: &Path, pin: &str, so_pin: &str) -> Result<(), QuickstartEr
     }
     let slot = free.ok_or(QuickstartError::Hsm {
         step: "initializing the token",
-        detail: "no free SoftHSM2 slot".into(),
+        detail: "no slot with an uninitialized token (the module offers none to C_InitToken)"
+            .into(),
     })?;
     let so_pin = AuthPin::new(so_pin.into());
     pkcs11
@@ -329,17 +423,36 @@ fn certificates(dir: &Path) -> Result<(), QuickstartError> {
 fn config_toml(
     dir: &Path,
     module: &Path,
-    softhsm2_conf: &Path,
+    token: SoftToken,
+    environment: Option<&(&'static str, PathBuf)>,
     listen: SocketAddr,
     access_key_id: &str,
 ) -> String {
+    let environment = match environment {
+        Some((name, value)) => format!("\n[hsm.environment]\n{name} = \"{}\"\n", value.display()),
+        None => String::new(),
+    };
+    // SoftHSM2's numbers (perf/steps.md); other modules start from the same and are tuned
+    // with `xks-proxy hsm probe` / docs/capacity.md.
+    let sessions = match token {
+        SoftToken::SoftHsm2 => {
+            "# SoftHSM2 pins sessions to one lock; two sessions is its sweet spot."
+        }
+        _ => "# Two sessions to start with; docs/capacity.md says how to size them.",
+    };
+    let copies = match token {
+        SoftToken::SoftHsm2 => {
+            "# SoftHSM2 re-reads a token key's file on every use; a session copy avoids that."
+        }
+        _ => "# A session copy of each key (C_CopyObject); config/VENDORS.md.",
+    };
     let keys = KEYS
         .iter()
         .map(|(id, _, _)| format!("{id:?}"))
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        r#"# Written by `xks-proxy quickstart`: a local proxy on a SoftHSM2 token.
+        r#"# Written by `xks-proxy quickstart`: a local proxy on a {token_name} token.
 # Serve it with: xks-proxy serve --config {config}
 
 [server]
@@ -367,16 +480,13 @@ backend = "pkcs11"
 module = "{module}"
 token_label = "{TOKEN_LABEL}"
 pin_file = "hsm-pin"
-# SoftHSM2 pins sessions to one lock; two sessions is its sweet spot.
+{sessions}
 sessions = 2
-# SoftHSM2 re-reads a token key's file on every use; a session copy avoids that.
+{copies}
 session_key_copies = true
 # The health monitor's encrypt+decrypt key (in no key store).
 health_check_key = "{HEALTH_CHECK_KEY}"
-
-[hsm.environment]
-SOFTHSM2_CONF = "{softhsm2_conf}"
-
+{environment}
 [[key_store]]
 name = "quickstart"
 uri_prefix = "{URI_PREFIX}"
@@ -390,7 +500,7 @@ secret_access_key_file = "sigv4-secret"
         config = dir.join("config.toml").display(),
         admin = admin_listen(listen),
         module = module.display(),
-        softhsm2_conf = softhsm2_conf.display(),
+        token_name = token.name(),
     )
 }
 
@@ -537,6 +647,44 @@ mod tests {
         certificates(dir.path()).unwrap();
         let days = days_left(&server);
         assert!((364.9..=365.1).contains(&days), "{days} days");
+    }
+
+    #[test]
+    fn each_soft_token_gets_its_own_configuration_and_variable() {
+        assert_eq!(
+            SoftToken::of(Path::new("/usr/lib/softhsm/libsofthsm2.so")),
+            SoftToken::SoftHsm2
+        );
+        assert_eq!(
+            SoftToken::of(Path::new("/c/kryoptic/1.5.4/libkryoptic_pkcs11.so")),
+            SoftToken::Kryoptic
+        );
+        assert_eq!(
+            SoftToken::of(Path::new("/opt/vendor/libCryptoki2_64.so")),
+            SoftToken::Other
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let (name, conf) = SoftToken::Kryoptic.configure(dir.path()).unwrap().unwrap();
+        assert_eq!(name, "KRYOPTIC_CONF");
+        let text = std::fs::read_to_string(&conf).unwrap();
+        let parsed: toml::Value = toml::from_str(&text).unwrap();
+        let slots = parsed["slots"].as_array().unwrap();
+        assert_eq!(slots.len(), 2, "one slot for the token, one free: {text}");
+        for (slot, number) in slots.iter().zip(KRYOPTIC_SLOTS) {
+            assert_eq!(slot["slot"].as_integer(), Some(i64::from(number)));
+            assert_eq!(slot["dbtype"].as_str(), Some("sqlite"));
+            let db = dir.path().join(format!("tokens/slot{number}.sql"));
+            assert_eq!(slot["dbargs"].as_str(), db.to_str());
+        }
+        let (name, conf) = SoftToken::SoftHsm2.configure(dir.path()).unwrap().unwrap();
+        assert_eq!(name, "SOFTHSM2_CONF");
+        let text = std::fs::read_to_string(conf).unwrap();
+        let tokendir = format!(
+            "directories.tokendir = {}",
+            dir.path().join("tokens").display()
+        );
+        assert!(text.lines().any(|l| l == tokendir), "{text}");
+        assert!(SoftToken::Other.configure(dir.path()).unwrap().is_none());
     }
 
     #[test]

@@ -321,11 +321,12 @@ async fn health_status_has_the_spec_schema_over_curl_http1_and_http2() {
             .as_str()
             .unwrap()
             .starts_with("xks-proxy "));
-        assert_eq!(reply["ekmVendor"], "SoftHSM project");
+        assert_eq!(reply["ekmVendor"], module().manufacturer());
         let fleet = reply["ekmFleetDetails"].as_array().unwrap();
         assert_eq!(fleet.len(), 1);
         assert_eq!(fleet[0]["healthStatus"], "ACTIVE");
-        assert!(fleet[0]["model"].as_str().unwrap().contains("SoftHSM"));
+        let model = fleet[0]["model"].as_str().unwrap();
+        assert!(model.contains(module().model_word()), "{model}");
         assert!(!fleet[0]["id"].as_str().unwrap().is_empty());
     }
 }

@@ -82,7 +82,13 @@ async fn a_key_replaced_in_the_hsm_is_looked_up_again() {
     let new = client
         .post(Version::Http1, &key_path("foo", "encrypt"), &body)
         .await;
-    assert_eq!(new.status, 200, "stale handle re-resolved: {:?}", new.body);
+    assert_eq!(
+        new.status,
+        200,
+        "stale handle re-resolved: {:?}\n{}",
+        new.body,
+        proxy.logs.lock().unwrap()
+    );
     let round_trip = client
         .post(
             Version::Http1,
@@ -102,25 +108,27 @@ async fn a_key_replaced_in_the_hsm_is_looked_up_again() {
     assert_eq!(lost.error_name(), "InvalidCiphertextException");
 }
 
-/// The token's serial number, as SoftHSM2's own tool reports it.
+/// The token's serial number, as the module itself reports it (C_GetTokenInfo). The
+/// module's environment is set in this process: its tests spawn their proxies with the
+/// config's own environment, so the variable changes nothing for them.
 fn token_serial(setup: &Setup) -> String {
-    let out = Command::new("softhsm2-util")
-        .arg("--show-slots")
-        .env("SOFTHSM2_CONF", setup.path("softhsm2.conf"))
-        .output()
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    setup.module_environment();
+    let pkcs11 = Pkcs11::new(module_path()).unwrap();
+    pkcs11
+        .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
         .unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    let mut serial = None;
-    for line in text.lines() {
-        let line = line.trim();
-        if let Some(value) = line.strip_prefix("Serial number:") {
-            serial = Some(value.trim().to_owned());
-        }
-        if line.starts_with("Label:") && line.contains("xks-quickstart") {
-            return serial.unwrap();
-        }
-    }
-    panic!("no xks-quickstart token in\n{text}");
+    let serial = pkcs11
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .map(|slot| pkcs11.get_token_info(slot).unwrap())
+        .find(|info| info.label().trim_end() == "xks-quickstart")
+        .map(|info| info.serial_number().trim().to_owned())
+        .expect("no xks-quickstart token");
+    pkcs11.finalize().unwrap();
+    assert!(!serial.is_empty());
+    serial
 }
 
 #[tokio::test]
@@ -203,8 +211,10 @@ fn quickstart_serves_and_its_test_client_env_works() {
             "quickstart",
             "--listen",
             &format!("127.0.0.1:{port}"),
-            "--dir",
+            "--module",
         ])
+        .arg(module_path())
+        .arg("--dir")
         .arg(dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -314,6 +324,11 @@ fn the_pkcs11_module_allocates_through_the_binarys_allocator() {
         "malloc_usable_size",
         "cfree",
     ];
+    let module_name = module_path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
     let binary = std::path::Path::new(BIN)
         .file_name()
         .unwrap()
@@ -336,7 +351,7 @@ fn the_pkcs11_module_allocates_through_the_binarys_allocator() {
             to.contains(&*binary),
             "{symbol} of {from} is bound to {to}, not to the binary:\n{line}"
         );
-        if from.contains("softhsm") {
+        if from.contains(&*module_name) {
             module_binds.push(symbol.to_owned());
         }
     }

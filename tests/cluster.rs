@@ -28,7 +28,6 @@ use xks_proxy::hsm::pkcs11::{IvSource, Pkcs11Backend, Pkcs11Settings, TokenSelec
 use xks_proxy::hsm::{Backend, Ekm, EkmHealth, HsmError};
 use xks_proxy::metrics::Metrics;
 
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 const SECOND: &str = "xks-second";
 const SECOND_PIN: &str = "second-pin";
 const SHARED: &str = "shared";
@@ -40,12 +39,13 @@ fn setup() -> &'static Setup {
     static SETUP: OnceLock<Setup> = OnceLock::new();
     SETUP.get_or_init(|| {
         let setup = Setup::new();
-        std::env::set_var("SOFTHSM2_CONF", setup.path("softhsm2.conf"));
-        let pkcs11 = Pkcs11::new(MODULE).unwrap();
+        setup.module_environment();
+        let pkcs11 = Pkcs11::new(module_path()).unwrap();
         pkcs11
             .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
             .unwrap();
-        // The second token, in SoftHSM2's free slot.
+        // The second token, in the free slot (SoftHSM2 always has one; the quickstart
+        // configures kryoptic with two slots).
         let free = pkcs11
             .get_all_slots()
             .unwrap()
@@ -104,7 +104,7 @@ fn find_token(pkcs11: &Pkcs11, label: &str) -> cryptoki::slot::Slot {
 
 fn ekm(label: &str, pin: &str, faults: &Arc<FaultInjector>) -> Ekm {
     let settings = Pkcs11Settings {
-        module: MODULE.into(),
+        module: module_path(),
         token: TokenSelector::Label(label.into()),
         pin: pin.to_owned().into(),
         sessions: 1,

@@ -23,7 +23,6 @@ use xks_proxy::hsm::pkcs11::{IvSource, Pkcs11Backend, Pkcs11Settings, TokenSelec
 use xks_proxy::hsm::{Backend, Ekm, EkmHealth, HsmError, Sealed};
 use xks_proxy::metrics::Metrics;
 
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 const AAD: &[u8] = b"recovery-test";
 /// Far longer than any answer the tests expect: a request that waits for it hung.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -33,7 +32,7 @@ fn setup() -> &'static (common::Setup, tokio::sync::Mutex<()>) {
     static SETUP: OnceLock<(common::Setup, tokio::sync::Mutex<()>)> = OnceLock::new();
     SETUP.get_or_init(|| {
         let setup = common::Setup::new();
-        std::env::set_var("SOFTHSM2_CONF", setup.path("softhsm2.conf"));
+        setup.module_environment();
         (setup, tokio::sync::Mutex::new(()))
     })
 }
@@ -42,7 +41,7 @@ fn settings(iv_source: IvSource, sessions: usize, faults: &Arc<FaultInjector>) -
     let (setup, _) = setup();
     let pin = std::fs::read_to_string(setup.path("hsm-pin")).unwrap();
     Pkcs11Settings {
-        module: MODULE.into(),
+        module: common::module_path(),
         token: TokenSelector::Label("xks-quickstart".into()),
         pin: pin.trim().to_owned().into(),
         sessions,
@@ -337,18 +336,16 @@ async fn a_real_outage_module_finalized_and_token_gone_then_restored() {
     let (backend, _faults) = connect(IvSource::HsmRandom);
     round_trip(&backend).await.unwrap();
 
-    // The appliance restarts without its token: the token's directory goes away and
+    // The appliance restarts without its token: the token's store goes away and
     // the module is finalized under the proxy (same library, same process state).
     let (setup, _) = setup();
-    let tokens = setup.path("tokens");
-    let token_dir = std::fs::read_dir(&tokens)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.is_dir())
-        .unwrap();
+    let token_dir = setup.token_store();
     let away = setup.path("token-away");
     std::fs::rename(&token_dir, &away).unwrap();
-    Pkcs11::new(MODULE).unwrap().finalize().unwrap();
+    Pkcs11::new(common::module_path())
+        .unwrap()
+        .finalize()
+        .unwrap();
 
     for _ in 0..20 {
         let started = Instant::now();

@@ -1,5 +1,6 @@
 //! Test helpers shared by the integration tests: a real `xks-proxy` process on a real
-//! SoftHSM2 token (made by `xks-proxy quickstart --setup-only` in a temporary folder),
+//! soft token (made by `xks-proxy quickstart --setup-only` in a temporary folder; SoftHSM2,
+//! or kryoptic with `XKS_TEST_PKCS11=kryoptic`: module.rs),
 //! an HTTPS client whose requests are signed by the independent `aws-sigv4` crate, and
 //! curl with `--aws-sigv4`.
 
@@ -10,6 +11,7 @@ mod bodies;
 mod client;
 mod curl;
 mod kubelet;
+mod module;
 mod proxy;
 mod setup;
 mod sigv4;
@@ -25,6 +27,8 @@ pub use client::*;
 pub use curl::*;
 #[allow(unused_imports)]
 pub use kubelet::*;
+#[allow(unused_imports)]
+pub use module::*;
 #[allow(unused_imports)]
 pub use proxy::*;
 #[allow(unused_imports)]

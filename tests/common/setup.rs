@@ -21,14 +21,17 @@ impl Setup {
                 "--setup-only",
                 "--listen",
                 "127.0.0.1:0",
-                "--dir",
+                "--module",
             ])
+            .arg(module_path())
+            .arg("--dir")
             .arg(dir.path())
             .output()
             .unwrap();
         assert!(
             out.status.success(),
-            "quickstart failed (is softhsm2 installed? run scripts/setup.sh):\n{}",
+            "quickstart on {:?} failed (is softhsm2 installed? run scripts/setup.sh):\n{}",
+            module(),
             String::from_utf8_lossy(&out.stderr)
         );
         let read = |f: &str| {

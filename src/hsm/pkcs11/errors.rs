@@ -91,6 +91,19 @@ pub(crate) fn classify(error: &CkError) -> ErrorClass {
     };
     match rv {
         RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid => ErrorClass::StaleHandle,
+        // kryoptic answers C_EncryptInit/C_DecryptInit on the handle of a token key that
+        // another process destroyed with CKR_GENERAL_ERROR (the handle still maps to the
+        // key's sqlite row, which is gone), where SoftHSM2 says CKR_KEY_HANDLE_INVALID.
+        // One lookup and one retry tell the cases apart: a key that is gone is then
+        // KeyNotFound, any other general error fails again. config/VENDORS.md, kryoptic.
+        RvError::GeneralError
+            if matches!(
+                error,
+                CkError::Pkcs11(_, Function::EncryptInit | Function::DecryptInit)
+            ) =>
+        {
+            ErrorClass::StaleHandle
+        }
         RvError::SessionHandleInvalid | RvError::SessionClosed => {
             ErrorClass::Session { close: false }
         }

@@ -182,9 +182,12 @@ impl Worker {
                 match session.decrypt(&Mechanism::AesGcm(params), handle, &input) {
                     // SoftHSM2 reports a GCM tag mismatch as CKR_GENERAL_ERROR. If the
                     // session still answers, the HSM is fine and the input was at fault.
-                    Err(CkError::Pkcs11(RvError::GeneralError | RvError::FunctionFailed, f))
-                        if session.get_session_info().is_ok() =>
-                    {
+                    // Only C_Decrypt's: kryoptic's C_DecryptInit says the same of a
+                    // stale key handle (errors::classify).
+                    Err(CkError::Pkcs11(
+                        RvError::GeneralError | RvError::FunctionFailed,
+                        f @ Function::Decrypt,
+                    )) if session.get_session_info().is_ok() => {
                         Err(CkError::Pkcs11(RvError::EncryptedDataInvalid, f))
                     }
                     other => other.map(Zeroizing::new),
