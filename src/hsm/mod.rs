@@ -26,6 +26,7 @@ pub mod simulated;
 pub mod software;
 
 pub use backend::{Backend, BackendConfig, Ekm};
+pub use pool::PoolThreads;
 pub(crate) use pool::exit_by;
 
 /// The cryptographic operation a request asks of a key.

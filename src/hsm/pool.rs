@@ -21,6 +21,17 @@
 //!   ([`HsmError::Busy`], `expired_in_call`): it waited long in the queue first, which
 //!   is load, not a hung HSM.
 //!
+//! A call that does not return at all (a hung vendor library) holds its thread, and
+//! its session, until it does. Once such a call has run past its call timeout the pool
+//! counts its thread stuck (`xks_hsm_sessions_stuck{ekm}`, one WARN line naming the
+//! call) and opens a replacement thread with a fresh session, so the EKM keeps its
+//! capacity; at most `max_replacements` threads beyond the pool's size, since each
+//! stuck thread still holds a vendor session. When a stuck call returns, its thread
+//! retires if the pool is then over its size, and otherwise rejoins. While every
+//! thread is stuck, requests are answered [`HsmError::Timeout`] at once. The health
+//! monitor reports an EKM with stuck threads DEGRADED, and UNAVAILABLE when none serves
+//! ([`Pool::threads`]).
+//!
 //! The PKCS#11 backend and the simulated HSM both run on this pool, so backpressure
 //! tests with the simulated HSM exercise the product's admission code.
 
@@ -41,6 +52,10 @@ type Job<S> = Box<dyn FnOnce(&mut S) + Send>;
 const QUEUED: u8 = 0;
 const RUNNING: u8 = 1;
 const CANCELLED: u8 = 2;
+/// The call returned.
+const DONE: u8 = 3;
+/// The call ran past its timeout and its thread is counted stuck until it returns.
+const STUCK: u8 = 4;
 
 /// Where a request is: queued, running on a session thread, or given up by its caller.
 struct JobState {
@@ -61,9 +76,47 @@ struct Shared {
     service_ewma_ns: AtomicU64,
     call_timeout: Duration,
     metrics: Arc<Metrics>,
+    /// Session threads not retired: serving or stuck.
+    threads: AtomicUsize,
+    /// Threads in a call that ran past the call timeout and has not returned.
+    stuck: AtomicUsize,
+    /// Threads the pool may open beyond `sessions` to replace stuck ones.
+    max_replacements: usize,
+    /// `xks_hsm_sessions_stuck` of this pool's EKM.
+    stuck_gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Shared {
+    /// Threads that take jobs.
+    fn serving(&self) -> usize {
+        self.threads
+            .load(Ordering::Acquire)
+            .saturating_sub(self.stuck.load(Ordering::Acquire))
+    }
+
+    /// Whether the thread that just finished a job retires: the pool serves with more
+    /// threads than its size (a stuck call returned after a replacement opened).
+    fn retire(&self) -> bool {
+        self.threads
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |threads| {
+                let serving = threads.saturating_sub(self.stuck.load(Ordering::Acquire));
+                (serving > self.sessions).then(|| threads - 1)
+            })
+            .is_ok()
+    }
+
+    /// A stuck call returned after `running`.
+    fn unstuck(&self, call: Call, running: Duration) {
+        let stuck = self.stuck.fetch_sub(1, Ordering::AcqRel) - 1;
+        self.stuck_gauge.set(stuck as i64);
+        tracing::warn!(
+            operation = call.as_str(),
+            elapsed_ms = running.as_millis() as u64,
+            stuck,
+            "a stuck HSM call returned; its session thread rejoins the pool or retires"
+        );
+    }
+
     fn observe_service(&self, service: Duration) {
         let sample = service.as_nanos().min(u128::from(u64::MAX)) as u64;
         let _ = self
@@ -143,7 +196,143 @@ pub(crate) struct Pool<S> {
     /// `None` once the pool is being dropped (which disconnects the threads).
     jobs: Option<Sender<Job<S>>>,
     shared: Arc<Shared>,
-    threads: Vec<thread::JoinHandle<()>>,
+    threads: Arc<Threads<S>>,
+}
+
+/// Makes the session state of a replacement thread.
+type MakeSession<S> = Box<dyn Fn() -> S + Send + Sync>;
+
+/// The pool's session threads, and what it takes to open another.
+struct Threads<S> {
+    shared: Arc<Shared>,
+    queue: Receiver<Job<S>>,
+    make: MakeSession<S>,
+    name: &'static str,
+    opened: AtomicUsize,
+    handles: parking_lot::Mutex<Vec<thread::JoinHandle<()>>>,
+}
+
+impl<S: Send + 'static> Threads<S> {
+    /// Starts a session thread on `session`; it takes jobs until the pool is dropped or
+    /// it retires.
+    fn spawn(&self, mut session: S) -> Result<(), HsmError> {
+        let queue = self.queue.clone();
+        let shared = Arc::clone(&self.shared);
+        let index = self.opened.fetch_add(1, Ordering::Relaxed);
+        let thread = thread::Builder::new()
+            .name(format!("{}-{index}", self.name))
+            .spawn(move || {
+                crate::affinity::pin_session_thread();
+                // Ends when the pool (every Sender) is dropped.
+                while let Ok(job) = queue.recv() {
+                    // A panic inside a job must not take the session thread with it;
+                    // the job's caller sees its reply dropped and answers 500.
+                    if catch_unwind(AssertUnwindSafe(|| job(&mut session))).is_err() {
+                        tracing::error!("HSM job panicked");
+                    }
+                    if shared.retire() {
+                        tracing::info!(
+                            "an HSM session thread retires: the pool is back to its size"
+                        );
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| HsmError::Unavailable(format!("cannot start session thread: {e}")))?;
+        self.handles.lock().push(thread);
+        Ok(())
+    }
+
+    /// The call of a job in `state` ran past its timeout (started at `started`): if it
+    /// still runs, its thread is stuck, and a replacement opens while the bound allows.
+    fn check_stuck(&self, state: &JobState, call: Call, started: Instant) {
+        if state
+            .state
+            .compare_exchange(RUNNING, STUCK, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return; // it returned
+        }
+        let shared = &*self.shared;
+        let stuck = shared.stuck.fetch_add(1, Ordering::AcqRel) + 1;
+        shared.stuck_gauge.set(stuck as i64);
+        let threads = shared.threads.load(Ordering::Acquire);
+        let replace = threads - stuck.min(threads) < shared.sessions
+            && threads < shared.sessions + shared.max_replacements;
+        tracing::warn!(
+            operation = call.as_str(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            stuck,
+            threads,
+            replacement = replace,
+            "an HSM call has not returned: its session thread is stuck{}",
+            if replace {
+                "; opening a replacement session thread"
+            } else {
+                "; no replacement (hsm.max_replacement_sessions reached)"
+            }
+        );
+        if replace {
+            shared.threads.fetch_add(1, Ordering::AcqRel);
+            if let Err(e) = self.spawn((self.make)()) {
+                shared.threads.fetch_sub(1, Ordering::AcqRel);
+                tracing::error!(error = %e, "could not open a replacement session thread");
+            }
+        }
+    }
+}
+
+/// Counts the call of a request that stops waiting for it (an answer given early, a
+/// client gone) stuck if the call is still running at its call timeout.
+struct WatchOnDrop<S: Send + 'static> {
+    state: Arc<JobState>,
+    threads: Arc<Threads<S>>,
+    call: Call,
+}
+
+impl<S: Send + 'static> Drop for WatchOnDrop<S> {
+    fn drop(&mut self) {
+        if self.state.state.load(Ordering::Acquire) != RUNNING {
+            return;
+        }
+        let shared = &self.threads.shared;
+        // Zero only in the instant between the job's start and its timestamp.
+        let started = match self.state.started_ns.load(Ordering::Acquire) {
+            0 => Instant::now(),
+            ns => shared.epoch + Duration::from_nanos(ns),
+        };
+        let due = started + shared.call_timeout;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (state, threads, call) = (
+            Arc::clone(&self.state),
+            Arc::clone(&self.threads),
+            self.call,
+        );
+        runtime.spawn(async move {
+            tokio::time::sleep_until(due.into()).await;
+            threads.check_stuck(&state, call, started);
+        });
+    }
+}
+
+/// How many session threads a pool runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolThreads {
+    /// The pool's size (`hsm.sessions`).
+    pub sessions: usize,
+    /// Threads running, replacements included.
+    pub threads: usize,
+    /// Threads held by a call past its timeout.
+    pub stuck: usize,
+}
+
+impl PoolThreads {
+    /// Threads that take requests.
+    pub fn serving(&self) -> usize {
+        self.threads.saturating_sub(self.stuck)
+    }
 }
 
 /// How long dropping a pool waits for its threads to finish their calls.
@@ -168,7 +357,8 @@ impl<S> Drop for Pool<S> {
         let give_up = EXIT_BY.get().map_or(Instant::now() + STOP_WAIT, |by| {
             (*by).min(Instant::now() + STOP_WAIT)
         });
-        for thread in self.threads.drain(..) {
+        let threads = std::mem::take(&mut *self.threads.handles.lock());
+        for thread in threads {
             while !thread.is_finished() && Instant::now() < give_up {
                 thread::sleep(Duration::from_millis(1));
             }
@@ -200,6 +390,10 @@ pub(crate) struct PoolSettings {
     pub(crate) queue_depth: usize,
     /// Longest a single HSM call may take before the caller gets 503.
     pub(crate) call_timeout: Duration,
+    /// Threads the pool may open beyond its size to replace stuck ones.
+    pub(crate) max_replacements: usize,
+    /// The EKM's id, for `xks_hsm_sessions_stuck`.
+    pub(crate) ekm: String,
 }
 
 /// Gives the caller's place up if the caller goes away (client disconnected) before
@@ -216,14 +410,23 @@ impl Drop for CancelOnDrop {
 }
 
 impl<S: Send + 'static> Pool<S> {
-    /// Starts one thread per session state.
+    /// Starts one thread per session state; `make` makes the state of a replacement
+    /// thread (its session opens on its first job).
     pub(crate) fn start(
         settings: &PoolSettings,
         sessions: Vec<S>,
+        make: impl Fn() -> S + Send + Sync + 'static,
         metrics: Arc<Metrics>,
     ) -> Result<Self, HsmError> {
         let (jobs, queue) = crossbeam_channel::bounded::<Job<S>>(settings.queue_depth.max(1));
         metrics.pool_sessions.set(sessions.len() as i64);
+        let stuck_gauge = metrics
+            .sessions_stuck
+            .get_or_create(&crate::metrics::EkmIdLabels {
+                ekm: settings.ekm.clone(),
+            })
+            .clone();
+        stuck_gauge.set(0);
         let shared = Arc::new(Shared {
             epoch: Instant::now(),
             sessions: sessions.len().max(1),
@@ -233,25 +436,21 @@ impl<S: Send + 'static> Pool<S> {
             service_ewma_ns: AtomicU64::new(0),
             call_timeout: settings.call_timeout,
             metrics,
+            threads: AtomicUsize::new(sessions.len()),
+            stuck: AtomicUsize::new(0),
+            max_replacements: settings.max_replacements,
+            stuck_gauge,
         });
-        let mut threads = Vec::with_capacity(sessions.len());
-        for (index, mut session) in sessions.into_iter().enumerate() {
-            let queue: Receiver<Job<S>> = queue.clone();
-            let thread = thread::Builder::new()
-                .name(format!("{}-{index}", settings.name))
-                .spawn(move || {
-                    crate::affinity::pin_session_thread();
-                    // Ends when the pool (every Sender) is dropped.
-                    while let Ok(job) = queue.recv() {
-                        // A panic inside a job must not take the session thread with it;
-                        // the job's caller sees its reply dropped and answers 500.
-                        if catch_unwind(AssertUnwindSafe(|| job(&mut session))).is_err() {
-                            tracing::error!("HSM job panicked");
-                        }
-                    }
-                })
-                .map_err(|e| HsmError::Unavailable(format!("cannot start session thread: {e}")))?;
-            threads.push(thread);
+        let threads = Arc::new(Threads {
+            shared: Arc::clone(&shared),
+            queue,
+            make: Box::new(make),
+            name: settings.name,
+            opened: AtomicUsize::new(0),
+            handles: parking_lot::Mutex::new(Vec::with_capacity(sessions.len())),
+        });
+        for session in sessions {
+            threads.spawn(session)?;
         }
         Ok(Self {
             jobs: Some(jobs),
@@ -270,6 +469,16 @@ impl<S: Send + 'static> Pool<S> {
         )
     }
 
+    /// The pool's threads: its size, how many run and how many are stuck.
+    pub(crate) fn threads(&self) -> PoolThreads {
+        let shared = &*self.shared;
+        PoolThreads {
+            sessions: shared.sessions,
+            threads: shared.threads.load(Ordering::Acquire),
+            stuck: shared.stuck.load(Ordering::Acquire),
+        }
+    }
+
     /// Requests waiting for a session.
     pub(crate) fn queued(&self) -> usize {
         self.jobs.as_ref().map_or(0, Sender::len)
@@ -284,7 +493,7 @@ impl<S: Send + 'static> Pool<S> {
             return Err(ShedReason::QueueFull);
         }
         // Whole waves of service before a session frees up for us, plus our own call.
-        let waves = (ahead / shared.sessions) as u32 + 1;
+        let waves = (ahead / shared.serving().clamp(1, shared.sessions)) as u32 + 1;
         let expected = shared.mean_service() * waves;
         // Admit only what is expected to finish within half the time left. The other
         // half absorbs the estimate's error, which grows with the waves ahead (each
@@ -316,6 +525,11 @@ impl<S: Send + 'static> Pool<S> {
         else {
             return Err(shared.refuse(ShedReason::Deadline));
         };
+        if shared.serving() == 0 {
+            // Every thread is held by a call that has not returned, and the bound on
+            // replacements is reached: nothing would take the request.
+            return Err(HsmError::Timeout);
+        }
         let place = match self.admit(remaining) {
             Ok(place) => place,
             Err(reason) => {
@@ -342,6 +556,14 @@ impl<S: Send + 'static> Pool<S> {
                 return; // the caller gave up; it has answered already
             }
             let started = Instant::now();
+            // However the call ends (even by a panic), it is marked done, and a thread
+            // counted stuck is counted again.
+            let finished = Finished {
+                state: &job_state,
+                shared: &shared,
+                call,
+                started,
+            };
             job_state.started_ns.store(
                 started.duration_since(shared.epoch).as_nanos() as u64,
                 Ordering::Release,
@@ -361,6 +583,7 @@ impl<S: Send + 'static> Pool<S> {
             shared.metrics.pool_busy.inc();
             let result = f(session);
             let service = started.elapsed();
+            drop(finished);
             shared.busy.fetch_sub(1, Ordering::Relaxed);
             shared.metrics.pool_busy.dec();
             if call.teaches() {
@@ -386,6 +609,11 @@ impl<S: Send + 'static> Pool<S> {
         }
         shared.metrics.queue_depth.set(self.queued() as i64);
         let _cancel = CancelOnDrop(Arc::clone(&state));
+        let _watch = WatchOnDrop {
+            state: Arc::clone(&state),
+            threads: Arc::clone(&self.threads),
+            call,
+        };
 
         // Wake at the deadline or when a running call's timeout would be up, whichever
         // is first. A call cannot have started before `now`, so `now + call_timeout`
@@ -463,6 +691,27 @@ impl<S: Send + 'static> Pool<S> {
     }
 }
 
+/// Marks a running job's call done when dropped; a call counted stuck is uncounted.
+struct Finished<'a> {
+    state: &'a JobState,
+    shared: &'a Shared,
+    call: Call,
+    started: Instant,
+}
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        if self
+            .state
+            .state
+            .compare_exchange(RUNNING, DONE, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            self.shared.unstuck(self.call, self.started.elapsed());
+        }
+    }
+}
+
 /// A place among the outstanding requests, given back when dropped.
 struct Place<'a>(&'a Shared);
 
@@ -483,9 +732,11 @@ mod tests {
             name: "test-pool",
             queue_depth,
             call_timeout,
+            max_replacements: sessions,
+            ekm: "test".into(),
         };
         let metrics = Metrics::new(Duration::from_millis(100));
-        Arc::new(Pool::start(&settings, vec![(); sessions], metrics).unwrap())
+        Arc::new(Pool::start(&settings, vec![(); sessions], || (), metrics).unwrap())
     }
 
     fn sleeper(d: Duration) -> impl FnOnce(&mut ()) -> Result<(), HsmError> + Send {
