@@ -391,10 +391,7 @@ async fn hung_calls_on_one_ekm_and_then_on_all_are_contained() {
         round_trip(&fleet, b"one hangs").await.unwrap();
     }
     monitor.check().await;
-    assert_eq!(
-        monitor.statuses(),
-        [EkmHealth::Degraded, EkmHealth::Active]
-    );
+    assert_eq!(monitor.statuses(), [EkmHealth::Degraded, EkmHealth::Active]);
     // (Requests prefer the ACTIVE EKM; tests/hung.rs shows a replacement serving.)
     assert_eq!(burst(&fleet, 100).await, 0);
 

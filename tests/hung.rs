@@ -161,7 +161,10 @@ async fn hung_calls_are_replaced_up_to_the_bound_and_the_pool_returns_to_its_siz
         .lines()
         .find(|l| l.contains("an HSM call has not returned"))
         .unwrap_or_else(|| panic!("no stuck line:\n{log}"));
-    assert!(line.contains("Encrypt") && line.contains("elapsed_ms"), "{line}");
+    assert!(
+        line.contains("Encrypt") && line.contains("elapsed_ms"),
+        "{line}"
+    );
 
     // The pool still serves two calls at once: with one thread stuck, three are busy.
     served_again(&backend).await;

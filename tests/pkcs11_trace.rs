@@ -50,7 +50,9 @@ async fn requests(proxy: &Proxy) {
 }
 
 fn call_lines(logs: &str) -> Vec<&str> {
-    logs.lines().filter(|l| l.contains("PKCS#11 call")).collect()
+    logs.lines()
+        .filter(|l| l.contains("PKCS#11 call"))
+        .collect()
 }
 
 #[tokio::test]

@@ -13,9 +13,7 @@ use super::fleet::{self, Fleet};
 use super::pkcs11::{Pkcs11Backend, Pkcs11Settings};
 use super::simulated::{SimulatedBackend, SimulatedSettings};
 use super::software::{SoftwareBackend, SoftwareKeySpec};
-use super::{
-    health_round_trip, EkmInfo, HsmError, KeyMetadata, Plaintext, PoolThreads, Sealed,
-};
+use super::{health_round_trip, EkmInfo, HsmError, KeyMetadata, Plaintext, PoolThreads, Sealed};
 use crate::metrics::Metrics;
 
 /// The validated backend choice (the `[hsm]` section).

@@ -26,8 +26,8 @@ pub mod simulated;
 pub mod software;
 
 pub use backend::{Backend, BackendConfig, Ekm};
-pub use pool::PoolThreads;
 pub(crate) use pool::exit_by;
+pub use pool::PoolThreads;
 
 /// The cryptographic operation a request asks of a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -109,7 +109,7 @@ impl Shared {
     fn unstuck(&self, call: Call, running: Duration) {
         let stuck = self.stuck.fetch_sub(1, Ordering::AcqRel) - 1;
         self.stuck_gauge.set(stuck as i64);
-        tracing::warn!(
+        tracing::info!(
             operation = call.as_str(),
             elapsed_ms = running.as_millis() as u64,
             stuck,

@@ -107,9 +107,11 @@ impl Pkcs11Backend {
         let slot = first
             .call(|s| s.get_session_info(), Function::GetSessionInfo)?
             .slot_id();
-        let token = trace::traced(Function::GetTokenInfo, &settings.token, || {
-            shared.module.state.read().pkcs11.get_token_info(slot)
-        })
+        let token = trace::traced(
+            Function::GetTokenInfo,
+            trace::On::Token(&settings.token),
+            || shared.module.state.read().pkcs11.get_token_info(slot),
+        )
         .map_err(unexpected(Function::GetTokenInfo))?;
         let fw = token.firmware_version();
         let hw = token.hardware_version();

@@ -113,8 +113,12 @@ impl Module {
                 path.display()
             ))
         })?;
-        trace::traced(Function::Initialize, &path.display(), || initialize(&pkcs11))
-            .map_err(|e| HsmError::Unavailable(format!("C_Initialize failed: {e}")))?;
+        trace::traced(
+            Function::Initialize,
+            trace::On::Module(&path.display()),
+            || initialize(&pkcs11),
+        )
+        .map_err(|e| HsmError::Unavailable(format!("C_Initialize failed: {e}")))?;
         let module = Arc::new(Self {
             path: path.to_owned(),
             generation: AtomicU64::new(0),
@@ -223,18 +227,22 @@ impl Module {
         }
         tracing::warn!(module = %self.path.display(), reason = why, "re-initializing the PKCS#11 module");
         // Fails with CKR_CRYPTOKI_NOT_INITIALIZED when the module was finalized under us.
-        let _ = trace::traced(Function::Finalize, &self.path.display(), || {
-            state.pkcs11.clone().finalize()
-        });
+        let _ = trace::traced(
+            Function::Finalize,
+            trace::On::Module(&self.path.display()),
+            || state.pkcs11.clone().finalize(),
+        );
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.failures.fetch_add(1, Ordering::Relaxed);
         state.last_init = Some(now);
         let result = faults
             .map_or(Ok(()), |f| f.before(Function::Initialize))
             .and_then(|()| {
-                trace::traced(Function::Initialize, &self.path.display(), || {
-                    initialize(&state.pkcs11)
-                })
+                trace::traced(
+                    Function::Initialize,
+                    trace::On::Module(&self.path.display()),
+                    || initialize(&state.pkcs11),
+                )
             });
         match result {
             Ok(()) => {

@@ -34,11 +34,21 @@ pub(super) fn on() -> bool {
     ON.load(Ordering::Relaxed)
 }
 
-/// Runs `f`, the proxy's call of `function` into the module for `token`, and traces it.
+/// What a call was about: a token (session calls) or the module itself (C_Initialize,
+/// C_Finalize).
+#[derive(Clone, Copy)]
+pub(super) enum On<'a> {
+    /// A token.
+    Token(&'a dyn Display),
+    /// The module at a path.
+    Module(&'a dyn Display),
+}
+
+/// Runs `f`, the proxy's call of `function` into the module, and traces it.
 #[inline]
 pub(super) fn traced<T>(
     function: Function,
-    token: &dyn Display,
+    token: On<'_>,
     f: impl FnOnce() -> Result<T, CkError>,
 ) -> Result<T, CkError> {
     if !on() {
@@ -53,22 +63,28 @@ pub(super) fn traced<T>(
 /// Writes the line of a call that started at `started` and failed with `error` (or
 /// returned CKR_OK).
 #[cold]
-pub(super) fn emit(
-    function: Function,
-    token: &dyn Display,
-    error: Option<&CkError>,
-    started: Instant,
-) {
+pub(super) fn emit(function: Function, on: On<'_>, error: Option<&CkError>, started: Instant) {
     let duration_us = started.elapsed().as_micros() as u64;
     let rv = error.map_or_else(|| "CKR_OK".to_owned(), rv_name);
-    tracing::info!(
-        target: TARGET,
-        function = %format_args!("C_{function:?}"),
-        rv = %rv,
-        duration_us,
-        token = %token,
-        "PKCS#11 call"
-    );
+    let function = format_args!("C_{function:?}");
+    match on {
+        On::Token(token) => tracing::info!(
+            target: TARGET,
+            function = %function,
+            rv = %rv,
+            duration_us,
+            token = %token,
+            "PKCS#11 call"
+        ),
+        On::Module(module) => tracing::info!(
+            target: TARGET,
+            function = %function,
+            rv = %rv,
+            duration_us,
+            module = %module,
+            "PKCS#11 call"
+        ),
+    }
 }
 
 /// The CKR_ name of a PKCS#11 error (`CKR_DEVICE_ERROR`), or what went wrong before

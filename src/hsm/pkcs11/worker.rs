@@ -115,7 +115,9 @@ impl Shared {
         tracing::debug!(token = %self.token, "C_Login");
         // An injected error stands for the token's answer, a refused PIN included.
         let result = self.inject(Function::Login).and_then(|()| {
-            trace::traced(Function::Login, &self.token, || login_ck(session, &pin))
+            trace::traced(Function::Login, trace::On::Token(&self.token), || {
+                login_ck(session, &pin)
+            })
         });
         let refusal = match result {
             Ok(()) => return Ok(()),
@@ -226,13 +228,17 @@ impl Worker {
             let call = |e| Failure::Call(e, generation);
             let slot = self.shared.slot(pkcs11, generation)?;
             self.shared.inject(Function::OpenSession).map_err(call)?;
-            let session = trace::traced(Function::OpenSession, &self.shared.token, || {
-                if self.shared.read_write_sessions {
-                    pkcs11.open_rw_session(slot)
-                } else {
-                    pkcs11.open_ro_session(slot)
-                }
-            })
+            let session = trace::traced(
+                Function::OpenSession,
+                trace::On::Token(&self.shared.token),
+                || {
+                    if self.shared.read_write_sessions {
+                        pkcs11.open_rw_session(slot)
+                    } else {
+                        pkcs11.open_ro_session(slot)
+                    }
+                },
+            )
             .map_err(call)?;
             self.shared.log_in(&session).map_err(|e| match e {
                 LoginError::Refused(e) => Failure::Hsm(e),
@@ -265,7 +271,12 @@ impl Worker {
         let started = trace::on().then(Instant::now);
         let result = f(session);
         if let Some(started) = started {
-            trace::emit(function, &self.shared.token, result.as_ref().err(), started);
+            trace::emit(
+                function,
+                trace::On::Token(&self.shared.token),
+                result.as_ref().err(),
+                started,
+            );
         }
         let result = result.map_err(|e| Failure::Call(e, generation));
         if result.is_ok() {
