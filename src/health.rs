@@ -13,6 +13,10 @@
 //! - UNAVAILABLE: it failed or timed out, or no check has succeeded within the last
 //!   minute (the monitor itself is stuck).
 //!
+//! The session pool's threads weigh in too (`crate::hsm::pool`): an EKM with a thread
+//! stuck in a call that has not returned is at most DEGRADED (it serves on the other
+//! threads and replacements), and UNAVAILABLE when no thread is left to serve.
+//!
 //! A fleet's EKMs are checked one by one; each verdict also tells the fleet whether to
 //! route requests to that EKM. While any EKM is not ACTIVE the monitor checks every
 //! second, so a returning HSM is seen (and reported) within seconds.
@@ -113,11 +117,20 @@ impl HealthMonitor {
             .health_check(self.key.as_deref(), started + self.budget)
             .await;
         let elapsed = started.elapsed();
-        let status = match &result {
+        let mut status = match &result {
             Ok(()) if elapsed <= self.budget / 2 => EkmHealth::Active,
             Ok(()) | Err(HsmError::Busy(_)) => EkmHealth::Degraded,
             Err(_) => EkmHealth::Unavailable,
         };
+        if let Some(threads) = ekm.pool_threads().filter(|t| t.stuck > 0) {
+            status = if threads.serving() == 0 {
+                EkmHealth::Unavailable
+            } else if status == EkmHealth::Active {
+                EkmHealth::Degraded
+            } else {
+                status
+            };
+        }
         let previous = std::mem::replace(
             &mut self.last.write()[i],
             Checked {

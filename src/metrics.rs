@@ -388,6 +388,8 @@ pub struct Metrics {
     pub ekm_login_suspended: Family<EkmIdLabels, Gauge>,
     /// HSM sessions (threads) in the pool.
     pub pool_sessions: Gauge,
+    /// Session threads of an EKM held by a call past its timeout that has not returned.
+    pub sessions_stuck: Family<EkmIdLabels, Gauge>,
     /// Sessions busy with a call.
     pub pool_busy: Gauge,
     /// Requests waiting for a session.
@@ -583,6 +585,12 @@ impl Metrics {
             "HSM sessions in the pool",
             pool_sessions.clone(),
         );
+        let sessions_stuck = Family::<EkmIdLabels, Gauge>::default();
+        registry.register(
+            "xks_hsm_sessions_stuck",
+            "HSM session threads held by a call that ran past its timeout and has not returned",
+            sessions_stuck.clone(),
+        );
         let pool_busy = Gauge::default();
         registry.register(
             "xks_hsm_sessions_busy",
@@ -630,6 +638,7 @@ impl Metrics {
             ekm_health,
             ekm_login_suspended,
             pool_sessions,
+            sessions_stuck,
             pool_busy,
             queue_depth,
             latencies,

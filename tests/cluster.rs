@@ -25,7 +25,7 @@ use xks_proxy::health::HealthMonitor;
 use xks_proxy::hsm::faults::FaultInjector;
 use xks_proxy::hsm::fleet::Fleet;
 use xks_proxy::hsm::pkcs11::{IvSource, Pkcs11Backend, Pkcs11Settings, TokenSelector};
-use xks_proxy::hsm::{Backend, Ekm, EkmHealth, HsmError};
+use xks_proxy::hsm::{Backend, Ekm, EkmHealth, HsmError, PoolThreads};
 use xks_proxy::metrics::Metrics;
 
 const SECOND: &str = "xks-second";
@@ -103,6 +103,16 @@ fn find_token(pkcs11: &Pkcs11, label: &str) -> cryptoki::slot::Slot {
 }
 
 fn ekm(label: &str, pin: &str, faults: &Arc<FaultInjector>) -> Ekm {
+    ekm_timing_out(label, pin, faults, Duration::from_secs(5))
+}
+
+/// One session, and one replacement for a session stuck in a call.
+fn ekm_timing_out(
+    label: &str,
+    pin: &str,
+    faults: &Arc<FaultInjector>,
+    call_timeout: Duration,
+) -> Ekm {
     let settings = Pkcs11Settings {
         module: module_path(),
         token: TokenSelector::Label(label.into()),
@@ -112,8 +122,10 @@ fn ekm(label: &str, pin: &str, faults: &Arc<FaultInjector>) -> Ekm {
         iv_source: IvSource::HsmRandom,
         session_key_copies: true,
         key_refresh: Duration::from_secs(60),
-        call_timeout: Duration::from_secs(5),
+        call_timeout,
         read_write_sessions: false,
+        trace: false,
+        max_replacement_sessions: 1,
         faults: Some(Arc::clone(faults)),
     };
     Ekm::Pkcs11(
@@ -320,5 +332,106 @@ async fn the_proxy_reports_each_ekm_of_a_configured_fleet() {
             .await;
         assert_eq!(decrypted.status, 200, "{:?}", decrypted.body);
         assert_eq!(unb64(&decrypted.body["plaintext"]), plaintext.as_bytes());
+    }
+}
+
+/// Lets every hung call go when the test ends, passed or failed.
+struct ReleaseOnDrop(Arc<FaultInjector>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+fn pool_threads(fleet: &Backend, i: usize) -> PoolThreads {
+    fleet.ekms().nth(i).unwrap().pool_threads().unwrap()
+}
+
+/// Calls that never return, on one EKM and then on both: the fleet serves on while
+/// one EKM's session is stuck (it opens a replacement and reports DEGRADED); with
+/// every thread of both stuck up to the bound, requests fail at once, no thread
+/// opens, and health says UNAVAILABLE; once the calls return, both are back to size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hung_calls_on_one_ekm_and_then_on_all_are_contained() {
+    const CALL_TIMEOUT: Duration = Duration::from_millis(1500);
+    let setup = setup();
+    let first_pin = std::fs::read_to_string(setup.path("hsm-pin")).unwrap();
+    let (faults_a, faults_b) = (
+        Arc::new(FaultInjector::new()),
+        Arc::new(FaultInjector::new()),
+    );
+    let _release = (
+        ReleaseOnDrop(Arc::clone(&faults_a)),
+        ReleaseOnDrop(Arc::clone(&faults_b)),
+    );
+    let a = ekm_timing_out("xks-quickstart", first_pin.trim(), &faults_a, CALL_TIMEOUT);
+    let b = ekm_timing_out(SECOND, SECOND_PIN, &faults_b, CALL_TIMEOUT);
+    let fleet = Arc::new(Backend::Fleet(Fleet::new(vec![a, b]).unwrap()));
+    let monitor = HealthMonitor::new(
+        Arc::clone(&fleet),
+        Some("xks-health-check".into()),
+        Duration::from_secs(1),
+        Duration::from_secs(10),
+        Metrics::new(Duration::from_millis(100)),
+    );
+    monitor.check().await;
+    assert_eq!(monitor.statuses(), [EkmHealth::Active, EkmHealth::Active]);
+    let threads = |sessions, threads, stuck| PoolThreads {
+        sessions,
+        threads,
+        stuck,
+    };
+
+    // The first EKM's call hangs: the request moves on to the second and is served.
+    faults_a.hang(None, 1);
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while pool_threads(&fleet, 0) != threads(1, 2, 1) {
+        assert!(Instant::now() < give_up, "{:?}", pool_threads(&fleet, 0));
+        round_trip(&fleet, b"one hangs").await.unwrap();
+    }
+    monitor.check().await;
+    assert_eq!(monitor.statuses(), [EkmHealth::Degraded, EkmHealth::Active]);
+    // (Requests prefer the ACTIVE EKM; tests/hung.rs shows a replacement serving.)
+    assert_eq!(burst(&fleet, 100).await, 0);
+
+    // Every call on both hangs, until each has its session and its replacement stuck.
+    faults_a.hang(None, 100);
+    faults_b.hang(None, 100);
+    let give_up = Instant::now() + Duration::from_secs(60);
+    while pool_threads(&fleet, 0).serving() + pool_threads(&fleet, 1).serving() > 0 {
+        assert!(Instant::now() < give_up, "{:?}", served(&fleet));
+        let _ = round_trip(&fleet, b"all hang").await;
+        monitor.check().await;
+    }
+    for i in 0..2 {
+        assert_eq!(pool_threads(&fleet, i), threads(1, 2, 2));
+    }
+    let hanging = faults_a.hanging() + faults_b.hanging();
+    for _ in 0..10 {
+        let started = Instant::now();
+        assert!(round_trip(&fleet, b"x").await.is_err());
+        assert!(started.elapsed() < CALL_TIMEOUT, "a request waited");
+    }
+    assert_eq!(faults_a.hanging() + faults_b.hanging(), hanging);
+    monitor.check().await;
+    assert_eq!(
+        monitor.statuses(),
+        [EkmHealth::Unavailable, EkmHealth::Unavailable]
+    );
+    assert!(!monitor.ready());
+
+    // The calls return: both pools shrink back to one thread and serve again.
+    faults_a.release();
+    faults_b.release();
+    let give_up = Instant::now() + Duration::from_secs(20);
+    while (0..2).any(|i| pool_threads(&fleet, i) != threads(1, 1, 0)) {
+        assert!(Instant::now() < give_up, "{:?}", pool_threads(&fleet, 0));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let give_up = Instant::now() + Duration::from_secs(20);
+    while round_trip(&fleet, b"back").await.is_err() {
+        assert!(Instant::now() < give_up, "the fleet did not come back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

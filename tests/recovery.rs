@@ -51,6 +51,8 @@ fn settings(iv_source: IvSource, sessions: usize, faults: &Arc<FaultInjector>) -
         key_refresh: Duration::from_secs(60),
         call_timeout: CALL_TIMEOUT,
         read_write_sessions: false,
+        trace: false,
+        max_replacement_sessions: sessions,
         faults: Some(Arc::clone(faults)),
     }
 }

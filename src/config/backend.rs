@@ -44,6 +44,7 @@ pub(super) fn simulated(
     }
     Ok(SimulatedSettings {
         parallelism: hsm.sessions,
+        max_replacement_sessions: hsm.max_replacement_sessions.unwrap_or(hsm.sessions),
         queue_depth: hsm.queue_depth,
         call_timeout: Duration::from_millis(hsm.call_timeout_ms),
         latency,
@@ -167,6 +168,12 @@ pub(super) fn pkcs11_settings(
     if hsm.queue_depth == 0 {
         return Err(invalid("hsm.queue_depth", "must be at least 1"));
     }
+    if hsm.max_replacement_sessions.is_some_and(|n| n > 1024) {
+        return Err(invalid(
+            "hsm.max_replacement_sessions",
+            "must be at most 1024",
+        ));
+    }
     Ok(Pkcs11Settings {
         module: base.join(module),
         token,
@@ -178,6 +185,8 @@ pub(super) fn pkcs11_settings(
         key_refresh: Duration::from_secs(hsm.key_refresh_seconds),
         call_timeout: Duration::from_millis(hsm.call_timeout_ms),
         read_write_sessions: hsm.read_write_sessions,
+        trace: hsm.trace,
+        max_replacement_sessions: hsm.max_replacement_sessions.unwrap_or(sessions),
         faults: None,
     })
 }

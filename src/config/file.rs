@@ -275,6 +275,13 @@ pub struct HsmSection {
     /// session stays out of the pool until the call returns.
     #[serde(default = "default_call_timeout_ms")]
     pub call_timeout_ms: u64,
+    /// Session threads opened beyond `sessions` while others are stuck in a call
+    /// that does not return (default: `sessions`, so at most twice as many threads).
+    pub max_replacement_sessions: Option<usize>,
+    /// Log every PKCS#11 call (function, CKR_ value, duration; never arguments) at
+    /// INFO under the target `xks_proxy::pkcs11_trace`.
+    #[serde(default)]
+    pub trace: bool,
     /// A key used only by the health monitor's encrypt+decrypt (never a KMS key: it
     /// must not be in any key store). Without one, the monitor only checks that a
     /// session answers.

@@ -132,6 +132,8 @@ struct EkmShape {
     key_refresh: Duration,
     call_timeout: Duration,
     read_write_sessions: bool,
+    trace: bool,
+    max_replacement_sessions: usize,
 }
 
 impl From<&BackendConfig> for BackendShape {
@@ -149,6 +151,8 @@ impl From<&BackendConfig> for BackendShape {
                         key_refresh: ekm.key_refresh,
                         call_timeout: ekm.call_timeout,
                         read_write_sessions: ekm.read_write_sessions,
+                        trace: ekm.trace,
+                        max_replacement_sessions: ekm.max_replacement_sessions,
                     })
                     .collect(),
             ),

@@ -13,7 +13,7 @@ use super::fleet::{self, Fleet};
 use super::pkcs11::{Pkcs11Backend, Pkcs11Settings};
 use super::simulated::{SimulatedBackend, SimulatedSettings};
 use super::software::{SoftwareBackend, SoftwareKeySpec};
-use super::{health_round_trip, EkmInfo, HsmError, KeyMetadata, Plaintext, Sealed};
+use super::{health_round_trip, EkmInfo, HsmError, KeyMetadata, Plaintext, PoolThreads, Sealed};
 use crate::metrics::Metrics;
 
 /// The validated backend choice (the `[hsm]` section).
@@ -136,6 +136,16 @@ impl Ekm {
             Self::Pkcs11(b) => b.sessions().load(),
             Self::Simulated(b) => b.sessions().load(),
             Self::Software(_) => (0, usize::MAX),
+        }
+    }
+
+    /// The EKM's session threads: its size, how many run, how many are stuck in a call
+    /// that has not returned (`None`: no session pool).
+    pub fn pool_threads(&self) -> Option<PoolThreads> {
+        match self {
+            Self::Pkcs11(b) => Some(b.sessions().threads()),
+            Self::Simulated(b) => Some(b.sessions().threads()),
+            Self::Software(_) => None,
         }
     }
 

@@ -11,6 +11,10 @@
 //! proxy: how AES-GCM hands back the IV ([`VendorIv`]). The encryption itself is still
 //! SoftHSM2's; the injector only reshapes the call the way such an HSM would.
 //!
+//! A call can also be held forever ([`FaultInjector::hang`]), as a vendor library whose
+//! call never returns would hold it, until the test lets it go
+//! ([`FaultInjector::release`]).
+//!
 //! The backend holds an injector only when one is given to
 //! [`Pkcs11Settings`](super::pkcs11::Pkcs11Settings) (tests, chaos drills); without one
 //! the hot path pays a single `Option` check.
@@ -19,7 +23,7 @@ use std::time::Duration;
 
 use cryptoki::context::Function;
 use cryptoki::error::{Error as CkError, RvError};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 /// How a simulated HSM returns the GCM IV (the real one, SoftHSM2, takes the caller's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,12 +55,19 @@ struct State {
     vendor_iv: Option<VendorIv>,
     injected: u64,
     delayed: u64,
+    /// Calls to hang: those to this function (`None`: any), this many more times.
+    hang: Option<(Option<Function>, u32)>,
+    /// Calls hanging now.
+    hanging: u64,
+    /// Bumped by each release: a hanging call ends when it changes.
+    releases: u64,
 }
 
 /// Errors and latency injected into PKCS#11 calls on command. Share it with `Arc`.
 #[derive(Debug, Default)]
 pub struct FaultInjector {
     state: Mutex<State>,
+    released: Condvar,
 }
 
 impl FaultInjector {
@@ -103,6 +114,27 @@ impl FaultInjector {
         state.function_latency.clear();
     }
 
+    /// Makes the next `times` calls to `function` (any function when `None`) hang
+    /// until [`release`](Self::release), like a vendor library whose call never
+    /// returns.
+    pub fn hang(&self, function: Option<Function>, times: u32) {
+        self.state.lock().hang = Some((function, times));
+    }
+
+    /// Ends every hanging call (each then goes on to the module) and disarms
+    /// [`hang`](Self::hang). Tests call it before they end, so no thread stays behind.
+    pub fn release(&self) {
+        let mut state = self.state.lock();
+        state.hang = None;
+        state.releases += 1;
+        self.released.notify_all();
+    }
+
+    /// Calls hanging now.
+    pub fn hanging(&self) -> u64 {
+        self.state.lock().hanging
+    }
+
     /// Errors injected so far.
     pub fn injected(&self) -> u64 {
         self.state.lock().injected
@@ -117,11 +149,22 @@ impl FaultInjector {
         self.state.lock().vendor_iv
     }
 
-    /// Called before the backend calls `function`: sleeps the latency, then answers the
-    /// armed error if one matches.
+    /// Called before the backend calls `function`: hangs if told to, sleeps the
+    /// latency, then answers the armed error if one matches.
     pub(crate) fn before(&self, function: Function) -> Result<(), CkError> {
         let (latency, rv) = {
             let mut state = self.state.lock();
+            if let Some((armed, left)) = state.hang {
+                if armed.map_or(true, |f| same(f, function)) {
+                    state.hang = (left > 1).then_some((armed, left - 1));
+                    state.hanging += 1;
+                    let release = state.releases;
+                    while state.releases == release {
+                        self.released.wait(&mut state);
+                    }
+                    state.hanging -= 1;
+                }
+            }
             let position = state
                 .errors
                 .iter()
@@ -201,5 +244,25 @@ mod tests {
         }
         faults.clear();
         assert!(faults.before(Function::Encrypt).is_ok());
+    }
+
+    #[test]
+    fn a_hung_call_waits_for_its_release_and_only_the_armed_ones_hang() {
+        let faults = std::sync::Arc::new(FaultInjector::new());
+        faults.hang(Some(Function::Encrypt), 1);
+        assert!(faults.before(Function::Decrypt).is_ok());
+        let hung = {
+            let faults = std::sync::Arc::clone(&faults);
+            std::thread::spawn(move || faults.before(Function::Encrypt))
+        };
+        while faults.hanging() == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Armed once: the next call goes through.
+        assert!(faults.before(Function::Encrypt).is_ok());
+        assert!(!hung.is_finished());
+        faults.release();
+        assert!(hung.join().unwrap().is_ok());
+        assert_eq!(faults.hanging(), 0);
     }
 }

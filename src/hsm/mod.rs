@@ -27,6 +27,7 @@ pub mod software;
 
 pub use backend::{Backend, BackendConfig, Ekm};
 pub(crate) use pool::exit_by;
+pub use pool::PoolThreads;
 
 /// The cryptographic operation a request asks of a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

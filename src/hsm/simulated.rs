@@ -88,6 +88,8 @@ pub struct SimulatedSettings {
     pub queue_depth: usize,
     /// Longest one call may take before the request answers 503.
     pub call_timeout: Duration,
+    /// Threads opened beyond `parallelism` while others are stuck in a call.
+    pub max_replacement_sessions: usize,
     /// Service time of every operation ...
     pub latency: Latency,
     /// ... except on these keys (a slow or hung key).
@@ -175,21 +177,29 @@ impl SimulatedBackend {
         let keys = Arc::new(SoftwareBackend::new(settings.keys)?);
         let sampler = Sampler::new(settings.latency)?;
         let key_latency = Arc::new(settings.key_latency);
-        let workers = (0..settings.parallelism.max(1))
-            .map(|i| Worker {
+        let worker = {
+            let keys = Arc::clone(&keys);
+            let seed = std::sync::atomic::AtomicU64::new(0x5eed);
+            move || Worker {
                 keys: Arc::clone(&keys),
                 sampler,
                 key_latency: Arc::clone(&key_latency),
-                rng: SmallRng::seed_from_u64(0x5eed + i as u64),
-            })
-            .collect();
+                rng: SmallRng::seed_from_u64(
+                    seed.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                ),
+            }
+        };
+        let workers = (0..settings.parallelism.max(1)).map(|_| worker()).collect();
         let pool = Pool::start(
             &PoolSettings {
                 name: "simulated-hsm",
                 queue_depth: settings.queue_depth,
                 call_timeout: settings.call_timeout,
+                max_replacements: settings.max_replacement_sessions,
+                ekm: "simulated-1".into(),
             },
             workers,
+            worker,
             metrics,
         )?;
         Ok(Self {

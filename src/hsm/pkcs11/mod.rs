@@ -19,7 +19,8 @@
 //! `worker` (a session thread: `call`, `attempt`, `recover`), `gcm` (encrypt and
 //! decrypt on a key, IV batches, output splitting), `keys` (the key cache and lookups),
 //! `objects` (attributes and disabled markers), `module` (library, C_Initialize,
-//! slot and login), `errors` (classification), `settings`; `admin` is key
+//! slot and login), `errors` (classification), `trace` (`hsm.trace`), `settings`;
+//! `admin` is key
 //! administration for `xks-proxy keys`.
 
 mod admin;
@@ -29,6 +30,7 @@ mod keys;
 mod module;
 mod objects;
 mod settings;
+mod trace;
 mod worker;
 
 pub use admin::{
@@ -40,6 +42,7 @@ pub(crate) use module::initialize;
 pub use module::open_token;
 pub use objects::{current_version, DISABLED_MARKER_APPLICATION};
 pub use settings::{IvSource, Pkcs11Settings, TokenSelector, APPENDED_IV_LEN};
+pub use trace::TARGET as TRACE_TARGET;
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -74,6 +77,9 @@ impl fmt::Debug for Pkcs11Backend {
 impl Pkcs11Backend {
     /// Connects to the token, logs in and starts the session threads.
     pub fn connect(settings: &Pkcs11Settings, metrics: Arc<Metrics>) -> Result<Self, HsmError> {
+        if settings.trace {
+            trace::enable();
+        }
         let module = Module::load(&settings.module)?;
         let out = Arc::new(AtomicBool::new(false));
         module.register(&settings.token, &out);
@@ -101,13 +107,12 @@ impl Pkcs11Backend {
         let slot = first
             .call(|s| s.get_session_info(), Function::GetSessionInfo)?
             .slot_id();
-        let token = shared
-            .module
-            .state
-            .read()
-            .pkcs11
-            .get_token_info(slot)
-            .map_err(unexpected(Function::GetTokenInfo))?;
+        let token = trace::traced(
+            Function::GetTokenInfo,
+            trace::On::Token(&settings.token),
+            || shared.module.state.read().pkcs11.get_token_info(slot),
+        )
+        .map_err(unexpected(Function::GetTokenInfo))?;
         let fw = token.firmware_version();
         let hw = token.hardware_version();
         let info = EkmInfo {
@@ -141,13 +146,24 @@ impl Pkcs11Backend {
                 })
             })
             .collect();
+        let replacement = {
+            let shared = Arc::clone(&shared);
+            move || Worker {
+                shared: Arc::clone(&shared),
+                session: None,
+                ivs: IvBatch::new(),
+            }
+        };
         let pool = Pool::start(
             &PoolSettings {
                 name: "pkcs11-session",
                 queue_depth: settings.queue_depth,
                 call_timeout: settings.call_timeout,
+                max_replacements: settings.max_replacement_sessions,
+                ekm: info.id.clone(),
             },
             workers,
+            replacement,
             metrics,
         )?;
         Ok(Self { pool, shared, info })

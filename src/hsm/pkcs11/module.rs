@@ -14,7 +14,7 @@ use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use parking_lot::{RwLock, RwLockReadGuard};
 
-use super::{errors::*, settings::*};
+use super::{errors::*, settings::*, trace};
 use crate::hsm::faults::FaultInjector;
 use crate::hsm::HsmError;
 
@@ -113,8 +113,12 @@ impl Module {
                 path.display()
             ))
         })?;
-        initialize(&pkcs11)
-            .map_err(|e| HsmError::Unavailable(format!("C_Initialize failed: {e}")))?;
+        trace::traced(
+            Function::Initialize,
+            trace::On::Module(&path.display()),
+            || initialize(&pkcs11),
+        )
+        .map_err(|e| HsmError::Unavailable(format!("C_Initialize failed: {e}")))?;
         let module = Arc::new(Self {
             path: path.to_owned(),
             generation: AtomicU64::new(0),
@@ -223,13 +227,23 @@ impl Module {
         }
         tracing::warn!(module = %self.path.display(), reason = why, "re-initializing the PKCS#11 module");
         // Fails with CKR_CRYPTOKI_NOT_INITIALIZED when the module was finalized under us.
-        let _ = state.pkcs11.clone().finalize();
+        let _ = trace::traced(
+            Function::Finalize,
+            trace::On::Module(&self.path.display()),
+            || state.pkcs11.clone().finalize(),
+        );
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.failures.fetch_add(1, Ordering::Relaxed);
         state.last_init = Some(now);
         let result = faults
             .map_or(Ok(()), |f| f.before(Function::Initialize))
-            .and_then(|()| initialize(&state.pkcs11));
+            .and_then(|()| {
+                trace::traced(
+                    Function::Initialize,
+                    trace::On::Module(&self.path.display()),
+                    || initialize(&state.pkcs11),
+                )
+            });
         match result {
             Ok(()) => {
                 state.down = None;

@@ -77,6 +77,13 @@ pub struct Pkcs11Settings {
     /// Open read-write sessions (AWS CloudHSM's SDK 5 refuses read-only ones); the
     /// proxy itself never modifies token objects.
     pub read_write_sessions: bool,
+    /// Log every PKCS#11 call: function, return value, duration (see
+    /// [`TRACE_TARGET`](super::TRACE_TARGET)). Turned on for the whole process by the
+    /// first backend that asks.
+    pub trace: bool,
+    /// Session threads the pool may open beyond `sessions` while others are stuck in
+    /// calls that do not return (see `crate::hsm::pool`).
+    pub max_replacement_sessions: usize,
     /// Errors and latency injected on command (tests and chaos drills; normally `None`).
     pub faults: Option<Arc<FaultInjector>>,
 }
@@ -94,6 +101,8 @@ impl fmt::Debug for Pkcs11Settings {
             .field("key_refresh", &self.key_refresh)
             .field("call_timeout", &self.call_timeout)
             .field("read_write_sessions", &self.read_write_sessions)
+            .field("trace", &self.trace)
+            .field("max_replacement_sessions", &self.max_replacement_sessions)
             .field("faults", &self.faults.is_some())
             .finish()
     }

@@ -11,7 +11,7 @@ use cryptoki::session::Session;
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
-use super::{errors::*, gcm::*, keys::*, module::*, objects::token_is_empty, settings::*};
+use super::{errors::*, gcm::*, keys::*, module::*, objects::token_is_empty, settings::*, trace};
 use crate::hsm::faults::FaultInjector;
 use crate::hsm::HsmError;
 
@@ -114,9 +114,11 @@ impl Shared {
         self.login_allowed().map_err(LoginError::Refused)?;
         tracing::debug!(token = %self.token, "C_Login");
         // An injected error stands for the token's answer, a refused PIN included.
-        let result = self
-            .inject(Function::Login)
-            .and_then(|()| login_ck(session, &pin));
+        let result = self.inject(Function::Login).and_then(|()| {
+            trace::traced(Function::Login, trace::On::Token(&self.token), || {
+                login_ck(session, &pin)
+            })
+        });
         let refusal = match result {
             Ok(()) => return Ok(()),
             Err(e) => match PinRefusal::of(&e) {
@@ -226,11 +228,17 @@ impl Worker {
             let call = |e| Failure::Call(e, generation);
             let slot = self.shared.slot(pkcs11, generation)?;
             self.shared.inject(Function::OpenSession).map_err(call)?;
-            let session = if self.shared.read_write_sessions {
-                pkcs11.open_rw_session(slot)
-            } else {
-                pkcs11.open_ro_session(slot)
-            }
+            let session = trace::traced(
+                Function::OpenSession,
+                trace::On::Token(&self.shared.token),
+                || {
+                    if self.shared.read_write_sessions {
+                        pkcs11.open_rw_session(slot)
+                    } else {
+                        pkcs11.open_ro_session(slot)
+                    }
+                },
+            )
             .map_err(call)?;
             self.shared.log_in(&session).map_err(|e| match e {
                 LoginError::Refused(e) => Failure::Hsm(e),
@@ -260,7 +268,17 @@ impl Worker {
             .inject(function)
             .map_err(|e| Failure::Call(e, generation))?;
         let session = self.session(&guard.pkcs11, generation)?;
-        let result = f(session).map_err(|e| Failure::Call(e, generation));
+        let started = trace::on().then(Instant::now);
+        let result = f(session);
+        if let Some(started) = started {
+            trace::emit(
+                function,
+                trace::On::Token(&self.shared.token),
+                result.as_ref().err(),
+                started,
+            );
+        }
+        let result = result.map_err(|e| Failure::Call(e, generation));
         if result.is_ok() {
             module.served();
             if self.shared.out.load(Ordering::Relaxed) {

@@ -21,26 +21,45 @@
 //!   ([`HsmError::Busy`], `expired_in_call`): it waited long in the queue first, which
 //!   is load, not a hung HSM.
 //!
+//! A call that does not return at all (a hung vendor library) holds its thread, and
+//! its session, until it does. Once such a call has run past its call timeout the pool
+//! counts its thread stuck (`xks_hsm_sessions_stuck{ekm}`, one WARN line naming the
+//! call) and opens a replacement thread with a fresh session, so the EKM keeps its
+//! capacity; at most `max_replacements` threads beyond the pool's size, since each
+//! stuck thread still holds a vendor session. When a stuck call returns, its thread
+//! retires if the pool is then over its size, and otherwise rejoins. While every
+//! thread is stuck, requests are answered [`HsmError::Timeout`] at once. The health
+//! monitor reports an EKM with stuck threads DEGRADED, and UNAVAILABLE when none serves
+//! ([`Pool::threads`]).
+//!
 //! The PKCS#11 backend and the simulated HSM both run on this pool, so backpressure
 //! tests with the simulated HSM exercise the product's admission code.
 
 use std::fmt;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Sender, TrySendError};
 
+use self::threads::{Finished, Threads, WatchOnDrop};
 use super::HsmError;
 use crate::metrics::{note_stage, Metrics, ShedReason, Stage};
+
+mod threads;
+
+pub use threads::PoolThreads;
 
 type Job<S> = Box<dyn FnOnce(&mut S) + Send>;
 
 const QUEUED: u8 = 0;
 const RUNNING: u8 = 1;
 const CANCELLED: u8 = 2;
+/// The call returned.
+const DONE: u8 = 3;
+/// The call ran past its timeout and its thread is counted stuck until it returns.
+const STUCK: u8 = 4;
 
 /// Where a request is: queued, running on a session thread, or given up by its caller.
 struct JobState {
@@ -61,6 +80,14 @@ struct Shared {
     service_ewma_ns: AtomicU64,
     call_timeout: Duration,
     metrics: Arc<Metrics>,
+    /// Session threads not retired: serving or stuck.
+    threads: AtomicUsize,
+    /// Threads in a call that ran past the call timeout and has not returned.
+    stuck: AtomicUsize,
+    /// Threads the pool may open beyond `sessions` to replace stuck ones.
+    max_replacements: usize,
+    /// `xks_hsm_sessions_stuck` of this pool's EKM.
+    stuck_gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Shared {
@@ -143,7 +170,7 @@ pub(crate) struct Pool<S> {
     /// `None` once the pool is being dropped (which disconnects the threads).
     jobs: Option<Sender<Job<S>>>,
     shared: Arc<Shared>,
-    threads: Vec<thread::JoinHandle<()>>,
+    threads: Arc<Threads<S>>,
 }
 
 /// How long dropping a pool waits for its threads to finish their calls.
@@ -168,7 +195,8 @@ impl<S> Drop for Pool<S> {
         let give_up = EXIT_BY.get().map_or(Instant::now() + STOP_WAIT, |by| {
             (*by).min(Instant::now() + STOP_WAIT)
         });
-        for thread in self.threads.drain(..) {
+        let threads = std::mem::take(&mut *self.threads.handles.lock());
+        for thread in threads {
             while !thread.is_finished() && Instant::now() < give_up {
                 thread::sleep(Duration::from_millis(1));
             }
@@ -200,6 +228,10 @@ pub(crate) struct PoolSettings {
     pub(crate) queue_depth: usize,
     /// Longest a single HSM call may take before the caller gets 503.
     pub(crate) call_timeout: Duration,
+    /// Threads the pool may open beyond its size to replace stuck ones.
+    pub(crate) max_replacements: usize,
+    /// The EKM's id, for `xks_hsm_sessions_stuck`.
+    pub(crate) ekm: String,
 }
 
 /// Gives the caller's place up if the caller goes away (client disconnected) before
@@ -216,14 +248,23 @@ impl Drop for CancelOnDrop {
 }
 
 impl<S: Send + 'static> Pool<S> {
-    /// Starts one thread per session state.
+    /// Starts one thread per session state; `make` makes the state of a replacement
+    /// thread (its session opens on its first job).
     pub(crate) fn start(
         settings: &PoolSettings,
         sessions: Vec<S>,
+        make: impl Fn() -> S + Send + Sync + 'static,
         metrics: Arc<Metrics>,
     ) -> Result<Self, HsmError> {
         let (jobs, queue) = crossbeam_channel::bounded::<Job<S>>(settings.queue_depth.max(1));
         metrics.pool_sessions.set(sessions.len() as i64);
+        let stuck_gauge = metrics
+            .sessions_stuck
+            .get_or_create(&crate::metrics::EkmIdLabels {
+                ekm: settings.ekm.clone(),
+            })
+            .clone();
+        stuck_gauge.set(0);
         let shared = Arc::new(Shared {
             epoch: Instant::now(),
             sessions: sessions.len().max(1),
@@ -233,25 +274,21 @@ impl<S: Send + 'static> Pool<S> {
             service_ewma_ns: AtomicU64::new(0),
             call_timeout: settings.call_timeout,
             metrics,
+            threads: AtomicUsize::new(sessions.len()),
+            stuck: AtomicUsize::new(0),
+            max_replacements: settings.max_replacements,
+            stuck_gauge,
         });
-        let mut threads = Vec::with_capacity(sessions.len());
-        for (index, mut session) in sessions.into_iter().enumerate() {
-            let queue: Receiver<Job<S>> = queue.clone();
-            let thread = thread::Builder::new()
-                .name(format!("{}-{index}", settings.name))
-                .spawn(move || {
-                    crate::affinity::pin_session_thread();
-                    // Ends when the pool (every Sender) is dropped.
-                    while let Ok(job) = queue.recv() {
-                        // A panic inside a job must not take the session thread with it;
-                        // the job's caller sees its reply dropped and answers 500.
-                        if catch_unwind(AssertUnwindSafe(|| job(&mut session))).is_err() {
-                            tracing::error!("HSM job panicked");
-                        }
-                    }
-                })
-                .map_err(|e| HsmError::Unavailable(format!("cannot start session thread: {e}")))?;
-            threads.push(thread);
+        let threads = Arc::new(Threads {
+            shared: Arc::clone(&shared),
+            queue,
+            make: Box::new(make),
+            name: settings.name,
+            opened: AtomicUsize::new(0),
+            handles: parking_lot::Mutex::new(Vec::with_capacity(sessions.len())),
+        });
+        for session in sessions {
+            threads.spawn(session)?;
         }
         Ok(Self {
             jobs: Some(jobs),
@@ -270,6 +307,16 @@ impl<S: Send + 'static> Pool<S> {
         )
     }
 
+    /// The pool's threads: its size, how many run and how many are stuck.
+    pub(crate) fn threads(&self) -> PoolThreads {
+        let shared = &*self.shared;
+        PoolThreads {
+            sessions: shared.sessions,
+            threads: shared.threads.load(Ordering::Acquire),
+            stuck: shared.stuck.load(Ordering::Acquire),
+        }
+    }
+
     /// Requests waiting for a session.
     pub(crate) fn queued(&self) -> usize {
         self.jobs.as_ref().map_or(0, Sender::len)
@@ -284,7 +331,7 @@ impl<S: Send + 'static> Pool<S> {
             return Err(ShedReason::QueueFull);
         }
         // Whole waves of service before a session frees up for us, plus our own call.
-        let waves = (ahead / shared.sessions) as u32 + 1;
+        let waves = (ahead / shared.serving().clamp(1, shared.sessions)) as u32 + 1;
         let expected = shared.mean_service() * waves;
         // Admit only what is expected to finish within half the time left. The other
         // half absorbs the estimate's error, which grows with the waves ahead (each
@@ -316,6 +363,11 @@ impl<S: Send + 'static> Pool<S> {
         else {
             return Err(shared.refuse(ShedReason::Deadline));
         };
+        if shared.serving() == 0 {
+            // Every thread is held by a call that has not returned, and the bound on
+            // replacements is reached: nothing would take the request.
+            return Err(HsmError::Timeout);
+        }
         let place = match self.admit(remaining) {
             Ok(place) => place,
             Err(reason) => {
@@ -342,6 +394,14 @@ impl<S: Send + 'static> Pool<S> {
                 return; // the caller gave up; it has answered already
             }
             let started = Instant::now();
+            // However the call ends (even by a panic), it is marked done, and a thread
+            // counted stuck is counted again.
+            let finished = Finished {
+                state: &job_state,
+                shared: &shared,
+                call,
+                started,
+            };
             job_state.started_ns.store(
                 started.duration_since(shared.epoch).as_nanos() as u64,
                 Ordering::Release,
@@ -361,6 +421,7 @@ impl<S: Send + 'static> Pool<S> {
             shared.metrics.pool_busy.inc();
             let result = f(session);
             let service = started.elapsed();
+            drop(finished);
             shared.busy.fetch_sub(1, Ordering::Relaxed);
             shared.metrics.pool_busy.dec();
             if call.teaches() {
@@ -386,6 +447,11 @@ impl<S: Send + 'static> Pool<S> {
         }
         shared.metrics.queue_depth.set(self.queued() as i64);
         let _cancel = CancelOnDrop(Arc::clone(&state));
+        let _watch = WatchOnDrop {
+            state: Arc::clone(&state),
+            threads: Arc::clone(&self.threads),
+            call,
+        };
 
         // Wake at the deadline or when a running call's timeout would be up, whichever
         // is first. A call cannot have started before `now`, so `now + call_timeout`
@@ -473,303 +539,4 @@ impl Drop for Place<'_> {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::atomic::AtomicBool;
-
-    use super::*;
-
-    fn pool(sessions: usize, queue_depth: usize, call_timeout: Duration) -> Arc<Pool<()>> {
-        let settings = PoolSettings {
-            name: "test-pool",
-            queue_depth,
-            call_timeout,
-        };
-        let metrics = Metrics::new(Duration::from_millis(100));
-        Arc::new(Pool::start(&settings, vec![(); sessions], metrics).unwrap())
-    }
-
-    fn sleeper(d: Duration) -> impl FnOnce(&mut ()) -> Result<(), HsmError> + Send {
-        move |()| {
-            std::thread::sleep(d);
-            Ok(())
-        }
-    }
-
-    /// Occupies the only session for `d`; returns once the call has started.
-    async fn occupy(pool: &Arc<Pool<()>>, d: Duration) -> tokio::task::JoinHandle<()> {
-        let started = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&started);
-        let pool = Arc::clone(pool);
-        let task = tokio::spawn(async move {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let _ = pool
-                .run(Call::Encrypt, deadline, move |()| {
-                    flag.store(true, Ordering::SeqCst);
-                    std::thread::sleep(d);
-                    Ok(())
-                })
-                .await;
-        });
-        while !started.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        task
-    }
-
-    #[tokio::test]
-    async fn a_request_that_expires_while_queued_never_reaches_the_hsm() {
-        let pool = pool(1, 8, Duration::from_secs(10));
-        let busy = occupy(&pool, Duration::from_millis(300)).await;
-        let ran = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&ran);
-        let deadline = Instant::now() + Duration::from_millis(50);
-        let result = pool
-            .run(Call::Encrypt, deadline, move |()| {
-                flag.store(true, Ordering::SeqCst);
-                Ok(())
-            })
-            .await;
-        assert_eq!(result, Err(HsmError::Busy(ShedReason::ExpiredInQueue)));
-        busy.await.unwrap();
-        // The session is free now; the expired job was skipped, not run late. The pool
-        // has learned that a call takes 300 ms, and the two places ahead may not be
-        // given back yet (that happens just after the answer): up to three waves,
-        // 900 ms, must fit the deadline, or admission refuses this call.
-        pool.run(
-            Call::Encrypt,
-            Instant::now() + Duration::from_secs(5),
-            sleeper(Duration::ZERO),
-        )
-        .await
-        .unwrap();
-        assert!(!ran.load(Ordering::SeqCst));
-        // The worker gives the place back just after it sends the answer.
-        let give_up = Instant::now() + Duration::from_secs(5);
-        while pool.shared.outstanding.load(Ordering::SeqCst) != 0 {
-            assert!(Instant::now() < give_up, "a place was never given back");
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    }
-
-    #[tokio::test]
-    async fn a_full_queue_and_a_hopeless_wait_are_refused_at_once() {
-        let pool = pool(1, 1, Duration::from_secs(10));
-        // Teach the pool that a call takes about 100 ms.
-        pool.run(
-            Call::Encrypt,
-            Instant::now() + Duration::from_secs(1),
-            sleeper(Duration::from_millis(100)),
-        )
-        .await
-        .unwrap();
-        let busy = occupy(&pool, Duration::from_millis(200)).await;
-        // One wave ahead + our own call ≈ 200 ms: hopeless within 150 ms.
-        let before = Instant::now();
-        let result = pool
-            .run(
-                Call::Encrypt,
-                before + Duration::from_millis(150),
-                sleeper(Duration::ZERO),
-            )
-            .await;
-        assert_eq!(result, Err(HsmError::Busy(ShedReason::ExpectedWait)));
-        assert!(
-            before.elapsed() < Duration::from_millis(100),
-            "not refused at once"
-        );
-        // Fill the one queue place; the next request finds the queue full.
-        let queued = {
-            let pool = Arc::clone(&pool);
-            tokio::spawn(async move {
-                pool.run(
-                    Call::Encrypt,
-                    Instant::now() + Duration::from_secs(5),
-                    sleeper(Duration::ZERO),
-                )
-                .await
-            })
-        };
-        while pool.shared.outstanding.load(Ordering::SeqCst) < 2 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        let result = pool
-            .run(
-                Call::Encrypt,
-                Instant::now() + Duration::from_secs(5),
-                sleeper(Duration::ZERO),
-            )
-            .await;
-        assert_eq!(result, Err(HsmError::Busy(ShedReason::QueueFull)));
-        busy.await.unwrap();
-        queued.await.unwrap().unwrap();
-    }
-
-    /// Sends `count` requests of `each` at once with `budget` to spare, and returns how
-    /// many were refused.
-    async fn burst(pool: &Arc<Pool<()>>, count: usize, each: Duration, budget: Duration) -> usize {
-        let deadline = Instant::now() + budget;
-        let calls: Vec<_> = (0..count)
-            .map(|_| {
-                let pool = Arc::clone(pool);
-                tokio::spawn(async move { pool.run(Call::Encrypt, deadline, sleeper(each)).await })
-            })
-            .collect();
-        let mut refused = 0;
-        for call in calls {
-            match call.await.unwrap() {
-                Ok(()) => {}
-                Err(HsmError::Busy(_)) => refused += 1,
-                Err(e) => panic!("unexpected {e:?}"),
-            }
-        }
-        refused
-    }
-
-    #[test]
-    fn one_outlier_moves_the_estimate_a_little_and_a_slowdown_a_lot() {
-        assert_eq!(next_estimate(0, 5_000), 5_000);
-        // 8 µs steady, then one 10 ms stall: it counts as 32 µs.
-        assert_eq!(next_estimate(8_000, 10_000_000), 7_000 + 4_000);
-        // A call as fast as the mean keeps it.
-        assert_eq!(next_estimate(8_000, 8_000), 8_000);
-        // An HSM that became 250 times slower is followed within 20 calls.
-        let mut estimate = 20_000;
-        for _ in 0..20 {
-            estimate = next_estimate(estimate, 5_000_000);
-        }
-        assert!(estimate > 2_500_000, "{estimate}");
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn one_stalled_call_does_not_shut_the_queue_out() {
-        let pool = pool(1, 64, Duration::from_secs(10));
-        let quick = Duration::from_millis(1);
-        for _ in 0..16 {
-            pool.run(
-                Call::Encrypt,
-                Instant::now() + Duration::from_secs(1),
-                sleeper(quick),
-            )
-            .await
-            .unwrap();
-        }
-        // One call stalls for longer than a request's whole budget.
-        pool.run(
-            Call::Encrypt,
-            Instant::now() + Duration::from_secs(5),
-            sleeper(Duration::from_millis(600)),
-        )
-        .await
-        .unwrap();
-        // Twenty 1 ms requests fit easily in 500 ms. Had the stall counted in full
-        // (a mean of 76 ms), everyone with five or more ahead would be refused.
-        let refused = burst(&pool, 20, quick, Duration::from_millis(500)).await;
-        assert_eq!(refused, 0);
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn control_calls_do_not_teach_the_estimate() {
-        let pool = pool(1, 64, Duration::from_secs(10));
-        // A first health check that logs in and copies keys: slow, and not what
-        // requests will take.
-        pool.run(
-            Call::HealthCheck,
-            Instant::now() + Duration::from_secs(5),
-            sleeper(Duration::from_millis(600)),
-        )
-        .await
-        .unwrap();
-        assert_eq!(pool.shared.mean_service(), Duration::ZERO);
-        let refused = burst(
-            &pool,
-            20,
-            Duration::from_millis(1),
-            Duration::from_millis(500),
-        )
-        .await;
-        assert_eq!(refused, 0);
-        // Requests do teach it.
-        assert!(pool.shared.mean_service() >= Duration::from_millis(1));
-    }
-
-    fn shed(pool: &Pool<()>, reason: &'static str) -> u64 {
-        pool.shared
-            .metrics
-            .sheds
-            .get_or_create(&crate::metrics::ShedLabels { reason })
-            .get()
-    }
-
-    #[tokio::test]
-    async fn a_deadline_that_passes_early_in_a_call_is_load_not_a_hung_hsm() {
-        // One session: the request waits 300 ms for another call, then runs its own
-        // for the 100 ms it has left (of 400); the call timeout is far away. The
-        // margins leave a loaded machine 100 ms of scheduling delay.
-        let pool = pool(1, 8, Duration::from_secs(5));
-        let first = {
-            let pool = Arc::clone(&pool);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            // A control call, so that the service-time estimate stays empty and the
-            // request below is not shed before its call for lack of time.
-            tokio::spawn(async move {
-                pool.run(
-                    Call::HealthCheck,
-                    deadline,
-                    sleeper(Duration::from_millis(300)),
-                )
-                .await
-            })
-        };
-        // A request with 400 ms left whose call would take 600 ms.
-        let slow_request = || {
-            pool.run(
-                Call::HealthCheck,
-                Instant::now() + Duration::from_millis(400),
-                sleeper(Duration::from_millis(600)),
-            )
-        };
-        while pool.shared.busy.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        let result = slow_request().await;
-        first.await.unwrap().unwrap();
-        assert_eq!(result, Err(HsmError::Busy(ShedReason::ExpiredInCall)));
-        assert_eq!(shed(&pool, "expired_in_call"), 1);
-
-        // A call that takes the request's whole time is the HSM's: a timeout. (Once
-        // the session has finished the call given up above.)
-        while pool.shared.busy.load(Ordering::SeqCst) != 0 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        assert_eq!(slow_request().await, Err(HsmError::Timeout));
-        assert_eq!(shed(&pool, "expired_in_call"), 1);
-    }
-
-    #[tokio::test]
-    async fn a_call_past_its_timeout_answers_at_once_and_keeps_its_session() {
-        let pool = pool(2, 8, Duration::from_millis(50));
-        let before = Instant::now();
-        let result = pool
-            .run(
-                Call::Encrypt,
-                before + Duration::from_secs(5),
-                sleeper(Duration::from_millis(400)),
-            )
-            .await;
-        assert_eq!(result, Err(HsmError::Timeout));
-        assert!(before.elapsed() < Duration::from_millis(300));
-        assert_eq!(
-            pool.shared.busy.load(Ordering::SeqCst),
-            1,
-            "session still in the call"
-        );
-        // The other session serves.
-        pool.run(
-            Call::Encrypt,
-            Instant::now() + Duration::from_secs(1),
-            sleeper(Duration::ZERO),
-        )
-        .await
-        .unwrap();
-    }
-}
+mod tests;
