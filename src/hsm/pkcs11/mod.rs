@@ -20,7 +20,7 @@
 //! decrypt on a key, IV batches, output splitting), `keys` (the key cache and lookups),
 //! `objects` (attributes and disabled markers), `module` (library, C_Initialize,
 //! slot and login), `errors` (classification), `settings`; `admin` is key
-//! administration for `xks-proxy keys`.
+//! administration for `xks-proxy keys`, [`probe`] is `xks-proxy hsm probe`.
 
 mod admin;
 mod errors;
@@ -28,6 +28,7 @@ mod gcm;
 mod keys;
 mod module;
 mod objects;
+pub mod probe;
 mod settings;
 mod worker;
 
