@@ -150,6 +150,12 @@ fn an_hsm_that_appends_its_iv_gets_hsm_appended() {
         report.recommended.as_ref().unwrap().iv_source,
         IvSource::HsmAppended
     );
+    // The copy is timed in the module's convention too.
+    let copies = report.session_key_copies.as_ref().unwrap();
+    assert!(
+        copies.works && copies.session_copy_us.is_some(),
+        "{copies:?}"
+    );
     assert!(
         report.sample.iter().all(|s| s.errors == 0),
         "{:?}",

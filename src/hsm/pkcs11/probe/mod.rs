@@ -209,7 +209,8 @@ impl Probe<'_> {
                 &format!("token key {label:?}"),
             ));
         }
-        report.session_key_copies = Some(self.copies(&session, token_key.as_ref()));
+        let iv_source = report.iv.as_ref().and_then(|iv| iv.iv_source);
+        report.session_key_copies = Some(self.copies(&session, token_key.as_ref(), iv_source));
         drop(session);
 
         self.sample(slot, read_write, report);
@@ -587,7 +588,12 @@ impl Probe<'_> {
 
     /// Whether a key copies into a session object, and whether encrypting with the
     /// copy is faster than with the token object.
-    fn copies(&self, session: &Session, token_key: Option<&(String, ObjectHandle)>) -> CopyReport {
+    fn copies(
+        &self,
+        session: &Session,
+        token_key: Option<&(String, ObjectHandle)>,
+        iv_source: Option<IvSource>,
+    ) -> CopyReport {
         let mut report = CopyReport::default();
         let (source, label) = match token_key {
             Some((label, handle)) => (*handle, Some(label.clone())),
@@ -606,9 +612,9 @@ impl Probe<'_> {
             Ok(copy) => {
                 report.copy = "works".into();
                 report.works = true;
-                if label.is_some() {
-                    report.token_object_us = self.median_us(session, source);
-                    report.session_copy_us = self.median_us(session, copy);
+                if let (Some(_), Some(iv_source)) = (&label, iv_source) {
+                    report.token_object_us = self.median_us(session, source, iv_source);
+                    report.session_copy_us = self.median_us(session, copy, iv_source);
                     if let (Some(token), Some(copy)) =
                         (report.token_object_us, report.session_copy_us)
                     {
@@ -626,16 +632,20 @@ impl Probe<'_> {
         report
     }
 
-    /// Median time of 100 encryptions with `key` (caller IVs, or the zeroed buffer
-    /// where the module insists), microseconds.
-    fn median_us(&self, session: &Session, key: ObjectHandle) -> Option<u64> {
+    /// Median time of 100 encryptions with `key` in the module's IV convention,
+    /// microseconds. Caller IVs are random: the key may be a production key.
+    fn median_us(&self, session: &Session, key: ObjectHandle, iv_source: IvSource) -> Option<u64> {
         let mut times = Vec::with_capacity(100);
-        let vendor_fills = self.faults.and_then(FaultInjector::vendor_iv).is_some();
-        for i in 0..100u32 {
-            let mut iv = vec![0u8; IV_LEN];
-            if !vendor_fills {
-                iv[..4].copy_from_slice(&(i + 1).to_be_bytes());
-            }
+        for _ in 0..100 {
+            let mut iv = match iv_source {
+                IvSource::HsmRandom | IvSource::ProxyRandom => {
+                    let mut iv = vec![0u8; IV_LEN];
+                    aws_lc_rs::rand::fill(&mut iv).ok()?;
+                    iv
+                }
+                IvSource::HsmGenerated => vec![0u8; IV_LEN],
+                IvSource::HsmAppended => Vec::new(),
+            };
             let began = Instant::now();
             gcm_encrypt(session, key, &mut iv, AAD, PLAINTEXT, self.faults).ok()?;
             times.push(u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX));

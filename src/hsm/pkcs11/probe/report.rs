@@ -569,7 +569,7 @@ impl ProbeReport {
             .iter()
             .filter(|s| s.errors == 0 && s.ops_per_second >= best * 0.9 && best > 0.0)
             .min_by_key(|s| s.sessions);
-        let mut sessions = knee.map_or(8, |s| s.sessions);
+        let mut sessions = knee.map_or(2, |s| s.sessions);
         // Leave room under the token's own limit (the proxy's key tools and health
         // checks open sessions too).
         if let Some(SessionLimit::Max(max)) = self.token.as_ref().map(|t| t.max_sessions) {
