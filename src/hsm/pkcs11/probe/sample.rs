@@ -267,6 +267,9 @@ pub struct SampleStep {
     pub first_error: Option<String>,
 }
 
+/// One session thread's latencies (µs), errors and first error.
+type ThreadSample = (Histogram<u64>, u64, Option<String>);
+
 /// What [`sample`] needs to open its sessions.
 #[derive(Debug, Clone)]
 pub struct SampleTarget<'a> {
@@ -290,46 +293,45 @@ pub struct SampleTarget<'a> {
 pub fn sample(target: &SampleTarget<'_>, sessions: usize, duration: Duration) -> SampleStep {
     let plaintext = [0x5a_u8; 32];
     let aad = [0x61_u8; 103];
-    let results: Vec<Result<(Histogram<u64>, u64, Option<String>), String>> =
-        std::thread::scope(|scope| {
-            let threads: Vec<_> = (0..sessions)
-                .map(|_| {
-                    scope.spawn(|| {
-                        let mut session = GcmSession::open(
-                            target.pkcs11,
-                            target.slot,
-                            target.pin,
-                            &SampleKey::Temporary,
-                            target.iv_source,
-                            target.read_write,
-                            target.faults.clone(),
-                        )?;
-                        let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-                            .map_err(|e| e.to_string())?;
-                        let (mut errors, mut first_error) = (0, None);
-                        let end = Instant::now() + duration;
-                        while Instant::now() < end {
-                            let began = Instant::now();
-                            let result = session.encrypt(&plaintext, &aad);
-                            let us = u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX);
-                            histogram.saturating_record(us.max(1));
-                            if let Err(e) = result {
-                                errors += 1;
-                                first_error.get_or_insert(e);
-                            }
+    let results: Vec<Result<ThreadSample, String>> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..sessions)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut session = GcmSession::open(
+                        target.pkcs11,
+                        target.slot,
+                        target.pin,
+                        &SampleKey::Temporary,
+                        target.iv_source,
+                        target.read_write,
+                        target.faults.clone(),
+                    )?;
+                    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                        .map_err(|e| e.to_string())?;
+                    let (mut errors, mut first_error) = (0, None);
+                    let end = Instant::now() + duration;
+                    while Instant::now() < end {
+                        let began = Instant::now();
+                        let result = session.encrypt(&plaintext, &aad);
+                        let us = u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX);
+                        histogram.saturating_record(us.max(1));
+                        if let Err(e) = result {
+                            errors += 1;
+                            first_error.get_or_insert(e);
                         }
-                        Ok((histogram, errors, first_error))
-                    })
+                    }
+                    Ok((histogram, errors, first_error))
                 })
-                .collect();
-            threads
-                .into_iter()
-                .map(|t| {
-                    t.join()
-                        .unwrap_or_else(|_| Err("a session thread panicked".into()))
-                })
-                .collect()
-        });
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err("a session thread panicked".into()))
+            })
+            .collect()
+    });
     let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
         .expect("constant histogram bounds are valid");
     let (mut errors, mut first_error) = (0, None);
