@@ -401,10 +401,10 @@ async fn shutdown_signal() {
     }
 }
 
-/// `xks-proxy hsm probe`: settings from the flags and the configuration, then the
-/// library's probe (xks_proxy::hsm::pkcs11::probe).
+/// `xks-proxy hsm probe`: the library's probe (xks_proxy::hsm::pkcs11::probe), its
+/// report printed.
 fn hsm(action: HsmCommand) -> Result<(), Error> {
-    use pkcs11::probe::{probe, Configured, ProbeSettings};
+    use pkcs11::probe::{probe, ProbeSettings};
     use pkcs11::TokenSelector;
     let HsmCommand::Probe {
         module,
@@ -418,40 +418,14 @@ fn hsm(action: HsmCommand) -> Result<(), Error> {
         try_wrong_pin,
         json,
     } = action;
-    let from_config = match &config {
-        Some(path) => {
-            let config = Config::load(path)?;
-            apply_environment(&config.environment);
-            match config.backend {
-                BackendConfig::Pkcs11(ekms) => ekms.into_iter().next(),
-                _ => {
-                    return Err(
-                        format!("{}: [hsm] is not a PKCS#11 backend", path.display()).into(),
-                    )
-                }
-            }
-        }
-        None => None,
-    };
-    let module = module
-        .or_else(|| from_config.as_ref().map(|c| c.module.clone()))
-        .ok_or("give --module (or --config)")?;
-    let mut settings = ProbeSettings::new(module);
-    settings.token = match (token_label, token_serial) {
-        (Some(label), _) => Some(TokenSelector::Label(label)),
-        (None, Some(serial)) => Some(TokenSelector::Serial(serial)),
-        (None, None) => from_config.as_ref().map(|c| c.token.clone()),
-    };
-    settings.pin = match &pin_file {
-        Some(file) => Some(
-            std::fs::read_to_string(file)
-                .map_err(|e| format!("{}: {e}", file.display()))?
-                .trim_end_matches(['\r', '\n'])
-                .to_owned()
-                .into(),
-        ),
-        None => from_config.as_ref().map(|c| c.pin.clone()),
-    };
+    let mut settings = ProbeSettings::resolve(
+        config.as_deref(),
+        module,
+        token_label
+            .map(TokenSelector::Label)
+            .or(token_serial.map(TokenSelector::Serial)),
+        pin_file.as_deref(),
+    )?;
     if !(sample_seconds.is_finite() && (0.01..=60.0).contains(&sample_seconds)) {
         return Err("--sample-seconds must be between 0.01 and 60".into());
     }
@@ -459,13 +433,6 @@ fn hsm(action: HsmCommand) -> Result<(), Error> {
     settings.sessions = sessions.into_iter().filter(|n| *n > 0).collect();
     settings.sample_duration = std::time::Duration::from_secs_f64(sample_seconds);
     settings.try_wrong_pin = try_wrong_pin;
-    settings.configured = from_config.as_ref().map(|c| Configured {
-        sessions: c.sessions,
-        call_timeout_ms: u64::try_from(c.call_timeout.as_millis()).unwrap_or(u64::MAX),
-        iv_source: c.iv_source,
-        session_key_copies: c.session_key_copies,
-        read_write_sessions: c.read_write_sessions,
-    });
     let report = probe(&settings)?;
     let mut out = std::io::stdout();
     if json {

@@ -25,7 +25,7 @@ mod sample;
 pub use report::*;
 pub use sample::{find_token_key, sample, GcmSession, SampleKey, SampleStep, SampleTarget};
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -101,6 +101,62 @@ impl ProbeSettings {
             configured: None,
             faults: None,
         }
+    }
+}
+
+impl ProbeSettings {
+    /// The command line's settings: module, token and PIN from the flags, else from
+    /// the first EKM of `config`, whose `[hsm.environment]` is applied to this process
+    /// (call it before any other thread starts) and whose `[hsm]` settings the report
+    /// compares with its recommendation.
+    pub fn resolve(
+        config: Option<&Path>,
+        module: Option<PathBuf>,
+        token: Option<TokenSelector>,
+        pin_file: Option<&Path>,
+    ) -> Result<Self, ProbeError> {
+        let ekm = match config {
+            Some(path) => {
+                let config =
+                    crate::config::Config::load(path).map_err(|e| ProbeError(e.to_string()))?;
+                for (name, value) in &config.environment {
+                    std::env::set_var(name, value);
+                }
+                match config.backend {
+                    crate::hsm::BackendConfig::Pkcs11(ekms) => ekms.into_iter().next(),
+                    _ => {
+                        return Err(ProbeError(format!(
+                            "{}: [hsm] is not a PKCS#11 backend",
+                            path.display()
+                        )))
+                    }
+                }
+            }
+            None => None,
+        };
+        let module = module
+            .or_else(|| ekm.as_ref().map(|c| c.module.clone()))
+            .ok_or_else(|| ProbeError("give --module (or --config)".into()))?;
+        let mut settings = Self::new(module);
+        settings.token = token.or_else(|| ekm.as_ref().map(|c| c.token.clone()));
+        settings.pin = match pin_file {
+            Some(file) => Some(
+                std::fs::read_to_string(file)
+                    .map_err(|e| ProbeError(format!("{}: {e}", file.display())))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned()
+                    .into(),
+            ),
+            None => ekm.as_ref().map(|c| c.pin.clone()),
+        };
+        settings.configured = ekm.as_ref().map(|c| Configured {
+            sessions: c.sessions,
+            call_timeout_ms: u64::try_from(c.call_timeout.as_millis()).unwrap_or(u64::MAX),
+            iv_source: c.iv_source,
+            session_key_copies: c.session_key_copies,
+            read_write_sessions: c.read_write_sessions,
+        });
+        Ok(settings)
     }
 }
 
