@@ -1,4 +1,5 @@
-//! `xks-proxy hsm probe` on a real SoftHSM2 token (a quickstart's), and on the vendor
+//! `xks-proxy hsm probe` on a real token (a quickstart's, on the module
+//! `XKS_TEST_PKCS11` selects: SoftHSM2 or kryoptic), and on the vendor
 //! conventions the fault injector emulates on top of it: the IV convention detected and
 //! the `iv_source` recommended for each, a module without AES-GCM or AES key
 //! generation refused, a wrong PIN refused, and the command's exit status and JSON.
@@ -21,17 +22,12 @@ use xks_proxy::hsm::faults::{FaultInjector, VendorIv};
 use xks_proxy::hsm::pkcs11::probe::{probe, IvConvention, ProbeReport, ProbeSettings};
 use xks_proxy::hsm::pkcs11::{IvSource, TokenSelector};
 
-/// SoftHSM2; once tests/common selects the module (`XKS_TEST_PKCS11`), take it and
-/// its environment from there: nothing else here is SoftHSM2's but the assertions
-/// `softhsm2` guards.
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
-
 /// The one token of this binary, and the lock that runs its probes one at a time.
 fn setup() -> &'static (common::Setup, Mutex<()>) {
     static SETUP: OnceLock<(common::Setup, Mutex<()>)> = OnceLock::new();
     SETUP.get_or_init(|| {
         let setup = common::Setup::new();
-        std::env::set_var("SOFTHSM2_CONF", setup.path("softhsm2.conf"));
+        setup.module_environment();
         (setup, Mutex::new(()))
     })
 }
@@ -39,7 +35,7 @@ fn setup() -> &'static (common::Setup, Mutex<()>) {
 fn settings(faults: Option<Arc<FaultInjector>>) -> ProbeSettings {
     let (setup, _) = setup();
     let pin = std::fs::read_to_string(setup.path("hsm-pin")).unwrap();
-    let mut settings = ProbeSettings::new(MODULE.into());
+    let mut settings = ProbeSettings::new(common::module_path());
     settings.token = Some(TokenSelector::Label("xks-quickstart".into()));
     settings.pin = Some(pin.trim().to_owned().into());
     settings.sessions = vec![1, 2];
@@ -60,7 +56,7 @@ fn with_faults(configure: impl FnOnce(&FaultInjector)) -> ProbeReport {
 }
 
 #[test]
-fn softhsm2_takes_the_callers_iv_and_can_serve_xks() {
+fn the_soft_token_takes_the_callers_iv_and_can_serve_xks() {
     let mut settings = settings(None);
     settings.key_label = Some("foo".into());
     let report = run(&settings);
@@ -246,7 +242,10 @@ fn wrong_pins_are_tried_only_when_asked_and_then_reported() {
         "{}",
         checks.wrong_pin
     );
-    assert!(checks.flags_after.unwrap().user_pin_count_low);
+    // SoftHSM2 flags the failed login; kryoptic does not (docs/hsm-onboarding.md).
+    if softhsm2(&report) {
+        assert!(checks.flags_after.unwrap().user_pin_count_low);
+    }
     assert!(report.sample.is_empty());
 }
 
@@ -300,7 +299,7 @@ fn the_command_prints_json_and_exits_by_the_verdict() {
 }
 
 /// The module is SoftHSM2 (the assertions on its particulars: its vendor profile, its
-/// answer without a login).
+/// answer without a login, the PIN flag after a wrong PIN); kryoptic differs in each.
 fn softhsm2(report: &ProbeReport) -> bool {
     report.token.as_ref().unwrap().manufacturer == "SoftHSM project"
 }
