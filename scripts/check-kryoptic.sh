@@ -24,5 +24,5 @@ export XKS_KRYOPTIC_MODULE="$module"
 # 100 ms deadline (DEGRADED health, 429, a failed CDIV self-check); run one by one they
 # pass, and steady-state kryoptic calls take ~0.1 ms.
 cargo test -p xks-proxy --test api --test errors --test rotation --test recovery \
-  --test cluster --test cli -- --test-threads=1
+  --test cluster --test cli --test probe -- --test-threads=1
 echo "check-kryoptic: passed on $module in $(($(date +%s) - start)) s"

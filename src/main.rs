@@ -69,6 +69,11 @@ enum Command {
         #[command(subcommand)]
         action: KeysCommand,
     },
+    /// Examine a PKCS#11 module before configuring it (docs/hsm-onboarding.md).
+    Hsm {
+        #[command(subcommand)]
+        action: HsmCommand,
+    },
     /// SigV4 credentials for key stores.
     Credentials {
         #[command(subcommand)]
@@ -90,6 +95,50 @@ enum Command {
         /// Prepare the folder and exit without serving.
         #[arg(long)]
         setup_only: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum HsmCommand {
+    /// What the module offers XKS: library, token, session limits, mechanisms, the GCM
+    /// IV convention, session key copies, a short latency sample, and the `[hsm]`
+    /// section that fits. Read-only: one temporary session key, destroyed afterwards.
+    /// Exits 1 when the module cannot serve XKS, with the reasons.
+    Probe {
+        /// PKCS#11 module (.so).
+        #[arg(long, required_unless_present = "config")]
+        module: Option<PathBuf>,
+        /// Token label (default: the module's only initialized token).
+        #[arg(long, conflicts_with = "token_serial")]
+        token_label: Option<String>,
+        /// Token serial number.
+        #[arg(long)]
+        token_serial: Option<String>,
+        /// File holding the user PIN (trailing newline ignored).
+        #[arg(long)]
+        pin_file: Option<PathBuf>,
+        /// Take module, token, PIN and [hsm.environment] from this configuration (its
+        /// first EKM), and compare its [hsm] settings with the recommendation. Flags
+        /// override it.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// A token key (CKA_LABEL) to time against its session copy (default: the
+        /// first AES key on the token). Only read, never changed.
+        #[arg(long)]
+        key_label: Option<String>,
+        /// Session counts to sample, e.g. 1,2,4,8 (0: no sample).
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+        sessions: Vec<usize>,
+        /// Seconds measured per session count.
+        #[arg(long, default_value_t = 1.0)]
+        sample_seconds: f64,
+        /// Also log in with an empty and a wrong PIN to show what the module answers.
+        /// Off by default: HSMs lock a partition after a few failed logins.
+        #[arg(long)]
+        try_wrong_pin: bool,
+        /// The report as JSON (schema in docs/hsm-onboarding.md).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -184,6 +233,7 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(&config, logs.as_ref()),
         Command::CheckConfig { config } => check_config(&config),
         Command::Keys { action } => keys(action),
+        Command::Hsm { action } => hsm(action),
         Command::Credentials { action } => credentials(action),
         Command::Quickstart {
             dir,
@@ -348,6 +398,57 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = terminate.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// `xks-proxy hsm probe`: the library's probe (xks_proxy::hsm::pkcs11::probe), its
+/// report printed.
+fn hsm(action: HsmCommand) -> Result<(), Error> {
+    use pkcs11::probe::{probe, ProbeSettings};
+    use pkcs11::TokenSelector;
+    let HsmCommand::Probe {
+        module,
+        token_label,
+        token_serial,
+        pin_file,
+        config,
+        key_label,
+        sessions,
+        sample_seconds,
+        try_wrong_pin,
+        json,
+    } = action;
+    let mut settings = ProbeSettings::resolve(
+        config.as_deref(),
+        module,
+        token_label
+            .map(TokenSelector::Label)
+            .or(token_serial.map(TokenSelector::Serial)),
+        pin_file.as_deref(),
+    )?;
+    if !(sample_seconds.is_finite() && (0.01..=60.0).contains(&sample_seconds)) {
+        return Err("--sample-seconds must be between 0.01 and 60".into());
+    }
+    settings.key_label = key_label;
+    settings.sessions = sessions.into_iter().filter(|n| *n > 0).collect();
+    settings.sample_duration = std::time::Duration::from_secs_f64(sample_seconds);
+    settings.try_wrong_pin = try_wrong_pin;
+    let report = probe(&settings)?;
+    let mut out = std::io::stdout();
+    if json {
+        let _ = writeln!(out, "{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let _ = write!(out, "{}", report.text());
+    }
+    let _ = out.flush();
+    if report.serves_xks {
+        Ok(())
+    } else {
+        Err(format!(
+            "the module cannot serve XKS: {}",
+            report.problems.join("; ")
+        )
+        .into())
     }
 }
 

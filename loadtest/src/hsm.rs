@@ -2,32 +2,29 @@
 //!
 //! For each session count N, N OS threads each open their own logged-in session, look
 //! the key up once (a cached handle, as the proxy does), then call C_Encrypt (and
-//! C_Decrypt, per the mix) in a loop with the same GCM parameters and AAD encoding as
-//! the proxy: a 12-byte IV from the HSM's RNG (C_GenerateRandom, drawn IV_BATCH IVs
-//! at a time like the proxy's default `iv_source`), 128-bit tags, and the spec's length-prefixed AAD. Latencies
-//! go into thread-local histograms merged at the end of the step, and the report has
-//! the same format as `run`'s, so proxy overhead = end-to-end minus raw HSM. With
-//! `--session-copy` each thread works on a session copy of the key, as the proxy does
-//! with `hsm.session_key_copies`, so the two are measured like for like.
+//! C_Decrypt, per the mix) in a loop. The session, the key and the calls are the
+//! proxy's own measuring core, `xks_proxy::hsm::pkcs11::probe::GcmSession`, which
+//! `xks-proxy hsm probe` samples with too: a 12-byte IV from the HSM's RNG
+//! (C_GenerateRandom, drawn IV_BATCH IVs at a time like the proxy's default
+//! `iv_source`) or the host's, 128-bit tags, the proxy's output checks, and the spec's
+//! length-prefixed AAD. Latencies go into thread-local histograms merged at the end of
+//! the step, and the report has the same format as `run`'s, so proxy overhead =
+//! end-to-end minus raw HSM. With `--session-copy` each thread works on a session copy
+//! of the key, as the proxy does with `hsm.session_key_copies`, so the two are
+//! measured like for like.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cryptoki::context::Pkcs11;
-use cryptoki::error::{Error as CkError, RvError};
-use cryptoki::mechanism::aead::GcmParams;
-use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
-use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
-use cryptoki::types::AuthPin;
 use hdrhistogram::Histogram;
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use serde::Serialize;
-use xks_proxy::hsm::pkcs11::{open_token, TokenSelector, IV_BATCH};
-use xks_proxy::hsm::IV_LEN;
+use xks_proxy::hsm::pkcs11::probe::{find_token_key, GcmSession, SampleKey};
+use xks_proxy::hsm::pkcs11::{open_token, IvSource, TokenSelector};
 use zeroize::Zeroizing;
 
 use crate::engine::{wait_until, LATE_AFTER};
@@ -36,8 +33,6 @@ use crate::report::{Measured, Report, Schedule};
 use crate::stalls::{Meter, DEFAULT_INTERVAL};
 use crate::workload::{Mix, Op};
 use crate::Error;
-
-const TAG_BITS: u64 = 128;
 
 /// Flags of `hsm`.
 #[derive(Debug, Clone, clap::Args)]
@@ -176,7 +171,7 @@ pub fn run_hsm(args: &HsmArgs) -> Result<Report, Error> {
     let (pkcs11, slot, first) = open_token(&token.module, &selector, &token.pin)?;
     let info = pkcs11.get_token_info(slot)?;
     // Fail early, with a clear message, if the key is not there.
-    find_key(&first, &args.key_label)?;
+    find_token_key(&first, &args.key_label)?;
     let hsm_info = HsmInfo {
         module: token.module.display().to_string(),
         token_label: token.label.clone(),
@@ -232,21 +227,6 @@ pub fn run_hsm(args: &HsmArgs) -> Result<Report, Error> {
     Ok(report)
 }
 
-fn find_key(session: &Session, label: &str) -> Result<ObjectHandle, Error> {
-    // Token objects only: with --session-copy, another thread's copy of the key (a
-    // session object with the same label) is visible to this session too.
-    let handles = session.find_objects(&[
-        Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::Token(true),
-        Attribute::Label(label.as_bytes().to_vec()),
-    ])?;
-    match handles.as_slice() {
-        [handle] => Ok(*handle),
-        [] => Err(format!("no secret key labelled {label:?} on the token").into()),
-        _ => Err(format!("several secret keys are labelled {label:?}").into()),
-    }
-}
-
 /// One thread's records.
 struct ThreadRecords {
     per_op: [Histogram<u64>; 2],
@@ -276,7 +256,11 @@ fn step(
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
     let measure_unix = measure_since_epoch.as_secs();
-    let host_iv = args.iv == "host";
+    let iv_source = if args.iv == "host" {
+        IvSource::ProxyRandom
+    } else {
+        IvSource::HsmRandom
+    };
     let meter = Meter::start(DEFAULT_INTERVAL, measure_start, end)?;
     let results: Vec<Result<ThreadRecords, Error>> = std::thread::scope(|scope| {
         let threads: Vec<_> = (0..sessions)
@@ -294,7 +278,7 @@ fn step(
                         slot,
                         pin,
                         aad,
-                        host_iv,
+                        iv_source,
                         pace,
                         (start, measure_start, end),
                     )
@@ -386,34 +370,22 @@ fn session_loop(
     slot: Slot,
     pin: &str,
     aad: &[u8],
-    host_iv: bool,
+    iv_source: IvSource,
     pace: Option<Pace>,
     (start, measure_start, end): (Instant, Instant, Instant),
 ) -> Result<ThreadRecords, Error> {
-    let session = pkcs11.open_ro_session(slot)?;
-    match session.login(UserType::User, Some(&AuthPin::new(pin.into()))) {
-        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-        Err(e) => return Err(format!("C_Login: {e}").into()),
-    }
-    let key = find_key(&session, &args.key_label)?;
-    let key = if args.session_copy {
-        session
-            .copy_object(key, &[Attribute::Token(false)])
-            .map_err(|e| format!("C_CopyObject of the key into the session: {e}"))?
-    } else {
-        key
+    // The session, the key and the calls are the proxy's (the probe's measuring core):
+    // the same IV batches, GCM parameters and output checks.
+    let key = SampleKey::Token {
+        label: args.key_label.clone(),
+        session_copy: args.session_copy,
     };
+    let mut session = GcmSession::open(pkcs11, slot, Some(pin), &key, iv_source, false, None)?;
     let mut rng = SmallRng::from_rng(&mut rand::rng());
     let mut plaintext = vec![0u8; args.plaintext_bytes];
     rng.fill(&mut plaintext[..]);
     // A ciphertext for Decrypt calls.
-    let mut sealed_iv = [0u8; IV_LEN];
-    rng.fill(&mut sealed_iv[..]);
-    let sealed = {
-        let mut iv = sealed_iv;
-        let params = GcmParams::new(&mut iv, aad, TAG_BITS.into())?;
-        session.encrypt(&Mechanism::AesGcm(params), key, &plaintext)?
-    };
+    let sealed = session.encrypt(&plaintext, aad)?;
     let mut records = ThreadRecords {
         per_op: [new_histogram(), new_histogram()],
         errors: [0; 2],
@@ -423,8 +395,6 @@ fn session_loop(
         late: 0,
     };
     std::thread::sleep(start.saturating_duration_since(Instant::now()));
-    let mut ivs = vec![0u8; IV_LEN * IV_BATCH];
-    let mut ivs_taken = ivs.len();
     for n in 0u64.. {
         // Closed loop: from the call. Open loop: from when the operation was due, so
         // that a session still busy with the last one counts the wait.
@@ -441,41 +411,9 @@ fn session_loop(
             Instant::now().saturating_duration_since(begin)
         });
         let op = args.mix.pick(&mut rng);
-        let result: Result<(), CkError> = match op {
-            Op::Decrypt => {
-                let mut iv = sealed_iv;
-                GcmParams::new(&mut iv, aad, TAG_BITS.into()).and_then(|params| {
-                    session
-                        .decrypt(&Mechanism::AesGcm(params), key, &sealed)
-                        .map(drop)
-                })
-            }
-            _ => {
-                let mut iv = [0u8; IV_LEN];
-                let random = if host_iv {
-                    rng.fill(&mut iv[..]);
-                    Ok(())
-                } else if ivs_taken < ivs.len() {
-                    Ok(())
-                } else {
-                    // The refill's time counts against the encryption that needs it,
-                    // as in the proxy.
-                    session
-                        .generate_random_slice(&mut ivs)
-                        .map(|()| ivs_taken = 0)
-                };
-                if !host_iv && random.is_ok() {
-                    iv.copy_from_slice(&ivs[ivs_taken..ivs_taken + IV_LEN]);
-                    ivs_taken += IV_LEN;
-                }
-                random
-                    .and_then(|()| GcmParams::new(&mut iv, aad, TAG_BITS.into()))
-                    .and_then(|params| {
-                        session
-                            .encrypt(&Mechanism::AesGcm(params), key, &plaintext)
-                            .map(drop)
-                    })
-            }
+        let result = match op {
+            Op::Decrypt => session.decrypt(&sealed, aad).map(drop),
+            _ => session.encrypt(&plaintext, aad).map(drop),
         };
         let done = Instant::now();
         if begin < measure_start {
@@ -500,11 +438,7 @@ fn session_loop(
         if let Err(e) = result {
             records.errors[i] += 1;
             records.seconds[second].1 += 1;
-            let name = match e {
-                CkError::Pkcs11(rv, _) => format!("{rv:?}"),
-                other => other.to_string(),
-            };
-            *records.error_names.entry(name).or_insert(0) += 1;
+            *records.error_names.entry(e).or_insert(0) += 1;
         }
     }
     Ok(records)

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use cryptoki::context::Function;
 use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::MechanismType;
 use parking_lot::{Condvar, Mutex};
 
 /// How a simulated HSM returns the GCM IV (the real one, SoftHSM2, takes the caller's).
@@ -53,6 +54,8 @@ struct State {
     /// Latency added to one function only, on top of `latency`.
     function_latency: Vec<(Function, Duration)>,
     vendor_iv: Option<VendorIv>,
+    /// Mechanisms the module is made to lack.
+    missing: Vec<MechanismType>,
     injected: u64,
     delayed: u64,
     /// Calls to hang: those to this function (`None`: any), this many more times.
@@ -104,6 +107,19 @@ impl FaultInjector {
     /// Makes AES-GCM encryption behave like an HSM that chooses its own IV.
     pub fn set_vendor_iv(&self, vendor_iv: Option<VendorIv>) {
         self.state.lock().vendor_iv = vendor_iv;
+    }
+
+    /// Makes the module lack `mechanism`, as an HSM without it would: C_GetMechanismInfo
+    /// (which `xks-proxy hsm probe` asks) and every use of it the proxy or the probe
+    /// makes (AES-GCM encryption, AES key generation) fail with CKR_MECHANISM_INVALID.
+    /// Stays until the injector is dropped.
+    pub fn remove_mechanism(&self, mechanism: MechanismType) {
+        self.state.lock().missing.push(mechanism);
+    }
+
+    /// Whether the module is made to lack `mechanism`.
+    pub(crate) fn lacks(&self, mechanism: MechanismType) -> bool {
+        self.state.lock().missing.contains(&mechanism)
     }
 
     /// Disarms every error and removes the latency (the IV behaviour stays).

@@ -4,13 +4,13 @@
 use cryptoki::context::Function;
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::aead::GcmParams;
-use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::ObjectHandle;
 use cryptoki::session::Session;
 use zeroize::Zeroizing;
 
 use super::{errors::*, settings::*, worker::*};
-use crate::hsm::faults::VendorIv;
+use crate::hsm::faults::{FaultInjector, VendorIv};
 use crate::hsm::{HsmError, Operation, Plaintext, Sealed, IV_LEN, TAG_LEN};
 
 /// IVs per C_GenerateRandom with [`IvSource::HsmRandom`]. In SoftHSM2 the call, not the
@@ -139,7 +139,7 @@ impl Worker {
             IvSource::HsmGenerated => vec![0u8; IV_LEN],
             IvSource::HsmAppended => Vec::new(),
         };
-        let vendor = self.shared.faults.as_ref().and_then(|f| f.vendor_iv());
+        let faults = self.shared.faults.clone();
         let (output, iv) = self.with_key(
             key_id,
             Operation::Encrypt,
@@ -147,15 +147,8 @@ impl Worker {
             |session, handle| {
                 // Every attempt starts from the IV we chose (or the empty buffer).
                 let mut iv = iv.clone();
-                let output = match vendor {
-                    Some(vendor) => {
-                        emulate_vendor_iv(vendor, session, handle, &mut iv, aad, plaintext)?
-                    }
-                    None => {
-                        let params = GcmParams::new(&mut iv, aad, (TAG_LEN as u64 * 8).into())?;
-                        session.encrypt(&Mechanism::AesGcm(params), handle, plaintext)?
-                    }
-                };
+                let output =
+                    gcm_encrypt(session, handle, &mut iv, aad, plaintext, faults.as_deref())?;
                 Ok((output, iv))
             },
             |e| map_crypto_error(e, Operation::Encrypt),
@@ -250,6 +243,34 @@ pub(crate) fn split_gcm_output(
         ciphertext: output,
         tag,
     })
+}
+
+/// One C_Encrypt with AES-GCM and a 128-bit tag, `iv` passed as the IV buffer (the
+/// module may write into it), or what a module the fault injector stands in for would
+/// do instead (one that lacks CKM_AES_GCM, or picks its own IV: [`VendorIv`]). The
+/// proxy and `xks-proxy hsm probe` both encrypt through here, so the probe tests the
+/// very call the proxy makes.
+pub(super) fn gcm_encrypt(
+    session: &Session,
+    handle: ObjectHandle,
+    iv: &mut [u8],
+    aad: &[u8],
+    plaintext: &[u8],
+    faults: Option<&FaultInjector>,
+) -> Result<Vec<u8>, CkError> {
+    if faults.is_some_and(|f| f.lacks(MechanismType::AES_GCM)) {
+        return Err(CkError::Pkcs11(
+            RvError::MechanismInvalid,
+            Function::EncryptInit,
+        ));
+    }
+    match faults.and_then(FaultInjector::vendor_iv) {
+        Some(vendor) => emulate_vendor_iv(vendor, session, handle, iv, aad, plaintext),
+        None => {
+            let params = GcmParams::new(iv, aad, (TAG_LEN as u64 * 8).into())?;
+            session.encrypt(&Mechanism::AesGcm(params), handle, plaintext)
+        }
+    }
 }
 
 /// What an HSM that picks its own GCM IV does, done with SoftHSM2 underneath (see

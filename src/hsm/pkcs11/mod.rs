@@ -20,8 +20,8 @@
 //! decrypt on a key, IV batches, output splitting), `keys` (the key cache and lookups),
 //! `objects` (attributes and disabled markers), `module` (library, C_Initialize,
 //! slot and login), `errors` (classification), `trace` (`hsm.trace`), `settings`;
-//! `admin` is key
-//! administration for `xks-proxy keys`.
+//! `admin` is key administration for `xks-proxy keys`, [`probe`] is `xks-proxy hsm
+//! probe`.
 
 mod admin;
 mod errors;
@@ -29,6 +29,7 @@ mod gcm;
 mod keys;
 mod module;
 mod objects;
+pub mod probe;
 mod settings;
 mod trace;
 mod worker;
