@@ -12,6 +12,8 @@ cargo test --workspace
 ./scripts/check-monitoring.sh
 # deploy/kubernetes: rendered, schema-validated and cross-checked with the proxy.
 ./scripts/check-kube.sh
+# deploy/loadtest: the generator's Indexed Job, rendered, validated and run locally.
+./scripts/check-loadtest-kube.sh
 # The container images, built and run (podman), checked from outside: docs/container.md.
 ./scripts/check-container.sh
 # The fuzz crate is its own workspace (it links libFuzzer); CI builds its targets and
