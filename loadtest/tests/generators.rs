@@ -9,6 +9,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::io::{BufRead as _, Read as _, Write as _};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -235,10 +236,11 @@ fn the_metrics_endpoint_counts_what_the_report_counts() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let during = loop {
         let text = scrape(addr);
-        if sum(&text, "xks_loadtest_requests_sent_total", &[]) > 0.0 {
+        // (A family shows once it has a series: wait for a first answer.)
+        if sum(&text, "xks_loadtest_requests_completed_total", &[]) > 0.0 {
             break text;
         }
-        assert!(Instant::now() < deadline, "no request sent:\n{text}");
+        assert!(Instant::now() < deadline, "no request answered:\n{text}");
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(
@@ -307,5 +309,118 @@ fn the_metrics_endpoint_counts_what_the_report_counts() {
             "xks_loadtest_requests_completed_total",
             &[("phase", "warmup")]
         ) > 0.0
+    );
+
+    dashboard_selects_what_the_generator_exports(&after);
+}
+
+/// The sample names of a scrape, with the label names and values of their series.
+fn exposition(text: &str) -> BTreeMap<String, Vec<BTreeMap<String, String>>> {
+    let mut out: BTreeMap<String, Vec<BTreeMap<String, String>>> = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (series, _) = line.rsplit_once(' ').unwrap();
+        let (name, labels) = series.split_once('{').unwrap_or((series, "}"));
+        let labels = labels
+            .trim_end_matches('}')
+            .split(',')
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let (k, v) = l.split_once('=').unwrap();
+                (k.to_owned(), v.trim_matches('"').to_owned())
+            })
+            .collect();
+        out.entry(name.to_owned()).or_default().push(labels);
+    }
+    out
+}
+
+/// Every selector of the proxy's dashboard that names a generator metric (its
+/// "Load generators" row; tests/monitoring.rs leaves them to this test) selects a
+/// series the generator exports: the name, each matcher's label, an equality
+/// matcher's value, and each label a `by (...)` groups on.
+fn dashboard_selects_what_the_generator_exports(scrape: &str) {
+    use promql_parser::label::MatchOp;
+    use promql_parser::parser::{self, Expr, LabelModifier};
+    use promql_parser::util::{walk_expr, ExprVisitor};
+
+    /// Selectors (name, matchers) and grouping labels of one query.
+    struct Found(Vec<(String, Vec<(String, Option<String>)>)>, Vec<String>);
+    impl ExprVisitor for Found {
+        type Error = String;
+        fn pre_visit(&mut self, expr: &Expr) -> Result<bool, String> {
+            let vs = match expr {
+                Expr::VectorSelector(vs) => vs,
+                Expr::MatrixSelector(ms) => &ms.vs,
+                Expr::Aggregate(agg) => {
+                    if let Some(LabelModifier::Include(labels)) = &agg.modifier {
+                        self.1.extend(labels.labels.iter().cloned());
+                    }
+                    return Ok(true);
+                }
+                _ => return Ok(true),
+            };
+            let matchers = vs
+                .matchers
+                .matchers
+                .iter()
+                .map(|m| {
+                    let value = matches!(m.op, MatchOp::Equal).then(|| m.value.clone());
+                    (m.name.clone(), value)
+                })
+                .collect();
+            self.0.push((vs.name.clone().unwrap_or_default(), matchers));
+            Ok(true)
+        }
+    }
+
+    let exported = exposition(scrape);
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/monitoring/xks-proxy-dashboard.json"
+    );
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let target_labels = ["job", "instance"];
+    let mut checked = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            if !expr.contains("xks_loadtest_") {
+                continue;
+            }
+            let promql = expr.replace("$__rate_interval", "5m");
+            let mut found = Found(Vec::new(), Vec::new());
+            walk_expr(&mut found, &parser::parse(&promql).unwrap()).unwrap();
+            for (name, matchers) in &found.0 {
+                let series = exported
+                    .get(name)
+                    .unwrap_or_else(|| panic!("{expr}: {name} is not exported by the generator"));
+                for (label, value) in matchers {
+                    if target_labels.contains(&label.as_str()) {
+                        continue;
+                    }
+                    assert!(
+                        series.iter().any(|s| s.contains_key(label)
+                            && value.as_ref().is_none_or(|v| &s[label] == v)),
+                        "{expr}: no {name} series with {label}={value:?}"
+                    );
+                }
+                for label in &found.1 {
+                    assert!(
+                        target_labels.contains(&label.as_str())
+                            || series.iter().any(|s| s.contains_key(label)),
+                        "{expr}: {name} has no label {label} to group by"
+                    );
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(
+        checked >= 4,
+        "the dashboard selects {checked} generator metrics"
     );
 }
