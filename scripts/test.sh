@@ -14,6 +14,8 @@ cargo test --workspace
 ./scripts/check-monitoring.sh
 # deploy/kubernetes: rendered, schema-validated and cross-checked with the proxy.
 ./scripts/check-kube.sh
+# deploy/loadtest: the generator's Indexed Job, rendered, validated and run locally.
+./scripts/check-loadtest-kube.sh
 # The container images, built and run (podman), checked from outside: docs/container.md.
 ./scripts/check-container.sh
 # The systemd unit (verify, exposure ≤ 2.0) and the Debian package (dpkg -i, then purge).

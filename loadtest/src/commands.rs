@@ -64,6 +64,9 @@ pub struct LoadArgs {
     /// Write charts here (.svg, or .html for a page with tables and charts).
     #[arg(long, value_name = "FILE")]
     pub chart: Option<PathBuf>,
+    /// `--metrics-listen` and `--metrics-hold`.
+    #[command(flatten)]
+    pub metrics: crate::metrics::MetricsArgs,
 }
 
 /// Flags of `run`.
@@ -193,6 +196,7 @@ impl LoadArgs {
             progress: Progress::choose(self.quiet),
             label,
             start_at: None,
+            live: None,
         }
     }
 
@@ -257,6 +261,9 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, Error> {
         return Err("--duration must be above 0".into());
     }
     settings.start_at = start_at;
+    let runtime = runtime(args.load.threads)?;
+    let live = args.load.metrics.start(&runtime)?;
+    settings.live = live.clone();
     let started = time::OffsetDateTime::now_utc();
     let mut config = args.load.config(&settings)?;
     if let Some(at) = args.start_at {
@@ -268,7 +275,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, Error> {
         "closed loop"
     }
     .into();
-    let result: WindowResult = runtime(args.load.threads)?.block_on(async {
+    let result: WindowResult = runtime.block_on(async {
         let workload = args.load.workload(target).await?;
         run_window(&workload, settings).await
     })?;
@@ -283,6 +290,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, Error> {
     report.verification = Some(result.verification.clone());
     print!("{}", report.text());
     args.load.finish(&report)?;
+    args.load.metrics.hold(&runtime, live.as_ref());
     if result.verification.failures() > 0 {
         eprintln!(
             "error: {} verification failures: the proxy returned wrong results",
@@ -315,6 +323,7 @@ pub fn search(args: &SearchArgs) -> Result<ExitCode, Error> {
     let started = time::OffsetDateTime::now_utc();
     let slo = (args.slo_p99_ms, args.slo_error_pct);
     let runtime = runtime(args.load.threads)?;
+    let live = args.load.metrics.start(&runtime)?;
     let workload = runtime.block_on(args.load.workload(target))?;
 
     let mut steps = Vec::new();
@@ -324,9 +333,10 @@ pub fn search(args: &SearchArgs) -> Result<ExitCode, Error> {
     let mut rate = args.start;
     let mut config = serde_json::Value::Null;
     while rate <= args.max {
-        let settings = args
-            .load
-            .settings(Some(rate), warmup, duration, format!("{rate:.0} req/s"));
+        let mut settings =
+            args.load
+                .settings(Some(rate), warmup, duration, format!("{rate:.0} req/s"));
+        settings.live = live.clone();
         if config.is_null() {
             config = args.load.config(&settings)?;
         }
@@ -396,6 +406,7 @@ pub fn search(args: &SearchArgs) -> Result<ExitCode, Error> {
     }
     print!("{}", report.text());
     args.load.finish(&report)?;
+    args.load.metrics.hold(&runtime, live.as_ref());
     if failures > 0 {
         eprintln!("error: {failures} verification failures: the proxy returned wrong results");
         return Ok(ExitCode::FAILURE);

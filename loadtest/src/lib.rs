@@ -15,6 +15,7 @@
 //!   - `progress`: the per-second collector and the live progress line or bar.
 //! - [`commands`]: `run` and `search`.
 //! - [`hsm`]: raw PKCS#11 AES-GCM capacity at 1..N sessions.
+//! - [`metrics`]: `--metrics-listen`, the live figures on a Prometheus endpoint.
 //! - [`presign`]: one pre-signed request as a wrk script.
 //! - [`report`]: the JSON report: its types, made from a measured window, read and
 //!   written:
@@ -37,6 +38,7 @@ pub mod commands;
 pub mod engine;
 pub mod histogram;
 pub mod hsm;
+pub mod metrics;
 pub mod presign;
 pub mod report;
 pub mod stalls;

@@ -91,6 +91,9 @@ pub struct LoadSettings {
     /// Start the warm-up at this wall-clock time (several generators at once).
     #[serde(skip)]
     pub start_at: Option<SystemTime>,
+    /// `--metrics-listen`: the live figures the tasks update.
+    #[serde(skip)]
+    pub live: Option<Arc<crate::metrics::Live>>,
 }
 
 mod secs {
@@ -139,6 +142,9 @@ pub async fn run_window(
         1
     };
     let tasks = settings.connections.max(1) * streams;
+    if let Some(live) = &settings.live {
+        live.offer(settings.rate);
+    }
     if let Some(at) = settings.start_at {
         if settings.progress != Progress::Quiet {
             let wait = at.duration_since(SystemTime::now()).unwrap_or_default();

@@ -16,6 +16,7 @@ use super::prepare::{Route, Workload};
 use super::recorder::Recorder;
 use super::{Answer, Window};
 use crate::client::{ClientError, Connector, RequestBuilder, Sender};
+use crate::metrics::Outcome;
 use crate::report::Verification;
 use crate::workload::{
     decrypt_body, encrypt_body, metadata_only_body, DecryptReply, ErrorReply, Op, Sealed, Template,
@@ -170,8 +171,20 @@ pub(super) async fn task(
         let request = requests
             .builder
             .post(&route.uri, &route.path, body, SystemTime::now());
+        let measured = due >= window.measure_start;
+        if let Some(live) = &settings.live {
+            live.sent(op, measured);
+        }
         let answer = send(&workload.connector, &mut sender, request, settings.timeout).await;
         let done = Instant::now();
+        if let Some(live) = &settings.live {
+            let outcome = match &answer {
+                Ok((200, _)) => Outcome::Ok,
+                Ok(_) => Outcome::Error,
+                Err(_) => Outcome::NoAnswer,
+            };
+            live.completed(op, measured, outcome, done - due);
+        }
         if settings.new_connection_per_request {
             sender = None;
         }
@@ -198,7 +211,7 @@ pub(super) async fn task(
             ),
             Err(e) => Some(e.kind().into()),
         };
-        if due >= window.measure_start {
+        if measured {
             let status = answer.as_ref().map_or(0, |(s, _)| *s);
             *recorder.status.entry(status).or_insert(0) += 1;
             let offset = done
