@@ -200,12 +200,15 @@ fn startup_failures_are_explained() {
 #[test]
 fn quickstart_serves_and_its_test_client_env_works() {
     let dir = tempfile::tempdir().unwrap();
-    // A free port (the quickstart writes it into test-client.env).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // A free port (the quickstart writes it into test-client.env) whose next port, the
+    // quickstart's admin listener, is free too.
+    let port = loop {
+        let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = api.local_addr().unwrap().port();
+        if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            break port;
+        }
+    };
     let mut child = Command::new(BIN)
         .args([
             "quickstart",
