@@ -221,3 +221,36 @@ fn quick_bench_on_the_software_backend_and_the_gate_on_its_report() {
             .success()
     );
 }
+
+/// The committed baselines stay readable by this xks-loadtest, follow the current
+/// method, hold all three parts, and their summaries are what `bench` writes for them.
+#[test]
+fn committed_baselines_parse_and_match_their_summaries() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../perf/baselines");
+    let mut found = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            continue;
+        }
+        found += 1;
+        let report = BenchReport::read(&path).unwrap();
+        assert_eq!(report.method, METHOD, "{}", path.display());
+        assert_eq!(
+            report.parts.keys().collect::<Vec<_>>(),
+            ["hsm", "proxy_hsm", "proxy_software"],
+            "{}",
+            path.display()
+        );
+        assert!(!report.overhead.is_empty() && !report.software_ceiling.is_empty());
+        assert!(report.machine.note.is_some(), "say what the machine was");
+        let md = std::fs::read_to_string(path.with_extension("md")).unwrap();
+        assert_eq!(
+            md,
+            xks_loadtest::bench::summary(&report),
+            "{} is not the summary of its report",
+            path.with_extension("md").display()
+        );
+    }
+    assert!(found > 0, "no baseline in {}", dir.display());
+}
