@@ -14,6 +14,8 @@
 //!   - `recorder`: a task's histograms and counts, and their totals at the end;
 //!   - `progress`: the per-second collector and the live progress line or bar.
 //! - [`commands`]: `run` and `search`.
+//! - [`bench`]: the benchmark method for HSM vendors (`xks-bench/1`): raw HSM, proxy
+//!   on it and proxy on the software backend, in one report.
 //! - [`hsm`]: raw PKCS#11 AES-GCM capacity at 1..N sessions.
 //! - [`metrics`]: `--metrics-listen`, the live figures on a Prometheus endpoint.
 //! - [`presign`]: one pre-signed request as a wrk script.
@@ -23,6 +25,7 @@
 //!   - `text`: the end-of-run tables and lines;
 //!   - `merge`: the reports of several generator machines added;
 //!   - `compare`: two reports side by side;
+//!   - [`report::gate`]: `compare --fail-above`, the regression gate;
 //!   - `fixtures` (tests only): reports made from a few latencies.
 //! - [`chart`]: SVG charts of a report, and the HTML page with its tables.
 //! - [`stalls`]: how long the generator machine itself stalls a sleeping thread.
@@ -32,6 +35,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod chart;
 pub mod client;
 pub mod commands;

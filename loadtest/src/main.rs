@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use xks_loadtest::{chart, commands, hsm, presign, report, stalls, Error};
+use xks_loadtest::report::gate::{self, GateArgs};
+use xks_loadtest::{bench, chart, commands, hsm, presign, report, stalls, Error};
 
 /// The proxy's allocator, the PKCS#11 module's included (see the proxy's `main.rs`), so
 /// that `hsm` measures the module as the proxy runs it.
@@ -29,6 +30,9 @@ enum Command {
     Run(commands::RunArgs),
     /// Find the highest rate that meets the SLO: open-loop steps of rising rate.
     Search(commands::SearchArgs),
+    /// The benchmark method for HSM vendors (docs/benchmark-method.md): raw HSM, the
+    /// proxy on it and on the software backend, in one JSON report and a summary.
+    Bench(bench::BenchArgs),
     /// Raw PKCS#11 AES-256-GCM capacity of a token at 1..N sessions (no proxy).
     Hsm(hsm::HsmArgs),
     /// How long this machine stalls a sleeping thread by itself (run it idle, before
@@ -45,12 +49,15 @@ enum Command {
         #[arg(long, short)]
         output: PathBuf,
     },
-    /// Throughput and percentiles of two reports side by side, with ratios.
+    /// Throughput and percentiles of two reports (`run`, `search`, `hsm` or `bench`)
+    /// side by side, with ratios; with --fail-above, a regression gate.
     Compare {
         /// Baseline (A).
         a: PathBuf,
         /// Compared (B).
         b: PathBuf,
+        #[command(flatten)]
+        gate: GateArgs,
     },
     /// Charts of a report: SVG, or an HTML page with tables and charts (`-o x.html`).
     Chart {
@@ -67,6 +74,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => commands::run(&args),
         Command::Search(args) => commands::search(&args),
+        Command::Bench(args) => bench::bench(&args),
         Command::Hsm(args) => run_hsm(&args),
         Command::Stalls(args) => stalls::run_stalls(&args).map(|s| {
             println!("{}", s.line());
@@ -74,7 +82,7 @@ fn main() -> ExitCode {
         }),
         Command::Presign(args) => presign::presign(&args).map(|()| ExitCode::SUCCESS),
         Command::Merge { reports, output } => merge(&reports, &output),
-        Command::Compare { a, b } => compare(&a, &b),
+        Command::Compare { a, b, gate } => compare(&a, &b, &gate),
         Command::Chart { report, output } => report::Report::read(&report)
             .and_then(|r| chart::write(&r, &output))
             .map(|()| ExitCode::SUCCESS),
@@ -114,11 +122,37 @@ fn merge(inputs: &[PathBuf], output: &std::path::Path) -> Result<ExitCode, Error
     Ok(ExitCode::SUCCESS)
 }
 
-fn compare(a: &std::path::Path, b: &std::path::Path) -> Result<ExitCode, Error> {
-    let (ra, rb) = (report::Report::read(a)?, report::Report::read(b)?);
-    print!(
-        "{}",
-        report::compare(&ra, &rb, &a.display().to_string(), &b.display().to_string())
-    );
-    Ok(ExitCode::SUCCESS)
+fn compare(a: &std::path::Path, b: &std::path::Path, args: &GateArgs) -> Result<ExitCode, Error> {
+    let (a_name, b_name) = (a.display().to_string(), b.display().to_string());
+    let is_bench = |path: &std::path::Path| -> Result<bool, Error> {
+        let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(serde_json::from_slice::<serde_json::Value>(&text)
+            .is_ok_and(|v| bench::BenchReport::is_bench(&v)))
+    };
+    let scopes = match (is_bench(a)?, is_bench(b)?) {
+        (true, true) => {
+            let (ra, rb) = (bench::BenchReport::read(a)?, bench::BenchReport::read(b)?);
+            print!("{}", bench::compare(&ra, &rb, &a_name, &b_name)?);
+            bench::scopes(&ra, &rb)
+        }
+        (false, false) => {
+            let (ra, rb) = (report::Report::read(a)?, report::Report::read(b)?);
+            print!("{}", report::compare(&ra, &rb, &a_name, &b_name));
+            gate::report_scopes(&ra, &rb)
+        }
+        _ => return Err("a bench report is compared with a bench report only".into()),
+    };
+    let Some(pct) = args.fail_above else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    if !(pct.is_finite() && pct >= 0.0) {
+        return Err("--fail-above must be a percentage of 0 or more".into());
+    }
+    let verdict = gate::verdict(&gate::check(&scopes, &args.metrics(), pct), pct);
+    print!("{}", verdict.text);
+    Ok(if verdict.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

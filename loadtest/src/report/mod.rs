@@ -20,6 +20,7 @@ use crate::Error;
 mod compare;
 #[cfg(test)]
 mod fixtures;
+pub mod gate;
 mod measured;
 mod merge;
 mod text;
