@@ -131,6 +131,7 @@ pub(super) async fn proxy_cells(
                 progress: Progress::Quiet,
                 label: id.clone(),
                 start_at: None,
+                live: None,
             };
             let before = CpuMark::now(proxy_pid);
             let result = run_window(&workload, settings).await?;
