@@ -14,6 +14,9 @@
 //!   - `recorder`: a task's histograms and counts, and their totals at the end;
 //!   - `progress`: the per-second collector and the live progress line or bar.
 //! - [`commands`]: `run` and `search`.
+//! - [`kms`]: the `--kms` client profile (KMS's timeout, retry, connections and mix)
+//!   and what KMS would have seen: outcomes of logical calls, their latency, AWS's
+//!   alarms.
 //! - [`hsm`]: raw PKCS#11 AES-GCM capacity at 1..N sessions.
 //! - [`presign`]: one pre-signed request as a wrk script.
 //! - [`report`]: the JSON report: its types, made from a measured window, read and
@@ -37,6 +40,7 @@ pub mod commands;
 pub mod engine;
 pub mod histogram;
 pub mod hsm;
+pub mod kms;
 pub mod presign;
 pub mod report;
 pub mod stalls;
