@@ -17,6 +17,8 @@
 //! - [`kms`]: the `--kms` client profile (KMS's timeout, retry, connections and mix)
 //!   and what KMS would have seen: outcomes of logical calls, their latency, AWS's
 //!   alarms.
+//! - [`plan`]: capacity plans in KMS's terms: `search` per setting an operator can
+//!   change, the proxy watched, and the plan written as Markdown and HTML.
 //! - [`hsm`]: raw PKCS#11 AES-GCM capacity at 1..N sessions.
 //! - [`presign`]: one pre-signed request as a wrk script.
 //! - [`report`]: the JSON report: its types, made from a measured window, read and
@@ -41,6 +43,7 @@ pub mod engine;
 pub mod histogram;
 pub mod hsm;
 pub mod kms;
+pub mod plan;
 pub mod presign;
 pub mod report;
 pub mod stalls;

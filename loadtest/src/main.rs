@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use xks_loadtest::{chart, commands, hsm, presign, report, stalls, Error};
+use xks_loadtest::{chart, commands, hsm, plan, presign, report, stalls, Error};
 
 /// The proxy's allocator, the PKCS#11 module's included (see the proxy's `main.rs`), so
 /// that `hsm` measures the module as the proxy runs it.
@@ -29,6 +29,9 @@ enum Command {
     Run(commands::RunArgs),
     /// Find the highest rate that meets the SLO: open-loop steps of rising rate.
     Search(commands::SearchArgs),
+    /// A capacity plan in KMS's terms: the highest rate meeting a KMS objective for each
+    /// setting swept, what saturates first, replicas and sessions for a target rate.
+    Plan(plan::PlanArgs),
     /// Raw PKCS#11 AES-256-GCM capacity of a token at 1..N sessions (no proxy).
     Hsm(hsm::HsmArgs),
     /// How long this machine stalls a sleeping thread by itself (run it idle, before
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => commands::run(&args),
         Command::Search(args) => commands::search(&args),
+        Command::Plan(args) => plan::plan(&args),
         Command::Hsm(args) => run_hsm(&args),
         Command::Stalls(args) => stalls::run_stalls(&args).map(|s| {
             println!("{}", s.line());

@@ -175,12 +175,18 @@ pub async fn run_window(
     let fresh: Vec<Recorder> = (0..tasks)
         .map(|_| Recorder::new(seconds_tx.clone(), &settings.mix, settings.rate.is_some()))
         .collect();
-    // `--kms`: the health checks beside the load have a recorder of their own.
-    let health_recorder = Recorder::new(
-        seconds_tx.clone(),
-        &"health=1".parse().expect("a valid mix"),
-        false,
-    );
+    // `--kms`: the health checks beside the load have a recorder of their own (made
+    // only when they run: an unused one would hold the collector's channel open).
+    let health = settings
+        .kms
+        .as_ref()
+        .and_then(|k| k.health_interval)
+        .map(|interval| {
+            let mix = crate::workload::Mix {
+                weights: [0, 0, 0, 1],
+            };
+            (interval, Recorder::new(seconds_tx.clone(), &mix, false))
+        });
     drop(seconds_tx);
 
     if let Some(at) = settings.start_at {
@@ -222,12 +228,8 @@ pub async fn run_window(
     for (sender, recorder) in senders.into_iter().zip(fresh) {
         running.spawn(task(Arc::clone(&window), sender, recorder));
     }
-    if let Some(interval) = settings.kms.as_ref().and_then(|k| k.health_interval) {
-        running.spawn(health_checks(
-            Arc::clone(&window),
-            interval,
-            health_recorder,
-        ));
+    if let Some((interval, recorder)) = health {
+        running.spawn(health_checks(Arc::clone(&window), interval, recorder));
     }
     let collector = tokio::spawn(collect(seconds_rx, Arc::clone(&window)));
 
