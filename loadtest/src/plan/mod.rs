@@ -178,14 +178,16 @@ impl Setting {
         if let (Some(sessions), Some(busy)) = (o.sessions, o.busy_avg) {
             let queue = o.queue_max.unwrap_or(0.0);
             let shed = o.shed.unwrap_or(0.0);
-            if busy >= 0.9 * sessions || queue > 0.0 || shed > 0.0 {
+            // A queue of a few requests comes and goes at any load; half the pool's size
+            // waiting, or any shed, is the pool at its end.
+            if busy >= 0.9 * sessions || queue >= (0.5 * sessions).max(2.0) || shed > 0.0 {
                 return format!(
                     "session pool: {busy:.1} of {sessions:.0} sessions busy on average, up to {queue:.0} waiting, {shed:.0} shed at {:.0} calls/s (more sessions if the HSM has capacity to spare, else the HSM)",
                     step.offered_rps
                 );
             }
             return format!(
-                "the HSM or the path to it: {busy:.1} of {sessions:.0} sessions busy, proxy CPU {}, at {:.0} calls/s",
+                "neither the proxy's CPU nor its pool ({busy:.1} of {sessions:.0} sessions busy, proxy CPU {}, at {:.0} calls/s): the HSM, the path to it, or the machine itself (a generator on the same box: see its stalls)",
                 cpu.map_or("unknown".into(), |c| format!("{c:.0}%")),
                 step.offered_rps
             );
