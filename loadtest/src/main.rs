@@ -31,7 +31,7 @@ enum Command {
     Search(commands::SearchArgs),
     /// A capacity plan in KMS's terms: the highest rate meeting a KMS objective for each
     /// setting swept, what saturates first, replicas and sessions for a target rate.
-    Plan(plan::PlanArgs),
+    Plan(Box<plan::PlanArgs>),
     /// Raw PKCS#11 AES-256-GCM capacity of a token at 1..N sessions (no proxy).
     Hsm(hsm::HsmArgs),
     /// How long this machine stalls a sleeping thread by itself (run it idle, before
