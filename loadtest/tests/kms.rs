@@ -77,20 +77,23 @@ latency_ms = 400"#,
     let report = Report::read(&report_path).unwrap();
     let kms = check_accounting(&report);
     // Every call went to foo or bar at random: bar's time out twice and fail, foo's
-    // are answered on the first try; none is saved by the retry.
-    assert_eq!(kms.after_retry, 0, "{kms:?}");
-    assert_eq!(kms.retries, kms.failed, "{kms:?}");
+    // are answered on the first try. (Nothing here depends on foo's calls staying
+    // under 250 ms on a loaded machine: one that did not is retried and counted the
+    // same way.)
     assert!(kms.failed > 0 && kms.first_try > 0, "{kms:?}");
+    assert_eq!(kms.retries, kms.failed + kms.after_retry, "{kms:?}");
     assert!(
         (20.0..80.0).contains(&kms.failed_pct),
         "about half the calls go to bar: {kms:?}"
     );
+    // Every retry followed a timeout, and every failed call timed out twice.
     assert_eq!(
         report.error_counts.get("transport:timeout"),
-        Some(&(2 * kms.failed)),
+        Some(&(kms.retries + kms.failed)),
         "{:?}",
         report.error_counts
     );
+    assert_eq!(report.error_counts.len(), 1, "{:?}", report.error_counts);
     assert!(kms.latency_ms.max >= 500.0, "two 250 ms attempts: {kms:?}");
     assert!(kms.alarms.retryable_errors_fired, "{kms:?}");
 }
@@ -236,6 +239,9 @@ mean_ms = 1"#,
             "0",
             "--objective-p99-ms",
             "5000",
+            // Not a test of the machine's speed: every step with answers meets it.
+            "--objective-failed-pct",
+            "100",
             "--metrics-url",
             &metrics,
             "--proxy-pid",
