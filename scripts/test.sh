@@ -14,6 +14,8 @@ cargo test --workspace
 ./scripts/check-kube.sh
 # The container images, built and run (podman), checked from outside: docs/container.md.
 ./scripts/check-container.sh
+# xks-loadtest plan starting and watching real proxies (docs/capacity.md#capacity-plans).
+./scripts/check-kms.sh
 # The fuzz crate is its own workspace (it links libFuzzer); CI builds its targets and
 # replays the seed corpora on stable Rust. Long fuzzing runs: fuzz/README.md.
 export CARGO_TARGET_DIR_FUZZ="${CARGO_TARGET_DIR:-target}/fuzz"
