@@ -20,6 +20,8 @@ cargo test --workspace
 ./scripts/check-container.sh
 # The systemd unit (verify, exposure ≤ 2.0) and the Debian package (dpkg -i, then purge).
 ./scripts/check-systemd.sh
+# xks-loadtest plan starting and watching real proxies (docs/capacity.md#capacity-plans).
+./scripts/check-kms.sh
 # The fuzz crate is its own workspace (it links libFuzzer); CI builds its targets and
 # replays the seed corpora on stable Rust. Long fuzzing runs: fuzz/README.md.
 export CARGO_TARGET_DIR_FUZZ="${CARGO_TARGET_DIR:-target}/fuzz"

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use xks_proxy::auth::SignOptions;
 
 use crate::engine::{run_window, LoadSettings, Progress, WindowResult, Workload};
+use crate::kms::{self, KmsArgs};
 use crate::report::{steps_text, Report};
 use crate::target::{Target, TargetArgs};
 use crate::workload::{BodySettings, Mix};
@@ -16,15 +17,16 @@ use crate::{chart, Error};
 /// What to send and how: shared by `run` and `search`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadArgs {
-    /// Weighted operation mix.
-    #[arg(long, default_value = "encrypt=8,decrypt=1,metadata=1,health=0")]
-    pub mix: Mix,
+    /// Weighted operation mix [default: encrypt=8,decrypt=1,metadata=1,health=0; with
+    /// --kms: encrypt=50,decrypt=49,metadata=1,health=0].
+    #[arg(long)]
+    pub mix: Option<Mix>,
     /// Plaintext bytes per Encrypt.
     #[arg(long, default_value_t = 32)]
     pub plaintext_bytes: usize,
-    /// AAD bytes per Encrypt and Decrypt (0: none).
-    #[arg(long, default_value_t = 100)]
-    pub aad_bytes: usize,
+    /// AAD bytes per Encrypt and Decrypt (0: none) [default: 100; with --kms: 1024].
+    #[arg(long)]
+    pub aad_bytes: Option<usize>,
     /// Ask for a CDIV on every Encrypt, and check each one.
     #[arg(long)]
     pub cdiv: bool,
@@ -67,6 +69,9 @@ pub struct LoadArgs {
     /// `--metrics-listen` and `--metrics-hold`.
     #[command(flatten)]
     pub metrics: crate::metrics::MetricsArgs,
+    /// `--kms` and its settings.
+    #[command(flatten)]
+    pub kms: KmsArgs,
 }
 
 /// Flags of `run`.
@@ -168,22 +173,38 @@ fn seconds(value: f64, flag: &str) -> Result<Duration, Error> {
 }
 
 impl LoadArgs {
+    /// The mix: `--mix`, else the default (KMS's with `--kms`).
+    fn mix(&self) -> Mix {
+        self.mix.unwrap_or(if self.kms.kms {
+            kms::MIX
+        } else {
+            Mix {
+                weights: [8, 1, 1, 0],
+            }
+        })
+    }
+
+    fn aad_bytes(&self) -> usize {
+        self.aad_bytes
+            .unwrap_or(if self.kms.kms { kms::AAD_BYTES } else { 100 })
+    }
+
     fn bodies(&self) -> BodySettings {
         BodySettings {
             plaintext_bytes: self.plaintext_bytes,
-            aad_bytes: self.aad_bytes,
+            aad_bytes: self.aad_bytes(),
             cdiv: self.cdiv,
         }
     }
 
-    fn settings(
+    pub(crate) fn settings(
         &self,
         rate: Option<f64>,
         warmup: Duration,
         duration: Duration,
         label: String,
-    ) -> LoadSettings {
-        LoadSettings {
+    ) -> Result<LoadSettings, Error> {
+        Ok(LoadSettings {
             rate,
             connections: self.connections.max(1),
             streams: self.streams.max(1),
@@ -191,16 +212,17 @@ impl LoadArgs {
             duration,
             new_connection_per_request: self.new_connection_per_request,
             timeout: Duration::from_millis(self.timeout_ms.max(1)),
-            mix: self.mix,
+            mix: self.mix(),
             verify_samples: self.verify_samples,
             progress: Progress::choose(self.quiet),
             label,
             start_at: None,
             live: None,
-        }
+            kms: self.kms.profile()?,
+        })
     }
 
-    fn config(&self, settings: &LoadSettings) -> Result<serde_json::Value, Error> {
+    pub(crate) fn config(&self, settings: &LoadSettings) -> Result<serde_json::Value, Error> {
         let mut config = serde_json::to_value(settings)?;
         config["http"] = if self.http2 { "HTTP/2" } else { "HTTP/1.1" }.into();
         config["bodies"] = serde_json::to_value(self.bodies())?;
@@ -213,8 +235,8 @@ impl LoadArgs {
         Ok(config)
     }
 
-    async fn workload(&self, target: Target) -> Result<Arc<Workload>, Error> {
-        if self.aad_bytes > xks_proxy::xks::aad::MAX_AAD_LEN {
+    pub(crate) async fn workload(&self, target: Target) -> Result<Arc<Workload>, Error> {
+        if self.aad_bytes() > xks_proxy::xks::aad::MAX_AAD_LEN {
             return Err("--aad-bytes must be at most 65535".into());
         }
         Ok(Arc::new(
@@ -225,14 +247,14 @@ impl LoadArgs {
                     content_sha256_header: self.sign_content_sha256,
                 },
                 self.bodies(),
-                self.mix,
+                self.mix(),
                 self.pool_size,
             )
             .await?,
         ))
     }
 
-    fn finish(&self, report: &Report) -> Result<(), Error> {
+    pub(crate) fn finish(&self, report: &Report) -> Result<(), Error> {
         if let Some(path) = &self.report {
             report.write(path)?;
         }
@@ -256,7 +278,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, Error> {
         seconds(args.warmup, "--warmup")?,
         seconds(args.duration, "--duration")?,
         "run".into(),
-    );
+    )?;
     if settings.duration.is_zero() {
         return Err("--duration must be above 0".into());
     }
@@ -288,6 +310,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, Error> {
         args.slo_p99_ms.map(|p99| (p99, args.slo_error_pct)),
     );
     report.verification = Some(result.verification.clone());
+    kms::judge(&mut report, result.kms.clone());
     print!("{}", report.text());
     args.load.finish(&report)?;
     args.load.metrics.hold(&runtime, live.as_ref());
@@ -335,7 +358,7 @@ pub fn search(args: &SearchArgs) -> Result<ExitCode, Error> {
     while rate <= args.max {
         let mut settings =
             args.load
-                .settings(Some(rate), warmup, duration, format!("{rate:.0} req/s"));
+                .settings(Some(rate), warmup, duration, format!("{rate:.0} req/s"))?;
         settings.live = live.clone();
         if config.is_null() {
             config = args.load.config(&settings)?;
@@ -344,10 +367,8 @@ pub fn search(args: &SearchArgs) -> Result<ExitCode, Error> {
         failures += result.verification.failures();
         let mut step = result.measured.step();
         step.offered_rps = Some(rate);
-        let met = step.requests > 0
-            && step.unsent == 0
-            && step.latency_ms.p99 <= slo.0
-            && step.error_pct <= slo.1;
+        step.kms = result.kms.clone();
+        let met = kms::step_met(&step, slo);
         step.met_slo = Some(met);
         if !args.load.quiet {
             eprintln!(
@@ -391,6 +412,7 @@ pub fn search(args: &SearchArgs) -> Result<ExitCode, Error> {
         Some(slo),
     );
     report.verification = Some(shown.verification);
+    kms::judge(&mut report, shown.kms);
     report.steps = steps;
     report.max_rate_meeting_slo = max_rate;
     println!("{}", steps_text(&report.steps));

@@ -16,6 +16,11 @@
 //! - [`commands`]: `run` and `search`.
 //! - [`bench`]: the benchmark method for HSM vendors (`xks-bench/1`): raw HSM, proxy
 //!   on it and proxy on the software backend, in one report.
+//! - [`kms`]: the `--kms` client profile (KMS's timeout, retry, connections and mix)
+//!   and what KMS would have seen: outcomes of logical calls, their latency, AWS's
+//!   alarms.
+//! - [`plan`]: capacity plans in KMS's terms: `search` per setting an operator can
+//!   change, the proxy watched, and the plan written as Markdown and HTML.
 //! - [`hsm`]: raw PKCS#11 AES-GCM capacity at 1..N sessions.
 //! - [`metrics`]: `--metrics-listen`, the live figures on a Prometheus endpoint.
 //! - [`presign`]: one pre-signed request as a wrk script.
@@ -42,7 +47,9 @@ pub mod commands;
 pub mod engine;
 pub mod histogram;
 pub mod hsm;
+pub mod kms;
 pub mod metrics;
+pub mod plan;
 pub mod presign;
 pub mod report;
 pub mod stalls;

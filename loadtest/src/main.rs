@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use xks_loadtest::report::gate::{self, GateArgs};
-use xks_loadtest::{bench, chart, commands, hsm, presign, report, stalls, Error};
+use xks_loadtest::{bench, chart, commands, hsm, plan, presign, report, stalls, Error};
 
 /// The proxy's allocator, the PKCS#11 module's included (see the proxy's `main.rs`), so
 /// that `hsm` measures the module as the proxy runs it.
@@ -33,6 +33,9 @@ enum Command {
     /// The benchmark method for HSM vendors (docs/benchmark-method.md): raw HSM, the
     /// proxy on it and on the software backend, in one JSON report and a summary.
     Bench(bench::BenchArgs),
+    /// A capacity plan in KMS's terms: the highest rate meeting a KMS objective for each
+    /// setting swept, what saturates first, replicas and sessions for a target rate.
+    Plan(Box<plan::PlanArgs>),
     /// Raw PKCS#11 AES-256-GCM capacity of a token at 1..N sessions (no proxy).
     Hsm(hsm::HsmArgs),
     /// How long this machine stalls a sleeping thread by itself (run it idle, before
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
         Command::Run(args) => commands::run(&args),
         Command::Search(args) => commands::search(&args),
         Command::Bench(args) => bench::bench(&args),
+        Command::Plan(args) => plan::plan(&args),
         Command::Hsm(args) => run_hsm(&args),
         Command::Stalls(args) => stalls::run_stalls(&args).map(|s| {
             println!("{}", s.line());

@@ -132,6 +132,7 @@ pub(super) async fn proxy_cells(
                 label: id.clone(),
                 start_at: None,
                 live: None,
+                kms: None,
             };
             let before = CpuMark::now(proxy_pid);
             let result = run_window(&workload, settings).await?;

@@ -49,7 +49,7 @@ pub use prepare::Workload;
 use progress::collect;
 pub use progress::Progress;
 use recorder::{Recorder, SecondMsg, Totals};
-use task::{check_samples, task};
+use task::{check_samples, health_checks, task};
 
 /// A request claimed this long after it was due counts as late (tokio's timer has a
 /// resolution of 1 ms, so anything finer would count timer jitter).
@@ -94,6 +94,9 @@ pub struct LoadSettings {
     /// `--metrics-listen`: the live figures the tasks update.
     #[serde(skip)]
     pub live: Option<Arc<crate::metrics::Live>>,
+    /// Send as KMS does (`--kms`; see [`crate::kms`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kms: Option<crate::kms::Profile>,
 }
 
 mod secs {
@@ -129,6 +132,8 @@ pub struct WindowResult {
     pub measured: Measured,
     /// Correctness checks.
     pub verification: Verification,
+    /// `--kms`: what KMS would have seen.
+    pub kms: Option<crate::kms::View>,
 }
 
 /// Runs one window: warm-up, then the measured duration.
@@ -176,6 +181,18 @@ pub async fn run_window(
     let fresh: Vec<Recorder> = (0..tasks)
         .map(|_| Recorder::new(seconds_tx.clone(), &settings.mix, settings.rate.is_some()))
         .collect();
+    // `--kms`: the health checks beside the load have a recorder of their own (made
+    // only when they run: an unused one would hold the collector's channel open).
+    let health = settings
+        .kms
+        .as_ref()
+        .and_then(|k| k.health_interval)
+        .map(|interval| {
+            let mix = crate::workload::Mix {
+                weights: [0, 0, 0, 1],
+            };
+            (interval, Recorder::new(seconds_tx.clone(), &mix, false))
+        });
     drop(seconds_tx);
 
     if let Some(at) = settings.start_at {
@@ -217,6 +234,9 @@ pub async fn run_window(
     for (sender, recorder) in senders.into_iter().zip(fresh) {
         running.spawn(task(Arc::clone(&window), sender, recorder));
     }
+    if let Some((interval, recorder)) = health {
+        running.spawn(health_checks(Arc::clone(&window), interval, recorder));
+    }
     let collector = tokio::spawn(collect(seconds_rx, Arc::clone(&window)));
 
     let mut recorders = Vec::with_capacity(tasks);
@@ -227,6 +247,10 @@ pub async fn run_window(
     let stalls = meter.finish()?;
 
     let mut totals = Totals::new(workload.pool_size() as u64, window.end);
+    totals.kms = settings
+        .kms
+        .clone()
+        .map(|p| (p, crate::kms::Recorder::default()));
     for recorder in recorders {
         totals.add(recorder)?;
     }

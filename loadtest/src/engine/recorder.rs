@@ -53,6 +53,8 @@ pub(super) struct Recorder {
     pub(super) encrypts: u64,
     /// When the last recorded request finished.
     pub(super) last_done: Option<Instant>,
+    /// `--kms`: the logical calls and attempts as KMS saw them.
+    pub(super) kms: crate::kms::Recorder,
 }
 
 impl Recorder {
@@ -83,6 +85,7 @@ impl Recorder {
             samples: Vec::new(),
             encrypts: 0,
             last_done: None,
+            kms: crate::kms::Recorder::default(),
         }
     }
 
@@ -175,6 +178,8 @@ pub(super) struct Totals {
     pub(super) samples: Vec<(usize, Sealed, String)>,
     /// When the last recorded request finished (the window's end if none finished later).
     last_done: Instant,
+    /// `--kms`: the profile and the tasks' records of KMS's view.
+    pub(super) kms: Option<(crate::kms::Profile, crate::kms::Recorder)>,
 }
 
 impl Totals {
@@ -198,6 +203,7 @@ impl Totals {
             late_released: 0,
             samples: Vec::new(),
             last_done: end,
+            kms: None,
         }
     }
 
@@ -227,6 +233,9 @@ impl Totals {
             self.sent_late.add(s)?;
         }
         self.samples.extend(recorder.samples);
+        if let Some((_, kms)) = &mut self.kms {
+            kms.add(&recorder.kms)?;
+        }
         Ok(())
     }
 
@@ -241,7 +250,18 @@ impl Totals {
         stalls: Stalls,
     ) -> WindowResult {
         let settings = &window.settings;
-        let measured_count: u64 = self.per_op.iter().map(|(_, h, _)| h.len()).sum();
+        // `--kms`: retries and the health checks beside the load are requests, not
+        // due ones.
+        let extra = self
+            .kms
+            .as_ref()
+            .map_or(0, |(_, k)| k.retries() + k.health_check_count());
+        let measured_count: u64 = self
+            .per_op
+            .iter()
+            .map(|(_, h, _)| h.len())
+            .sum::<u64>()
+            .saturating_sub(extra);
         // Open loop: the requests due in the window that were never sent.
         let unsent = settings.rate.map_or(0, |rate| {
             let index = |d: Duration| (d.as_secs_f64() * rate).ceil() as u64;
@@ -274,6 +294,7 @@ impl Totals {
                 }),
             },
             verification: self.verification,
+            kms: self.kms.as_ref().map(|(profile, k)| k.view(profile)),
         }
     }
 }

@@ -16,7 +16,8 @@ use super::prepare::{Route, Workload};
 use super::recorder::Recorder;
 use super::{Answer, Window};
 use crate::client::{ClientError, Connector, RequestBuilder, Sender};
-use crate::metrics::Outcome;
+use crate::kms::{Attempt, Outcome};
+use crate::metrics::Outcome as LiveOutcome;
 use crate::report::Verification;
 use crate::workload::{
     decrypt_body, encrypt_body, metadata_only_body, DecryptReply, ErrorReply, Op, Sealed, Template,
@@ -168,58 +169,181 @@ pub(super) async fn task(
                 )
             }
         };
-        let request = requests
-            .builder
-            .post(&route.uri, &route.path, body, SystemTime::now());
-        let measured = due >= window.measure_start;
-        if let Some(live) = &settings.live {
-            live.sent(op, measured);
-        }
-        let answer = send(&workload.connector, &mut sender, request, settings.timeout).await;
-        let done = Instant::now();
-        if let Some(live) = &settings.live {
-            let outcome = match &answer {
-                Ok((200, _)) => Outcome::Ok,
-                Ok(_) => Outcome::Error,
-                Err(_) => Outcome::NoAnswer,
-            };
-            live.completed(op, measured, outcome, done - due);
-        }
-        if settings.new_connection_per_request {
-            sender = None;
-        }
+        exchange(
+            &window,
+            &requests,
+            &mut sender,
+            &mut recorder,
+            &mut rng,
+            (op, key, expected),
+            route,
+            body,
+            due,
+        )
+        .await;
+    }
+    recorder.finish();
+    recorder
+}
 
-        let error_name: Option<std::borrow::Cow<'_, str>> = match &answer {
-            Ok((200, body)) => {
-                check_answer(
-                    op,
-                    key,
-                    body,
-                    expected,
-                    workload,
-                    &requests.plaintext_b64,
-                    window.samples_per_task,
-                    &mut recorder,
-                );
-                None
+/// Sends one request (`--kms`: one logical call, with KMS's timeout and its retry),
+/// checks the answer, and records it when it was due in the measured window.
+#[allow(clippy::too_many_arguments)]
+async fn exchange(
+    window: &Window,
+    requests: &TaskRequests,
+    sender: &mut Option<Sender>,
+    recorder: &mut Recorder,
+    rng: &mut SmallRng,
+    (op, key, expected): (Op, usize, Option<&str>),
+    route: &Route,
+    body: Bytes,
+    due: Instant,
+) {
+    let workload = &*window.workload;
+    let settings = &window.settings;
+    let measured = due >= window.measure_start;
+    let offset = |done: Instant| {
+        done.saturating_duration_since(window.measure_start)
+            .as_secs()
+    };
+    let kms = settings.kms.as_ref();
+    if kms.is_some_and(|k| rng.random_bool((k.new_connections_pct / 100.0).clamp(0.0, 1.0))) {
+        *sender = None;
+    }
+    let timeout = kms.map_or(settings.timeout, |k| k.timeout);
+    let retry_body = kms.map(|_| body.clone());
+    if let Some(live) = &settings.live {
+        live.sent(op, measured);
+    }
+    let request = requests
+        .builder
+        .post(&route.uri, &route.path, body, SystemTime::now());
+    let mut answer = send(&workload.connector, sender, request, timeout).await;
+    let mut done = Instant::now();
+    let mut sent_from = due;
+    if settings.new_connection_per_request {
+        *sender = None;
+    }
+    if let Some(retry_body) = retry_body {
+        let first = Attempt::of(&answer.as_ref().map(|(s, _)| *s));
+        if measured {
+            recorder.kms.attempt(offset(done), done - due, first);
+        }
+        let outcome = match first {
+            Attempt::Ok => Outcome::FirstTry,
+            Attempt::Fatal => Outcome::Failed,
+            Attempt::Retryable => {
+                // The first attempt is a request of its own in the raw figures.
+                if measured {
+                    record(window, recorder, op, &answer, done - due, done);
+                    recorder.kms.retried();
+                }
+                sent_from = Instant::now();
+                let request =
+                    requests
+                        .builder
+                        .post(&route.uri, &route.path, retry_body, SystemTime::now());
+                answer = send(&workload.connector, sender, request, timeout).await;
+                done = Instant::now();
+                let second = Attempt::of(&answer.as_ref().map(|(s, _)| *s));
+                if measured {
+                    recorder.kms.attempt(offset(done), done - sent_from, second);
+                }
+                if second == Attempt::Ok {
+                    Outcome::AfterRetry
+                } else {
+                    Outcome::Failed
+                }
             }
-            Ok((status, body)) => Some(
-                serde_json::from_slice::<ErrorReply<'_>>(body)
-                    .ok()
-                    .and_then(|e| e.error_name)
-                    .unwrap_or_else(|| format!("HTTP {status}").into()),
-            ),
-            Err(e) => Some(e.kind().into()),
         };
         if measured {
-            let status = answer.as_ref().map_or(0, |(s, _)| *s);
-            *recorder.status.entry(status).or_insert(0) += 1;
-            let offset = done
-                .saturating_duration_since(window.measure_start)
-                .as_secs();
-            recorder.record(op, done - due, offset, error_name.as_deref());
-            recorder.last_done = Some(done);
+            recorder
+                .kms
+                .call(offset(done), done - due, outcome, op == Op::Health);
         }
+    }
+    if let Some(live) = &settings.live {
+        let outcome = match &answer {
+            Ok((200, _)) => LiveOutcome::Ok,
+            Ok(_) => LiveOutcome::Error,
+            Err(_) => LiveOutcome::NoAnswer,
+        };
+        live.completed(op, measured, outcome, done - due);
+    }
+    if let Ok((200, body)) = &answer {
+        check_answer(
+            op,
+            key,
+            body,
+            expected,
+            workload,
+            &requests.plaintext_b64,
+            window.samples_per_task,
+            recorder,
+        );
+    }
+    if measured {
+        record(window, recorder, op, &answer, done - sent_from, done);
+    }
+}
+
+/// Records an answer (its status, latency and errorName) in the raw figures.
+fn record(
+    window: &Window,
+    recorder: &mut Recorder,
+    op: Op,
+    answer: &Answer,
+    latency: Duration,
+    done: Instant,
+) {
+    let error_name: Option<std::borrow::Cow<'_, str>> = match answer {
+        Ok((200, _)) => None,
+        Ok((status, body)) => Some(
+            serde_json::from_slice::<ErrorReply<'_>>(body)
+                .ok()
+                .and_then(|e| e.error_name)
+                .unwrap_or_else(|| format!("HTTP {status}").into()),
+        ),
+        Err(e) => Some(e.kind().into()),
+    };
+    let status = answer.as_ref().map_or(0, |(s, _)| *s);
+    *recorder.status.entry(status).or_insert(0) += 1;
+    let offset = done
+        .saturating_duration_since(window.measure_start)
+        .as_secs();
+    recorder.record(op, latency, offset, error_name.as_deref());
+    recorder.last_done = Some(done);
+}
+
+/// `--kms`: GetHealthStatus every `interval` from the window's start, beside the load,
+/// on a connection of its own, as KMS's periodic health checks.
+pub(super) async fn health_checks(
+    window: Arc<Window>,
+    interval: Duration,
+    mut recorder: Recorder,
+) -> Recorder {
+    let workload = &*window.workload;
+    let mut rng = SmallRng::from_rng(&mut rand::rng());
+    let requests = TaskRequests::new(workload, &mut rng);
+    let mut sender = None;
+    let mut due = window.measure_start;
+    while due < window.end {
+        tokio::time::sleep_until(due.into()).await;
+        let body = requests.health.1.render(&mut rng);
+        exchange(
+            &window,
+            &requests,
+            &mut sender,
+            &mut recorder,
+            &mut rng,
+            (Op::Health, 0, None),
+            &requests.health.0,
+            body,
+            due,
+        )
+        .await;
+        due += interval;
     }
     recorder.finish();
     recorder

@@ -63,6 +63,7 @@ impl Measured {
             stalls: self.stalls.clone(),
             schedule: self.schedule.clone(),
             histogram: encode_histogram(&all),
+            kms: None,
         }
     }
 }

@@ -19,6 +19,12 @@ pub fn merge(reports: &[Report]) -> Result<Report, Error> {
     merged.tool = Tool::default();
     merged.steps.clear();
     merged.max_rate_meeting_slo = None;
+    // `--kms` views add when every generator had one.
+    let views: Option<Vec<&crate::kms::View>> = reports.iter().map(|r| r.kms.as_ref()).collect();
+    merged.kms = match views {
+        Some(views) => crate::kms::View::merge(&views)?,
+        None => None,
+    };
     let mut histograms: BTreeMap<String, (Histogram<u64>, u64, f64)> = BTreeMap::new();
     let mut seconds: BTreeMap<u64, (Histogram<u64>, u64)> = BTreeMap::new();
     let mut status = BTreeMap::new();

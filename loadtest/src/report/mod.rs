@@ -303,6 +303,9 @@ pub struct Step {
     pub schedule: Option<Schedule>,
     /// The step's histogram (µs).
     pub histogram: String,
+    /// `--kms`: what KMS would have seen of the step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kms: Option<crate::kms::View>,
 }
 
 /// Totals of a run.
@@ -408,6 +411,9 @@ pub struct Report {
     /// `search`: the highest offered rate that met the SLO.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_rate_meeting_slo: Option<f64>,
+    /// `--kms`: what KMS would have seen (versioned on its own: `kms.format`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kms: Option<crate::kms::View>,
 }
 
 /// part / whole in percent (0 for an empty whole).
@@ -500,6 +506,7 @@ impl Report {
             slo,
             steps: Vec::new(),
             max_rate_meeting_slo: None,
+            kms: None,
         }
     }
 

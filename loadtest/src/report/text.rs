@@ -124,6 +124,9 @@ impl Report {
                 slo.p99_ms
             );
         }
+        if let Some(kms) = &self.kms {
+            out.push_str(&kms.text());
+        }
         for machine in &self.machines {
             let lines = machine.stalls.as_ref().map(Stalls::line).into_iter();
             for line in lines.chain(machine.schedule.as_ref().map(Schedule::line)) {
@@ -195,6 +198,17 @@ pub fn steps_text(steps: &[Step]) -> String {
                 None => "",
             }
         );
+        if let Some(k) = &s.kms {
+            let _ = writeln!(
+                out,
+                "{:>10} KMS's view: p99 {:.3} ms, {:.3}% first try, {:.3}% after retry, {:.3}% failed",
+                "",
+                k.latency_ms.p99,
+                k.first_try_pct,
+                k.after_retry_pct,
+                k.failed_pct
+            );
+        }
     }
     out
 }

@@ -105,6 +105,12 @@ mean_ms = {service_ms}"#
 
     /// A proxy whose `[hsm]` section (up to its software keys) is `hsm`.
     fn with_hsm(dir: &Path, hsm: &str) -> Self {
+        Self::with_sections(dir, "", hsm)
+    }
+
+    /// A proxy with `server` added to its `[server]` section and `hsm` as its `[hsm]`
+    /// section (up to its software keys `foo` and `bar`).
+    pub fn with_sections(dir: &Path, server: &str, hsm: &str) -> Self {
         certificates(dir);
         std::fs::write(dir.join("sigv4-secret"), SECRET).unwrap();
         std::fs::write(
@@ -114,6 +120,7 @@ mean_ms = {service_ms}"#
 listen = "127.0.0.1:0"
 tls_certificate = "server.pem"
 tls_private_key = "server-key.pem"
+{server}
 
 [admin]
 listen = "127.0.0.1:0"
