@@ -18,6 +18,12 @@
 # the summary also gives the medians of the rounds in which no run lost more than 1 %.
 #
 # Usage: [ROUNDS=n] perf/aws-sample.sh [SECONDS_PER_RUN]   (defaults 2 and 10)
+#        MODE=kms [KMS_RATE=r] perf/aws-sample.sh [SECONDS]
+#   MODE=kms checks that `xks-loadtest run --kms` works against another XKS proxy: it
+#   starts only the sample and runs KMS's client profile against it at KMS_RATE req/s
+#   (default 200), writing sample-kms.json and the text report in README.md; no wrk rounds.
+#   PROFILE=dev builds this repository's binaries unoptimized (quicker; a functional
+#   check, not figures).
 # Needs network the first time: clones the sample at a pinned commit into
 # $SAMPLE_HOME (default ~/.cache/xks-proxy/aws-sample: outside this repository, whose
 # workspace would otherwise claim the sample's crate) and builds it (a few minutes).
@@ -38,11 +44,13 @@ mkdir -p "$OUT" "$TOOLS"
 . perf/lib.sh
 
 ./scripts/setup.sh wrk git
-cargo build --release -p xks-proxy -p xks-loadtest
-cargo build --release --example bare
-PROXY="$PWD/target/release/xks-proxy"
-BARE="$PWD/target/release/examples/bare"
-LOAD="$PWD/target/release/xks-loadtest"
+PROFILE="${PROFILE:-release}"
+BUILT="$PWD/target/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")"
+cargo build --profile "$PROFILE" -p xks-proxy -p xks-loadtest
+cargo build --profile "$PROFILE" --example bare
+PROXY="$BUILT/xks-proxy"
+BARE="$BUILT/examples/bare"
+LOAD="$BUILT/xks-loadtest"
 
 # The sample, pinned. It ships no Cargo.lock, so cargo resolves its dependencies
 # afresh; the versions used are recorded with the results.
@@ -153,6 +161,25 @@ start() { # sample|ours|bare
 }
 COMMANDS="$OUT/commands.txt"
 : >"$COMMANDS"
+if [ "${MODE:-}" = kms ]; then
+  start sample
+  kms=(run --kms --env "$Q/test-client.env" --endpoint https://localhost:28443
+    --rate "${KMS_RATE:-200}" --warmup 2 --duration "$SECONDS_PER_RUN" --report "$OUT/sample-kms.json")
+  echo "xks-loadtest ${kms[*]}" >>"$COMMANDS"
+  "$LOAD" "${kms[@]}" >"$WORK/sample-kms.txt" 2>&1 || true
+  stop_proxy
+  {
+    echo "# xks-loadtest run --kms against the AWS sample ($STAMP)"
+    echo
+    echo "MODE=kms KMS_RATE=${KMS_RATE:-200} PROFILE=$PROFILE perf/aws-sample.sh $SECONDS_PER_RUN"
+    echo
+    echo '```'
+    cat "$WORK/sample-kms.txt"
+    echo '```'
+  } >"$OUT/README.md"
+  cat "$WORK/sample-kms.txt"
+  exit 0
+fi
 measure() { # name, port, [path]: the pre-signed Encrypt, or a GET of path
   local args=(-t2 -c64 -d"${SECONDS_PER_RUN}s" --latency)
   # Beside wrk, the box's own stalls and the CPU time the hypervisor took meanwhile.
